@@ -1,0 +1,182 @@
+"""What every Q-learning module shares: update counting, targets, gradient sync,
+cheap logging and evaluation episodes. Algorithms own only their losses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from lit_qlearn.targets import TargetUpdate, make_target
+
+__all__ = ["QLearningModule"]
+
+
+class QLearningModule(LightningModule):
+    """Base class of lit_qlearn's algorithms.
+
+    * **Update counting.** ``self.updates`` counts gradient updates (training
+      steps). Lightning's ``global_step`` counts optimiser steps, which with a
+      critic and a delayed actor is not the number of updates; every cadence here
+      (targets, actor delay, evaluation) uses ``self.updates``. It is saved in
+      checkpoints.
+    * **Targets.** Subclasses create target networks with :meth:`add_target`;
+      :meth:`target_pairs` lists them and ``self.target_update`` (a
+      :class:`~lit_qlearn.targets.TargetUpdate` built from the module's
+      hyperparameters) moves them after each update, unless an
+      :class:`~lit_qlearn.callbacks.EMATarget` callback has taken over.
+    * **Multi-device.** Under DDP, gradients are averaged across ranks with one
+      flat all-reduce per optimiser step (:meth:`optimize`), instead of DDP's
+      reducer, which expects every parameter in every backward pass and so breaks
+      with a critic step and an actor step per batch.
+    * **Logging.** Metrics are computed and logged only on the Trainer's logging
+      steps (:meth:`logging_now`), so logging costs nothing in between.
+    * **Evaluation.** Every ``eval_every`` updates, ``eval_episodes`` episodes in
+      the DataModule's gymnasium environment, logged as ``eval/return`` and
+      ``eval/normalized_score``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.updates = 0
+        self.target_update: TargetUpdate | None = None
+        self._target_pairs: list[tuple[nn.Module, nn.Module]] = []
+        self._ddp: Any = None
+        self._eval_env: Any = None
+        self.env_id: str | None = None
+        self.ref_scores: tuple[float, float] | None = None
+
+    # ------------------------------------------------------------------ targets
+    def add_target(self, online: nn.Module) -> nn.Module:
+        """Create, register and return a frozen target copy of ``online``."""
+        target = make_target(online)
+        self._target_pairs.append((online, target))
+        return target
+
+    def target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The ``(online, target)`` pairs that target-update rules act on."""
+        return list(self._target_pairs)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.target_update is not None:
+            self.target_update.step(self._target_pairs, self.updates)
+        if self.eval_every and self.updates % self.eval_every == 0:
+            self.log_evaluation()
+
+    # ------------------------------------------------------------ optimisation
+    def on_fit_start(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapper = self.trainer.strategy.model
+        # Kept out of nn.Module registration: the wrapper contains this module.
+        self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
+
+    def optimize(self, optimizer: Any, loss: Tensor) -> None:
+        """One optimiser step on ``loss``: zero grads, backward, average across ranks, step."""
+        optimizer.zero_grad(set_to_none=True)
+        if self._ddp is None:
+            self.manual_backward(loss)
+        else:
+            # Keep DDP's reducer out of this backward (Lightning arms it before each
+            # manual backward); the gradients are averaged below instead.
+            self._ddp.require_backward_grad_sync = False
+            try:
+                self.manual_backward(loss)
+            finally:
+                self._ddp.require_backward_grad_sync = True
+            groups = getattr(optimizer, "optimizer", optimizer).param_groups
+            grads = [p.grad for group in groups for p in group["params"] if p.grad is not None]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+        optimizer.step()
+
+    # ------------------------------------------------------------------ logging
+    def logging_now(self) -> bool:
+        """Whether this update is one the Trainer writes to its logger."""
+        trainer = self._trainer
+        if trainer is None or trainer.logger is None:
+            return False
+        return self.updates % max(1, trainer.log_every_n_steps) == 0
+
+    def log_scalars(self, metrics: dict[str, Tensor | float], **kwargs: Any) -> None:
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=False, **kwargs)
+
+    # -------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_qlearn_updates"] = self.updates
+        # Lets `lit_qlearn.data.collect` rebuild the policy from a checkpoint alone.
+        checkpoint["lit_qlearn_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.updates = int(checkpoint.get("lit_qlearn_updates", 0))
+
+    # ---------------------------------------------------------------- evaluation
+    eval_every: int = 0
+    eval_episodes: int = 10
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The evaluation policy on raw (unnormalised) observations ``(ds,)`` or ``(B, ds)``."""
+        raise NotImplementedError
+
+    def _make_eval_env(self) -> Any:
+        import gymnasium as gym
+
+        if self._eval_env is None:
+            self._eval_env = gym.make(self.env_id)
+        return self._eval_env
+
+    @torch.no_grad()
+    def evaluate(self, episodes: int | None = None, seed: int = 10_000) -> dict[str, float]:
+        """Run ``episodes`` evaluation episodes; return mean ``return`` and ``normalized_score``."""
+        if self.env_id is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.evaluate: no environment id; the DataModule has no env_id "
+                "(pass env_id= to the DataModule)"
+            )
+        env = self._make_eval_env()
+        episodes = self.eval_episodes if episodes is None else episodes
+        was_training = self.training
+        self.eval()
+        try:
+            returns = []
+            for k in range(episodes):
+                obs, _ = env.reset(seed=seed + k)
+                total, done = 0.0, False
+                while not done:
+                    obs, reward, terminated, truncated, _ = env.step(self.act(obs))
+                    total += float(reward)
+                    done = terminated or truncated
+                returns.append(total)
+        finally:
+            self.train(was_training)
+        result = {"return": float(np.mean(returns))}
+        result["normalized_score"] = self.normalized_score(result["return"])
+        return result
+
+    def normalized_score(self, ret: float) -> float:
+        """D4RL's ``100 * (return - ref_min) / (ref_max - ref_min)``; NaN without references."""
+        if self.ref_scores is None:
+            return math.nan
+        lo, hi = self.ref_scores
+        return 100.0 * (ret - lo) / (hi - lo)
+
+    def log_evaluation(self) -> None:
+        """Evaluate on rank zero and log ``eval/return`` and ``eval/normalized_score``."""
+        if self.env_id is None or self.trainer.global_rank != 0:
+            return
+        result = self.evaluate()
+        metrics = {"eval/return": result["return"]}
+        if not math.isnan(result["normalized_score"]):
+            metrics["eval/normalized_score"] = result["normalized_score"]
+        self.log_scalars(metrics, rank_zero_only=True)

@@ -1,0 +1,77 @@
+"""EMATarget: the Trainer-level owner of a module's target networks."""
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lit_qlearn.targets import TargetUpdate
+
+__all__ = ["EMATarget"]
+
+
+class EMATarget(Callback):
+    """Update the target networks of any module that declares ``target_pairs()``.
+
+    ``target <- (1 - tau) * target + tau * online`` after every ``every``-th
+    training step. Special cases:
+
+    * ``EMATarget(tau=0.005)``: Polyak averaging after every update;
+    * ``EMATarget(tau=1.0, every=k)`` (or ``EMATarget.hard(k)``): a hard copy every k updates;
+    * ``EMATarget.no_ema()``: target = current network after every update, the
+      "no EMA" setting in which Yue et al. (2023) study divergence.
+
+    Attached to a ``Trainer`` it takes precedence over the module's own default
+    rule (its hyperparameters), which is restored when fitting ends. The update
+    count is saved in checkpoints, so a resumed run keeps the cadence; the target
+    weights themselves are part of the module's ``state_dict``.
+    """
+
+    def __init__(self, tau: float = 0.005, every: int = 1) -> None:
+        try:
+            self.rule = TargetUpdate(tau, every)
+        except ValueError as err:
+            raise ValueError(f"EMATarget: {err}") from None
+        self.updates = 0
+        self._module_rule: Any = None
+
+    @classmethod
+    def hard(cls, every: int) -> EMATarget:
+        """A hard copy of the online networks every ``every`` updates."""
+        return cls(tau=1.0, every=every)
+
+    @classmethod
+    def no_ema(cls) -> EMATarget:
+        """Target = current network: a copy after every update."""
+        return cls(tau=1.0, every=1)
+
+    def __repr__(self) -> str:
+        return f"EMATarget(tau={self.rule.tau}, every={self.rule.every})"
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(tau=self.rule.tau, every=self.rule.every)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "target_pairs", None)):
+            raise TypeError(
+                f"EMATarget needs {type(pl_module).__name__}.target_pairs() -> [(online, target), ...]; "
+                "the module declares no target networks"
+            )
+        if hasattr(pl_module, "target_update"):
+            # The Trainer's instance takes precedence over the module's default rule.
+            self._module_rule, pl_module.target_update = pl_module.target_update, None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "target_update") and pl_module.target_update is None:
+            pl_module.target_update = self._module_rule
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.updates += 1
+        self.rule.step(pl_module.target_pairs(), self.updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "tau": self.rule.tau, "every": self.rule.every}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = int(state_dict["updates"])

@@ -1,0 +1,191 @@
+"""Networks: the one MLP builder, critics (single and ensemble) and actors.
+
+Every network in lit_qlearn is built by :func:`mlp`, a plain ``nn.Sequential``
+of ``Linear`` / norm / activation / dropout layers. The NTK engine relies on that
+structure (DESIGN.md section 5.2), so critics keep each member a plain ``mlp``
+and only *evaluate* an ensemble in one batched computation.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "ACTIVATIONS", "NORMS"]
+
+
+class Sin(nn.Module):
+    """``sin(x)``: PreQN's activation with the smallest NTK row ratio (DESIGN.md 5.5)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sin": Sin,
+    "elu": nn.ELU,
+    "mish": nn.Mish,
+}
+NORMS = (None, "layer", "batch")
+
+
+def mlp(
+    in_dim: int,
+    out_dim: int,
+    hidden: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    norm: str | None = None,
+    norm_layers: Sequence[int] | None = None,
+    norm_affine: bool = True,
+    weight_norm_output: bool = False,
+    dropout: float = 0.0,
+    output_activation: str | None = None,
+) -> nn.Sequential:
+    """Build ``Linear -> [norm] -> activation -> [dropout]`` per hidden layer, then ``Linear``.
+
+    Args:
+        in_dim, out_dim: input and output widths.
+        hidden: widths of the hidden layers (``()`` gives a linear model).
+        activation: one of ``relu``, ``tanh``, ``sin``, ``elu``, ``mish``.
+        norm: ``None``, ``"layer"`` (LayerNorm between Linear and activation, the
+            divergence remedy of DESIGN.md 5.6) or ``"batch"`` (BatchNorm1d).
+        norm_layers: indices of the hidden layers that get the norm (default: all).
+        norm_affine: learnable gain and bias in the norm layers.
+        weight_norm_output: weight-normalise the output ``Linear`` (the paper's WeightNorm).
+        dropout: dropout rate after each hidden activation (0 disables it).
+        output_activation: optional activation on the output (e.g. ``"tanh"`` for actors).
+    """
+    if in_dim < 1 or out_dim < 1:
+        raise ValueError(f"mlp: in_dim and out_dim must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+    hidden = tuple(int(h) for h in hidden)
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"mlp: every hidden width must be >= 1, got hidden={hidden}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mlp: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if output_activation is not None and output_activation not in ACTIVATIONS:
+        raise ValueError(
+            f"mlp: output_activation must be None or one of {sorted(ACTIVATIONS)}, got {output_activation!r}"
+        )
+    if norm not in NORMS:
+        raise ValueError(f"mlp: norm must be one of {NORMS}, got {norm!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
+    normed = set(range(len(hidden))) if norm_layers is None else {int(i) for i in norm_layers}
+    bad = sorted(i for i in normed if not 0 <= i < len(hidden))
+    if norm is not None and bad:
+        raise ValueError(f"mlp: norm_layers {bad} out of range for {len(hidden)} hidden layers")
+
+    layers: list[nn.Module] = []
+    width = in_dim
+    for i, h in enumerate(hidden):
+        layers.append(nn.Linear(width, h))
+        if norm == "layer" and i in normed:
+            layers.append(nn.LayerNorm(h, elementwise_affine=norm_affine))
+        elif norm == "batch" and i in normed:
+            layers.append(nn.BatchNorm1d(h, affine=norm_affine))
+        layers.append(ACTIVATIONS[activation]())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    out = nn.Linear(width, out_dim)
+    if weight_norm_output:
+        out = nn.utils.parametrizations.weight_norm(out)
+    layers.append(out)
+    if output_activation is not None:
+        layers.append(ACTIVATIONS[output_activation]())
+    return nn.Sequential(*layers)
+
+
+def _batched_forward(members: Sequence[nn.Sequential], x: Tensor) -> Tensor:
+    """Evaluate E structurally identical ``mlp`` members on one input in a batched pass.
+
+    Linear layers become one ``baddbmm`` over stacked weights, LayerNorm one
+    normalisation with stacked gains, parameter-free layers run once on the
+    ``(E, N, d)`` tensor. Anything else (BatchNorm keeps per-member statistics)
+    runs member by member. Returns ``(E, N, out_dim)``.
+    """
+    h = x.unsqueeze(0).expand(len(members), *x.shape)
+    for layers in zip(*members):
+        first = layers[0]
+        if isinstance(first, nn.Linear):
+            weight = torch.stack([m.weight for m in layers])  # (E, out, in)
+            bias = torch.stack([m.bias for m in layers]).unsqueeze(1)  # (E, 1, out)
+            h = torch.baddbmm(bias, h, weight.transpose(1, 2))
+        elif isinstance(first, nn.LayerNorm):
+            h = F.layer_norm(h, first.normalized_shape, eps=first.eps)
+            if first.elementwise_affine:
+                h = h * torch.stack([m.weight for m in layers]).unsqueeze(1)
+                h = h + torch.stack([m.bias for m in layers]).unsqueeze(1)
+        elif not any(True for _ in first.parameters()) and not any(True for _ in first.buffers()):
+            h = first(h)  # activations, dropout: elementwise
+        else:
+            h = torch.stack([m(hi) for m, hi in zip(layers, h)])
+    return h
+
+
+class Critic(nn.Module):
+    """``num_q`` independent Q-networks ``(obs, act) -> Q`` evaluated in one batched pass.
+
+    ``forward`` returns ``(num_q, N)``. Each member is a plain :func:`mlp`
+    (``critic.members[i]``), so ``critic.q_function(i)`` is an ordinary module the
+    NTK engine can differentiate.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, num_q: int = 2, **mlp_kwargs) -> None:
+        super().__init__()
+        if num_q < 1:
+            raise ValueError(f"Critic: num_q must be >= 1, got {num_q}")
+        self.members = nn.ModuleList(mlp(obs_dim + act_dim, 1, **mlp_kwargs) for _ in range(num_q))
+
+    @property
+    def num_q(self) -> int:
+        return len(self.members)
+
+    def forward(self, obs: Tensor, act: Tensor) -> Tensor:
+        x = torch.cat([obs, act], dim=-1)
+        if len(self.members) == 1:
+            return self.members[0](x).squeeze(-1).unsqueeze(0)
+        return _batched_forward(self.members, x).squeeze(-1)
+
+    def q_function(self, index: int = 0) -> StateActionQ:
+        """Member ``index`` as a module ``(obs, act) -> (N,)`` sharing its parameters."""
+        return StateActionQ(self.members[index])
+
+
+class StateActionQ(nn.Module):
+    """Wrap an ``mlp`` over ``cat(obs, act)`` as ``(obs, act) -> Q (N,)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, obs: Tensor, act: Tensor) -> Tensor:
+        return self.net(torch.cat([obs, act], dim=-1)).squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Deterministic policy ``obs -> a = mid + half_range * tanh(mlp(obs))`` within the action bounds."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        action_low: Sequence[float] | Tensor | float = -1.0,
+        action_high: Sequence[float] | Tensor | float = 1.0,
+        **mlp_kwargs,
+    ) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, output_activation="tanh", **mlp_kwargs)
+        low = torch.as_tensor(action_low, dtype=torch.float32).expand(act_dim).clone()
+        high = torch.as_tensor(action_high, dtype=torch.float32).expand(act_dim).clone()
+        if not torch.all(high > low):
+            raise ValueError(f"Actor: action_high must exceed action_low, got low={low.tolist()}, high={high.tolist()}")
+        self.register_buffer("action_mid", (high + low) / 2)
+        self.register_buffer("action_scale", (high - low) / 2)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.action_mid + self.action_scale * self.net(obs)

@@ -1,0 +1,77 @@
+"""The one target-network update mechanism.
+
+A module declares its ``(online, target)`` pairs with ``target_pairs()``. A
+:class:`TargetUpdate` rule moves every target toward its online network:
+
+* Polyak averaging: ``target <- (1 - tau) * target + tau * online`` every ``every`` updates;
+* a hard copy every k updates: ``tau = 1, every = k``;
+* target = current network (the paper's "no EMA" setting): ``tau = 1, every = 1``.
+
+Algorithms own a default rule (their hyperparameters); the
+:class:`~lit_qlearn.callbacks.EMATarget` callback replaces it when attached.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["TargetUpdate", "make_target"]
+
+TargetPairs = Iterable[tuple[nn.Module, nn.Module]]
+
+
+def make_target(online: nn.Module) -> nn.Module:
+    """A frozen copy of ``online``: no gradients, so optimisers and DDP ignore it."""
+    target = copy.deepcopy(online)
+    target.requires_grad_(False)
+    return target
+
+
+class TargetUpdate:
+    """Update rule ``target <- (1 - tau) * target + tau * online`` applied every ``every`` updates."""
+
+    def __init__(self, tau: float = 0.005, every: int = 1) -> None:
+        if not isinstance(tau, (int, float)) or not 0.0 < float(tau) <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.tau = float(tau)
+        self.every = every
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tau={self.tau}, every={self.every})"
+
+    def due(self, update_index: int) -> bool:
+        """Whether the rule fires after update number ``update_index`` (1-based)."""
+        return update_index % self.every == 0
+
+    @torch.no_grad()
+    def apply(self, pairs: TargetPairs) -> None:
+        """Move every target toward its online network once (unconditionally)."""
+        for online, target in pairs:
+            src = [p.detach() for p in online.parameters()]
+            dst = list(target.parameters())
+            if len(src) != len(dst):
+                raise ValueError(
+                    f"target_pairs(): online {type(online).__name__} has {len(src)} parameters, "
+                    f"its target has {len(dst)}"
+                )
+            if self.tau == 1.0:
+                torch._foreach_copy_(dst, src)
+            else:
+                # (1 - tau) * target + tau * online, in that order of rounding.
+                torch._foreach_mul_(dst, 1.0 - self.tau)
+                torch._foreach_add_(dst, src, alpha=self.tau)
+            # Buffers (BatchNorm statistics) follow the online network exactly.
+            for b_dst, b_src in zip(target.buffers(), online.buffers()):
+                b_dst.copy_(b_src)
+
+    def step(self, pairs: TargetPairs, update_index: int) -> bool:
+        """Apply the rule if it is due after update ``update_index``; return whether it fired."""
+        if self.due(update_index):
+            self.apply(pairs)
+            return True
+        return False
