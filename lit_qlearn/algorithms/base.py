@@ -18,14 +18,19 @@ from lit_qlearn.targets import TargetUpdate, make_target
 __all__ = ["QLearningModule"]
 
 
+def _no_op() -> None:
+    return None
+
+
 class QLearningModule(LightningModule):
     """Base class of lit_qlearn's algorithms.
 
     * **Update counting.** ``self.updates`` counts gradient updates (training
-      steps). Lightning's ``global_step`` counts optimiser steps, which with a
-      critic and a delayed actor is not the number of updates; every cadence here
-      (targets, actor delay, evaluation) uses ``self.updates``. It is saved in
-      checkpoints.
+      steps) and drives every cadence (targets, actor delay, evaluation); it is
+      saved in checkpoints. Lightning's ``global_step`` counts optimiser steps,
+      which with a critic and a delayed actor would not be the number of updates,
+      so only the critic's step is counted (:meth:`optimize`) and
+      ``Trainer(max_steps=n)`` means n updates.
     * **Targets.** Subclasses create target networks with :meth:`add_target`;
       :meth:`target_pairs` lists them and ``self.target_update`` (a
       :class:`~lit_qlearn.targets.TargetUpdate` built from the module's
@@ -78,8 +83,13 @@ class QLearningModule(LightningModule):
         # Kept out of nn.Module registration: the wrapper contains this module.
         self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
 
-    def optimize(self, optimizer: Any, loss: Tensor) -> None:
-        """One optimiser step on ``loss``: zero grads, backward, average across ranks, step."""
+    def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True) -> None:
+        """One optimiser step on ``loss``: zero grads, backward, average across ranks, step.
+
+        ``count_step=False`` keeps the step out of Lightning's ``global_step``:
+        algorithms pass it for every optimiser but the critic's, so that
+        ``global_step`` (and ``Trainer(max_steps=...)``) counts updates.
+        """
         optimizer.zero_grad(set_to_none=True)
         if self._ddp is None:
             self.manual_backward(loss)
@@ -98,7 +108,16 @@ class QLearningModule(LightningModule):
             flat /= dist.get_world_size()
             for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
-        optimizer.step()
+        if count_step or not hasattr(optimizer, "_on_after_step"):
+            optimizer.step()
+            return
+        # Lightning counts a LightningOptimizer's steps through these two hooks.
+        hooks = optimizer._on_before_step, optimizer._on_after_step
+        optimizer._on_before_step = optimizer._on_after_step = _no_op
+        try:
+            optimizer.step()
+        finally:
+            optimizer._on_before_step, optimizer._on_after_step = hooks
 
     # ------------------------------------------------------------------ logging
     def logging_now(self) -> bool:

@@ -201,7 +201,7 @@ class TD3(QLearningModule):
             pi = self.actor(batch.obs)
             q_pi = self.q_value(batch.obs, pi)
             actor_loss = self.actor_loss(batch, pi, q_pi)
-            self.optimize(actor_opt, actor_loss)
+            self.optimize(actor_opt, actor_loss, count_step=False)
             self.critic.requires_grad_(True)
             self._last = {"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()}
         if log:

@@ -1,0 +1,144 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_qlearn.algorithms import TD3, TD3BC
+from lit_qlearn.probe import check_probe_module
+from tests.conftest import CHAIN_STATES, chain_q
+
+
+def fit(module, dm, steps, **kwargs):
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu")
+    options.update(kwargs)
+    trainer = L.Trainer(max_steps=steps, **options)
+    trainer.fit(module, dm)
+    return trainer
+
+
+def chain_grid():
+    """Every chain state with 21 actions spanning [-1, 1]."""
+    obs = torch.eye(CHAIN_STATES).repeat_interleave(21, 0)
+    act = torch.linspace(-1, 1, 21).repeat(CHAIN_STATES)[:, None]
+    return obs, act
+
+
+@pytest.mark.parametrize("cls", [TD3BC, TD3])
+def test_critic_learns_closed_form_q_of_chain_mdp(tiny_td3bc, cls):
+    gamma = 0.9
+    _, dm = tiny_td3bc()
+    module = cls(obs_dim=CHAIN_STATES, act_dim=1, gamma=gamma, critic_hidden=(64, 64), actor_hidden=(64, 64),
+                 critic_lr=1e-3, actor_lr=1e-3, target_tau=0.05, target_every=1, eval_every=0)
+    trainer = fit(module, dm, 800)
+    assert module.updates == trainer.global_step == 800
+    obs, act = chain_grid()
+    with torch.no_grad():
+        q = module.q_value(obs, act).view(CHAIN_STATES, 21).numpy()
+    # Q(s_k, a) = (1 - gamma^(K-k)) / (1 - gamma) for every action: 4.095 at k = 0.
+    np.testing.assert_allclose(q, np.repeat(chain_q(gamma)[:, None], 21, 1), atol=0.1)
+
+
+def test_probe_protocol(tiny_td3bc):
+    module, _ = tiny_td3bc()
+    check_probe_module(module)
+    obs, act = chain_grid()
+    with torch.no_grad():
+        torch.testing.assert_close(module.q_value(obs, act), module.critic(obs, act)[0])
+        torch.testing.assert_close(module.q_network()(obs, act), module.critic(obs, act)[0])
+        torch.testing.assert_close(module.greedy_action(obs), module.actor(obs))
+    assert {id(p) for p in module.q_network().parameters()} == {id(p) for p in module.critic.members[0].parameters()}
+    assert module.gamma == 0.99
+
+
+def test_actor_updates_every_policy_freq(tiny_td3bc):
+    module, dm = tiny_td3bc(policy_freq=3)
+    snapshots = []
+
+    class Snap(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append(torch.nn.utils.parameters_to_vector(pl_module.actor.parameters()).clone())
+
+    before = torch.nn.utils.parameters_to_vector(module.actor.parameters()).clone()
+    fit(module, dm, 6, callbacks=[Snap()])
+    changed = [not torch.equal(a, b) for a, b in zip([before] + snapshots[:-1], snapshots)]
+    assert changed == [False, False, True, False, False, True]
+
+
+def test_td3bc_defaults_are_the_papers():
+    hp = TD3BC(obs_dim=3, act_dim=2).hparams
+    assert (hp.bc_alpha, hp.policy_noise, hp.noise_clip, hp.policy_freq, hp.actor_lr, hp.critic_lr, hp.gamma) == (
+        2.5, 0.2, 0.5, 2, 3e-4, 3e-4, 0.99)
+    assert TD3(obs_dim=3, act_dim=2).hparams.bc_alpha is None
+
+
+def test_dimension_mismatch_between_module_and_data_is_reported_at_setup(tiny_td3bc):
+    _, dm = tiny_td3bc()
+    module = TD3BC(obs_dim=7, act_dim=1, eval_every=0)
+    with pytest.raises(ValueError, match="obs_dim=7"):
+        fit(module, dm, 1)
+
+
+def test_dimensions_are_read_from_the_datamodule_and_checkpoint_reloads(tiny_td3bc, tmp_path):
+    _, dm = tiny_td3bc()
+    module = TD3BC(critic_hidden=(16,), actor_hidden=(16,), eval_every=0)
+    trainer = fit(module, dm, 3, enable_checkpointing=True, default_root_dir=tmp_path)
+    assert (module.hparams.obs_dim, module.hparams.act_dim) == (CHAIN_STATES, 1)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["lit_qlearn_class"] == "lit_qlearn.algorithms.td3.TD3BC" and ckpt["lit_qlearn_updates"] == 3
+    loaded = TD3BC.load_from_checkpoint(path)
+    assert loaded.updates == 3
+    obs, act = chain_grid()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.critic(obs, act), module.critic(obs, act))
+    np.testing.assert_allclose(loaded.act(np.eye(CHAIN_STATES)[0]), module.act(np.eye(CHAIN_STATES)[0]))
+
+
+@pytest.fixture(scope="module")
+def hopper_file(tmp_path_factory):
+    from lit_qlearn.data import collect
+
+    return collect("Hopper-v5", "random", steps=400, path=tmp_path_factory.mktemp("d") / "hopper.hdf5", seed=0)
+
+
+def test_tensorboard_scalars_and_evaluation(hopper_file, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_qlearn.data import OfflineDataModule
+
+    dm = OfflineDataModule(str(hopper_file), batch_size=32, steps_per_epoch=10)
+    module = TD3BC(critic_hidden=(16,), actor_hidden=(16,), eval_every=4, eval_episodes=1)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(module, dm, 8, logger=logger, log_every_n_steps=2)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    names = {"train/critic_loss", "train/actor_loss", "q/data_mean", "q/policy_mean", "params/critic_norm",
+             "eval/return", "eval/normalized_score"}
+    assert names <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/critic_loss")] == [1, 3, 5, 7]  # updates 2, 4, 6, 8
+    # The logged normalised score is D4RL's formula on the logged return.
+    ret = events.Scalars("eval/return")[-1].value
+    lo, hi = dm.ref_scores
+    assert events.Scalars("eval/normalized_score")[-1].value == pytest.approx(100 * (ret - lo) / (hi - lo), rel=1e-5)
+    # Parameter norm: the logged value is the critic's L2 norm at that step (last log = end of training).
+    norm = torch.linalg.vector_norm(torch.nn.utils.parameters_to_vector(module.critic.parameters())).item()
+    assert events.Scalars("params/critic_norm")[-1].value == pytest.approx(norm, rel=1e-5)
+
+
+def test_ddp_two_cpu_processes_keep_parameters_identical(chain_file, tmp_path):
+    script = Path(__file__).with_name("ddp_td3bc.py")
+    root = Path(__file__).parents[2]
+    proc = subprocess.run([sys.executable, str(script), str(chain_file), str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["updates"] == r1["updates"] == r0["global_step"] == 20
+    assert torch.equal(r0["params"], r1["params"])
