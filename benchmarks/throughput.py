@@ -1,0 +1,166 @@
+"""Gradient updates per second: TD3+BC in a Lightning Trainer vs a hand-written PyTorch loop.
+
+Both sides use the same networks (lit_qlearn.networks), batch size, data tensors,
+sampling (random index gathers), device, logging cadence (TensorBoard every 50
+updates) and TD3+BC update (critic every step, actor and Polyak targets every 2).
+Runs alternate (plain, Lightning, plain, Lightning, ...) so that drift of the
+machine affects both alike; the ratio of medians is written to
+benchmarks/results/throughput.json.
+
+    python benchmarks/throughput.py [--updates 2000] [--repeats 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+from lit_qlearn.algorithms import TD3BC
+from lit_qlearn.data import OfflineDataModule, ensure_default_dataset
+from lit_qlearn.networks import Actor, Critic
+
+RESULTS = Path(__file__).parent / "results"
+WARMUP = 50  # updates excluded from the timing on both sides
+
+
+def plain_td3bc(data, updates: int, batch_size: int, device: str, logdir: str, seed: int = 0) -> float:
+    """The hand-written loop. Returns steady-state updates per second."""
+    torch.manual_seed(seed)
+    obs, act, rew, next_obs, done = (t.to(device) for t in data)
+    obs_dim, act_dim = obs.shape[1], act.shape[1]
+    critic = Critic(obs_dim, act_dim, num_q=2).to(device)
+    actor = Actor(obs_dim, act_dim).to(device)
+    critic_t, actor_t = copy.deepcopy(critic).requires_grad_(False), copy.deepcopy(actor).requires_grad_(False)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=3e-4)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
+    gen = torch.Generator().manual_seed(seed)
+    writer = SummaryWriter(logdir)
+    n = obs.shape[0]
+    start = None
+    for step in range(1, updates + 1):
+        if step == WARMUP + 1:
+            start = time.perf_counter()
+        idx = torch.randint(n, (batch_size,), generator=gen).to(device)
+        s, a, r, s2, d = obs[idx], act[idx], rew[idx], next_obs[idx], done[idx]
+        with torch.no_grad():
+            noise = (torch.randn_like(a) * 0.2).clamp(-0.5, 0.5)
+            a2 = (actor_t(s2) + noise).clamp(-1.0, 1.0)
+            y = r + 0.99 * (1 - d) * critic_t(s2, a2).min(0).values
+        q = critic(s, a)
+        critic_loss = (q - y).pow(2).mean(1).sum()
+        critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_opt.step()
+        if step % 2 == 0:
+            critic.requires_grad_(False)
+            pi = actor(s)
+            q_pi = critic.members[0](torch.cat([s, pi], -1)).squeeze(-1)
+            actor_loss = -2.5 / q_pi.abs().mean().detach() * q_pi.mean() + F.mse_loss(pi, a)
+            actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            actor_opt.step()
+            critic.requires_grad_(True)
+            with torch.no_grad():
+                for net, tgt in ((critic, critic_t), (actor, actor_t)):
+                    for p, pt in zip(net.parameters(), tgt.parameters()):
+                        pt.mul_(0.995).add_(p, alpha=0.005)
+        if step % 50 == 0:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(critic.parameters()))))
+            for name, value in (("train/critic_loss", critic_loss), ("train/actor_loss", actor_loss),
+                                ("q/data_mean", q[0].mean()), ("q/policy_mean", q_pi.mean()),
+                                ("params/critic_norm", norm)):
+                writer.add_scalar(name, value.item(), step)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    writer.close()
+    return (updates - WARMUP) / elapsed
+
+
+class _Clock(L.Callback):
+    """Times updates WARMUP+1 .. end, as the plain loop does."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.updates == WARMUP:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.end = time.perf_counter()
+
+
+def lightning_td3bc(dataset: str, updates: int, batch_size: int, device: str, logdir: str, seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    dm = OfflineDataModule(dataset, batch_size=batch_size, seed=seed, steps_per_epoch=updates)
+    model = TD3BC(eval_every=0)
+    clock = _Clock()
+    trainer = L.Trainer(
+        max_steps=updates, accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
+        logger=L.pytorch.loggers.TensorBoardLogger(logdir), log_every_n_steps=50, callbacks=[clock],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    return (updates - WARMUP) / (clock.end - clock.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--updates", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dataset", default=None, help="D4RL-format file (default: the embedded Hopper data)")
+    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    args = parser.parse_args()
+
+    dataset = args.dataset or str(ensure_default_dataset())
+    dm = OfflineDataModule(dataset, batch_size=args.batch_size)
+    dm.setup("fit")
+    data = dm.data  # the same normalised tensors the Lightning side samples from
+    plain, lit = [], []
+    with tempfile.TemporaryDirectory() as logdir:
+        for r in range(args.repeats):
+            plain.append(plain_td3bc(data, args.updates, args.batch_size, args.device, f"{logdir}/plain{r}", seed=r))
+            lit.append(lightning_td3bc(dataset, args.updates, args.batch_size, args.device, f"{logdir}/lit{r}", seed=r))
+            print(f"repeat {r}: plain {plain[-1]:.1f} updates/s, lightning {lit[-1]:.1f} updates/s")
+    ratio = statistics.median(lit) / statistics.median(plain)
+    result = {
+        "benchmark": "TD3+BC gradient updates per second, Lightning Trainer vs plain PyTorch loop",
+        "dataset": dataset,
+        "transitions": int(dm.num_transitions),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "updates_per_run": args.updates,
+        "warmup_updates_excluded": WARMUP,
+        "plain_updates_per_s": plain,
+        "lightning_updates_per_s": lit,
+        "plain_median": statistics.median(plain),
+        "lightning_median": statistics.median(lit),
+        "ratio_lightning_over_plain": ratio,
+        "target_ratio": 0.9,
+        "meets_target": ratio >= 0.9,
+        "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
+                     "numpy": np.__version__},
+        "machine": platform.machine(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ratio lightning/plain = {ratio:.3f} (target >= 0.9) -> {out}")
+
+
+if __name__ == "__main__":
+    main()
