@@ -1,0 +1,265 @@
+"""Build D4RL-format datasets by rolling a policy in a gymnasium environment.
+
+Datasets cannot be downloaded on machines without internet (DESIGN.md section 6), so
+the package builds its own, as D4RL did: random policy, or a policy trained by one of
+the package's algorithms. Also the normalised-score reference returns.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import re
+from typing import Any, Callable, Mapping
+
+import gymnasium as gym
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_qlearn.data.d4rl import DatasetError, one_line, write_d4rl
+
+__all__ = [
+    "REF_SCORES",
+    "D4RL_ENV_IDS",
+    "env_family",
+    "reference_scores",
+    "normalized_score",
+    "make_env",
+    "load_policy",
+    "collect",
+    "default_dataset_path",
+    "ensure_default_dataset",
+]
+
+# D4RL's published reference returns (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE,
+# identical for every dataset of a family): (random policy, expert policy).
+REF_SCORES: dict[str, tuple[float, float]] = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+# The gymnasium environment a D4RL locomotion family is evaluated in here. The v5
+# envs keep the v2 observation layout for hopper / halfcheetah / walker2d; Ant-v5
+# has 105 dims where D4RL's ant has 111, which the env check reports.
+D4RL_ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+def env_family(name: str | os.PathLike | None) -> str | None:
+    """The D4RL family in a dataset name, env id or file name (``Hopper-v5``,
+    ``hopper-medium-v2``, ``hopper_medium-v2.hdf5``, ``mujoco/hopper/expert-v0``):
+    the first ``-``/``_``/``/``-separated token that is a key of :data:`REF_SCORES`,
+    else None (so ``antmaze-umaze-v2`` is not ``ant``)."""
+    if name is None:
+        return None
+    tokens = re.split(r"[-_/.\s]+", os.fspath(name).lower())
+    return next((t for t in tokens if t in REF_SCORES), None)
+
+
+def reference_scores(
+    env_id_or_name: str | os.PathLike | None, metadata: Mapping[str, Any] | None = None
+) -> tuple[float, float] | None:
+    """``(ref_min, ref_max)`` returns for the normalised score
+    ``100 * (return - ref_min) / (ref_max - ref_min)``.
+
+    ``metadata['ref_min_score']`` / ``['ref_max_score']`` (as a file stores them) win;
+    a missing one comes from the D4RL family table; None if either is still unknown.
+    Random-policy datasets made by :func:`collect` store the measured mean return of
+    the random policy as ``ref_min_score`` and D4RL's expert reference of the family
+    as ``ref_max_score``.
+    """
+    metadata = metadata or {}
+    table = REF_SCORES.get(env_family(env_id_or_name) or "", (None, None))
+    lo = metadata.get("ref_min_score", table[0])
+    hi = metadata.get("ref_max_score", table[1])
+    if lo is None or hi is None:
+        return None
+    return float(lo), float(hi)
+
+
+def normalized_score(returns: float | np.ndarray, ref: tuple[float, float]) -> float | np.ndarray:
+    """D4RL's normalised score, ``100 * (return - ref_min) / (ref_max - ref_min)``."""
+    lo, hi = ref
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - lo) / (hi - lo)
+
+
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gymnasium.make`` with a :class:`DatasetError` naming ``env_id`` on failure."""
+    try:
+        return gym.make(env_id, **kwargs)
+    except Exception as e:  # gymnasium raises several error types for unknown / broken ids
+        raise DatasetError(f"env_id {env_id!r} cannot be made: {type(e).__name__}: {one_line(e)}") from e
+
+
+# ------------------------------------------------------------------------- policies
+
+
+def _policy_from_checkpoint(path: pathlib.Path) -> Policy:
+    """Protocol: the checkpoint dict has ``"lit_qlearn_class"``, the dotted path of a
+    LightningModule class; ``cls.load_from_checkpoint`` rebuilds it and its
+    ``act(obs_np) -> np.ndarray`` (which normalises states itself) is the policy."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DatasetError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {one_line(e)[:200]})") from e
+    class_path = ckpt.get("lit_qlearn_class") if isinstance(ckpt, dict) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise DatasetError(
+            f"{path}: checkpoint has no 'lit_qlearn_class' key (expected the dotted class path "
+            f"of a lit_qlearn algorithm, e.g. 'lit_qlearn.algorithms.TD3')"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise DatasetError(f"{path}: 'lit_qlearn_class' = {class_path!r} cannot be imported ({e})") from e
+    module = cls.load_from_checkpoint(path, map_location="cpu")
+    if not callable(getattr(module, "act", None)):
+        raise DatasetError(f"{path}: {class_path} has no act(obs) -> action method to collect with")
+    module.eval()
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(module.act(obs))
+
+    return act
+
+
+def load_policy(policy: str | os.PathLike | Policy, env: gym.Env) -> tuple[Policy, str]:
+    """``(callable obs -> action, description)`` for ``"random"`` (the env's seeded
+    action space), a callable, or a ``.ckpt`` path."""
+    if callable(policy):
+        return policy, f"callable:{getattr(policy, '__qualname__', type(policy).__name__)}"
+    if policy == "random":
+        return (lambda obs: env.action_space.sample()), "random"
+    path = pathlib.Path(policy).expanduser()
+    if path.suffix == ".ckpt" or path.is_file():
+        if not path.is_file():
+            raise DatasetError(f"policy checkpoint {path} not found")
+        return _policy_from_checkpoint(path), f"checkpoint:{path}"
+    raise DatasetError(f"policy {os.fspath(policy)!r} is not 'random', a callable, or a .ckpt file")
+
+
+def _as_action(action: Any, space: gym.Space) -> Any:
+    if isinstance(space, gym.spaces.Discrete):
+        return int(np.asarray(action).reshape(()))
+    # clip like the env's own actuators do, so the stored action is the one applied
+    a = np.asarray(action, dtype=space.dtype).reshape(space.shape)
+    return np.clip(a, space.low, space.high)
+
+
+# ----------------------------------------------------------------------- collection
+
+
+def collect(
+    env_id: str,
+    policy: str | os.PathLike | Policy = "random",
+    steps: int = 100_000,
+    path: str | os.PathLike | None = None,
+    seed: int = 0,
+    max_episode_steps: int | None = None,
+) -> pathlib.Path:
+    """Roll ``policy`` in ``env_id`` for ``steps`` steps and write a D4RL-format file.
+
+    ``policy``: ``"random"``, a callable ``obs (ds,) float32 -> action (da,)``, or a path
+    to a checkpoint of a lit_qlearn algorithm (see :func:`load_policy`). Seeded: the
+    first ``env.reset(seed=seed)`` and ``env.action_space.seed(seed)``; later resets
+    continue the env's RNG. Row i holds the state before step i.
+
+    ``terminals`` = gymnasium's ``terminated``. ``timeouts`` = ``truncated and not
+    terminated``: a step that is both keeps its terminal flag and its transition (the
+    target needs no next state). The last row, cut by ``steps``, is marked as a timeout.
+    Metadata: env_id, policy, seed, steps, max_episode_steps, num_episodes (completed),
+    policy_mean_return (their mean return, NaN if none), and for the random policy
+    ``ref_min_score`` = that mean and ``ref_max_score`` = D4RL's expert reference of the
+    family (when the family is known). Returns the file path (default:
+    ``<data dir>/<env_id>-<policy>-s<seed>.hdf5``).
+    """
+    if steps < 2:
+        raise DatasetError(f"steps must be >= 2 to give one transition, got {steps}")
+    env = make_env(env_id, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+    try:
+        act, description = load_policy(policy, env)
+        space = env.action_space
+        env.action_space.seed(seed)
+        obs, _ = env.reset(seed=seed)
+        obs_dim = int(np.prod(env.observation_space.shape))
+        discrete = isinstance(space, gym.spaces.Discrete)
+        observations = np.empty((steps, obs_dim), np.float32)
+        next_observations = np.empty((steps, obs_dim), np.float32)
+        actions = np.empty(steps, np.int64) if discrete else np.empty((steps, *space.shape), np.float32)
+        rewards = np.empty(steps, np.float64)
+        terminals = np.zeros(steps, bool)
+        timeouts = np.zeros(steps, bool)
+        returns, episode_return = [], 0.0
+        for t in range(steps):
+            observations[t] = np.ravel(obs)
+            action = _as_action(act(observations[t].copy()), space)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            actions[t], rewards[t], next_observations[t] = action, reward, np.ravel(obs)
+            terminals[t], timeouts[t] = terminated, truncated and not terminated
+            episode_return += float(reward)
+            if terminated or truncated:
+                returns.append(episode_return)
+                episode_return = 0.0
+                obs, _ = env.reset()
+        timeouts[-1] |= not terminals[-1]
+        limit = env.spec.max_episode_steps if env.spec is not None else None
+    finally:
+        env.close()
+
+    mean_return = float(np.mean(returns)) if returns else float("nan")
+    metadata: dict[str, Any] = {
+        "env_id": env_id,
+        "policy": description,
+        "seed": seed,
+        "steps": steps,
+        "max_episode_steps": limit,
+        "num_episodes": len(returns),
+        "policy_mean_return": mean_return,
+        "generator": "lit_qlearn.data.collect",
+    }
+    if description == "random" and returns:
+        metadata["ref_min_score"] = mean_return
+        family = env_family(env_id)
+        if family is not None:
+            metadata["ref_max_score"] = REF_SCORES[family][1]
+    if path is None:
+        kind = description.split(":")[0]
+        path = _data_dir() / f"{env_id.replace('/', '_')}-{kind}-s{seed}.hdf5"
+    arrays = {
+        "observations": observations,
+        "actions": actions,
+        "rewards": rewards.astype(np.float32),
+        "terminals": terminals,
+        "timeouts": timeouts,
+        "next_observations": next_observations,
+    }
+    return write_d4rl(path, arrays, metadata)
+
+
+# ------------------------------------------------------------- the embedded default
+
+
+def _data_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("LIT_QLEARN_DATA_DIR") or "~/.cache/lit_qlearn/datasets").expanduser()
+
+
+def default_dataset_path() -> pathlib.Path:
+    """``$LIT_QLEARN_DATA_DIR/hopper-random-v5.hdf5`` (default dir
+    ``~/.cache/lit_qlearn/datasets``): the data ``lit-qlearn demo`` trains on."""
+    return _data_dir() / "hopper-random-v5.hdf5"
+
+
+def ensure_default_dataset(steps: int = 100_000, seed: int = 0) -> pathlib.Path:
+    """Return :func:`default_dataset_path`, first generating it with
+    ``collect("Hopper-v5", "random", steps, seed=seed)`` if it is absent (about 20 s for
+    100k steps on 2 CPU cores). An existing file is reused whatever its size."""
+    path = default_dataset_path()
+    if not path.is_file():
+        rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} random-policy Hopper-v5 steps) at {path}")
+        collect("Hopper-v5", "random", steps=steps, path=path, seed=seed)
+    return path

@@ -1,0 +1,134 @@
+"""Read a locally present Minari dataset directly with h5py (no ``minari`` import needed).
+
+Layout written by minari 0.5 (``minari/dataset/_storages/hdf5_storage.py``)::
+
+    <root>/<dataset_id>/data/main_data.hdf5   one group ``episode_<k>`` per episode:
+        observations (T+1, ds)   actions (T, da)   rewards, terminations, truncations (T,)
+    <root>/<dataset_id>/data/metadata.json    env_spec, ref_min_score, ref_max_score, ...
+
+where ``dataset_id`` is ``(namespace/)name-vN`` (the namespace may itself contain
+slashes, e.g. ``mujoco/hopper/expert-v0``) and root is ``$MINARI_DATASETS_PATH`` or
+``~/.minari/datasets``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lit_qlearn.data.d4rl import DatasetError, as_transitions, one_line, open_hdf5, validate_arrays
+
+__all__ = ["minari_root", "minari_data_dir", "read_minari", "read_minari_metadata"]
+
+_EPISODE_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+
+
+def minari_root(root: str | os.PathLike | None = None) -> pathlib.Path:
+    """``root``, else ``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets`` (as minari)."""
+    if root is None:
+        root = os.environ.get("MINARI_DATASETS_PATH") or "~/.minari/datasets"
+    return pathlib.Path(root).expanduser()
+
+
+def minari_data_dir(dataset_id: str, root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The ``data`` directory of ``dataset_id``. Without a ``-vN`` suffix the highest
+    local version is used."""
+    base = minari_root(root)
+    if not dataset_id or dataset_id.startswith("/") or ".." in dataset_id.split("/"):
+        raise DatasetError(f"minari dataset id {dataset_id!r} is malformed (expected '(namespace/)name-vN')")
+    if re.search(r"-v\d+$", dataset_id) is None:
+        parent, _, name = dataset_id.rpartition("/")
+        versions = sorted(
+            (int(m.group(1)), p.name)
+            for p in (base / parent).glob(f"{name}-v*")
+            if (m := re.fullmatch(re.escape(name) + r"-v(\d+)", p.name))
+        )
+        if versions:
+            dataset_id = f"{parent}/{versions[-1][1]}" if parent else versions[-1][1]
+    return base / dataset_id / "data"
+
+
+def read_minari_metadata(dataset_id: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``metadata.json`` as a dict, plus ``env_id`` taken from ``eval_env_spec`` or
+    ``env_spec`` when present. Empty when the file is absent."""
+    path = minari_data_dir(dataset_id, root) / "metadata.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"{path}: not valid JSON ({one_line(e)})") from None
+    for key in ("eval_env_spec", "env_spec"):
+        spec = meta.get(key)
+        if isinstance(spec, str):
+            try:
+                meta.setdefault("env_id", json.loads(spec)["id"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    return meta
+
+
+def _episode_arrays(group: h5py.Group, source: str) -> dict[str, np.ndarray]:
+    for key in _EPISODE_KEYS:
+        if key not in group:
+            raise DatasetError(f"{source}: required key {key!r} is missing")
+        if isinstance(group[key], h5py.Group):
+            raise DatasetError(
+                f"{source}: key {key!r} is a dict/tuple space with keys {sorted(group[key])} "
+                f"(unsupported: only flat Box/Discrete observations and actions can be read)"
+            )
+    ep = {k: group[k][()] for k in _EPISODE_KEYS}
+    steps = len(ep["rewards"])
+    if len(ep["observations"]) != steps + 1:
+        raise DatasetError(
+            f"{source}: key 'observations' has {len(ep['observations'])} rows "
+            f"(expected T+1={steps + 1}, one more than 'rewards')"
+        )
+    obs = ep["observations"]
+    return {
+        "observations": obs[:-1],
+        "next_observations": obs[1:],
+        "actions": ep["actions"],
+        "rewards": ep["rewards"],
+        "terminals": ep["terminations"],
+        "timeouts": ep["truncations"],
+    }
+
+
+def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Read Minari dataset ``dataset_id`` into the dict :func:`read_d4rl` returns.
+
+    Every step is a transition ``(obs[t], act[t], rew[t], obs[t+1], terminations[t])``:
+    Minari stores the final observation of each episode, so unlike D4RL no step is
+    dropped, truncated ones included. ``episode_ends`` is True on each episode's last
+    step. Episodes are concatenated in id order.
+    """
+    path = minari_data_dir(dataset_id, root) / "main_data.hdf5"
+    if not path.is_file():
+        raise DatasetError(
+            f"minari dataset {dataset_id!r} not found: no file {path} "
+            f"(set MINARI_DATASETS_PATH or pass root=)"
+        )
+    episodes = []
+    with open_hdf5(path) as f:
+        names = sorted(
+            (k for k in f if k.startswith("episode_") and k[8:].isdigit()), key=lambda k: int(k[8:])
+        )
+        if not names:
+            raise DatasetError(f"{path}: no 'episode_<k>' groups (expected a minari main_data.hdf5)")
+        for name in names:
+            source = f"{path} [{name}]"
+            ep = _episode_arrays(f[name], source)
+            validate_arrays(ep, source)
+            episodes.append(ep)
+    cat = {k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
+    ends = np.zeros(len(cat["rewards"]), dtype=bool)
+    ends[np.cumsum([len(ep["rewards"]) for ep in episodes]) - 1] = True
+    return as_transitions(
+        cat["observations"], cat["actions"], cat["rewards"], cat["next_observations"], cat["terminals"], ends
+    )
