@@ -100,28 +100,38 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def _batched_forward(members: Sequence[nn.Sequential], x: Tensor) -> Tensor:
+def _layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):  # a weight-normalised Linear computes .weight
+        return "linear"
+    if isinstance(layer, nn.LayerNorm):
+        return "layernorm"
+    if next(layer.parameters(), None) is None and next(layer.buffers(), None) is None:
+        return "elementwise"  # activations, dropout
+    return "other"
+
+
+def _batched_forward(members: Sequence[nn.Sequential], kinds: Sequence[str], x: Tensor) -> Tensor:
     """Evaluate E structurally identical ``mlp`` members on one input in a batched pass.
 
     Linear layers become one ``baddbmm`` over stacked weights, LayerNorm one
     normalisation with stacked gains, parameter-free layers run once on the
-    ``(E, N, d)`` tensor. Anything else (BatchNorm keeps per-member statistics)
-    runs member by member. Returns ``(E, N, out_dim)``.
+    ``(E, N, d)`` tensor. Anything else (BatchNorm keeps per-member statistics,
+    a weight-normalised Linear) runs member by member. Returns ``(E, N, out_dim)``.
     """
     h = x.unsqueeze(0).expand(len(members), *x.shape)
-    for layers in zip(*members):
-        first = layers[0]
-        if isinstance(first, nn.Linear):
+    for kind, layers in zip(kinds, zip(*members)):
+        if kind == "linear":
             weight = torch.stack([m.weight for m in layers])  # (E, out, in)
             bias = torch.stack([m.bias for m in layers]).unsqueeze(1)  # (E, 1, out)
             h = torch.baddbmm(bias, h, weight.transpose(1, 2))
-        elif isinstance(first, nn.LayerNorm):
+        elif kind == "layernorm":
+            first = layers[0]
             h = F.layer_norm(h, first.normalized_shape, eps=first.eps)
             if first.elementwise_affine:
                 h = h * torch.stack([m.weight for m in layers]).unsqueeze(1)
                 h = h + torch.stack([m.bias for m in layers]).unsqueeze(1)
-        elif not any(True for _ in first.parameters()) and not any(True for _ in first.buffers()):
-            h = first(h)  # activations, dropout: elementwise
+        elif kind == "elementwise":
+            h = layers[0](h)
         else:
             h = torch.stack([m(hi) for m, hi in zip(layers, h)])
     return h
@@ -140,6 +150,7 @@ class Critic(nn.Module):
         if num_q < 1:
             raise ValueError(f"Critic: num_q must be >= 1, got {num_q}")
         self.members = nn.ModuleList(mlp(obs_dim + act_dim, 1, **mlp_kwargs) for _ in range(num_q))
+        self._kinds: list[str] | None = None
 
     @property
     def num_q(self) -> int:
@@ -149,7 +160,9 @@ class Critic(nn.Module):
         x = torch.cat([obs, act], dim=-1)
         if len(self.members) == 1:
             return self.members[0](x).squeeze(-1).unsqueeze(0)
-        return _batched_forward(self.members, x).squeeze(-1)
+        if self._kinds is None:  # the layer plan, worked out once
+            self._kinds = [_layer_kind(layer) for layer in self.members[0]]
+        return _batched_forward(self.members, self._kinds, x).squeeze(-1)
 
     def q_function(self, index: int = 0) -> StateActionQ:
         """Member ``index`` as a module ``(obs, act) -> (N,)`` sharing its parameters."""
@@ -184,6 +197,8 @@ class Actor(nn.Module):
         high = torch.as_tensor(action_high, dtype=torch.float32).expand(act_dim).clone()
         if not torch.all(high > low):
             raise ValueError(f"Actor: action_high must exceed action_low, got low={low.tolist()}, high={high.tolist()}")
+        self.register_buffer("action_low", low)
+        self.register_buffer("action_high", high)
         self.register_buffer("action_mid", (high + low) / 2)
         self.register_buffer("action_scale", (high - low) / 2)
 

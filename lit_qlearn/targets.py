@@ -40,6 +40,7 @@ class TargetUpdate:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.tau = float(tau)
         self.every = every
+        self._cache: dict[tuple[int, int], tuple[list, list, list, list]] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tau={self.tau}, every={self.every})"
@@ -48,10 +49,14 @@ class TargetUpdate:
         """Whether the rule fires after update number ``update_index`` (1-based)."""
         return update_index % self.every == 0
 
-    @torch.no_grad()
-    def apply(self, pairs: TargetPairs) -> None:
-        """Move every target toward its online network once (unconditionally)."""
-        for online, target in pairs:
+    def _tensors(self, online: nn.Module, target: nn.Module) -> tuple[list, list, list, list]:
+        # Listing parameters walks the module tree (~70 us for a twin critic), so the
+        # lists are kept per pair. Parameters keep their identity under load_state_dict,
+        # .to() and torch.compile; a module whose parameters are replaced (e.g. a
+        # parametrisation added later) needs clear_cache().
+        key = (id(online), id(target))
+        cached = self._cache.get(key)
+        if cached is None:
             src = [p.detach() for p in online.parameters()]
             dst = list(target.parameters())
             if len(src) != len(dst):
@@ -59,15 +64,26 @@ class TargetUpdate:
                     f"target_pairs(): online {type(online).__name__} has {len(src)} parameters, "
                     f"its target has {len(dst)}"
                 )
+            cached = self._cache[key] = (src, dst, list(online.buffers()), list(target.buffers()))
+        return cached
+
+    def clear_cache(self) -> None:
+        """Forget the cached parameter lists (after replacing a network's parameters)."""
+        self._cache.clear()
+
+    @torch.no_grad()
+    def apply(self, pairs: TargetPairs) -> None:
+        """Move every target toward its online network once (unconditionally)."""
+        for online, target in pairs:
+            src, dst, buf_src, buf_dst = self._tensors(online, target)
             if self.tau == 1.0:
                 torch._foreach_copy_(dst, src)
             else:
                 # (1 - tau) * target + tau * online, in that order of rounding.
                 torch._foreach_mul_(dst, 1.0 - self.tau)
                 torch._foreach_add_(dst, src, alpha=self.tau)
-            # Buffers (BatchNorm statistics) follow the online network exactly.
-            for b_dst, b_src in zip(target.buffers(), online.buffers()):
-                b_dst.copy_(b_src)
+            if buf_dst:  # BatchNorm statistics follow the online network exactly
+                torch._foreach_copy_(buf_dst, buf_src)
 
     def step(self, pairs: TargetPairs, update_index: int) -> bool:
         """Apply the rule if it is due after update ``update_index``; return whether it fired."""

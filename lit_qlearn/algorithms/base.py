@@ -54,6 +54,7 @@ class QLearningModule(LightningModule):
         self.target_update: TargetUpdate | None = None
         self._target_pairs: list[tuple[nn.Module, nn.Module]] = []
         self._ddp: Any = None
+        self._direct_steps = False
         self._eval_env: Any = None
         self.env_id: str | None = None
         self.ref_scores: tuple[float, float] | None = None
@@ -82,6 +83,28 @@ class QLearningModule(LightningModule):
         wrapper = self.trainer.strategy.model
         # Kept out of nn.Module registration: the wrapper contains this module.
         self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
+        self._direct_steps = self._nothing_listens_to_steps()
+
+    # Hooks that Lightning's backward / optimiser-step wrappers exist to call.
+    _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+    def _nothing_listens_to_steps(self) -> bool:
+        """Whether Lightning's backward and step wrappers would do nothing but dispatch
+        hooks nobody overrides: full precision, one device or DDP (whose gradient sync
+        optimize() does itself), and no callback or module hook on those events. Then
+        optimize() calls ``backward`` and the optimiser directly, saving ~0.2 ms per
+        update on CPU; otherwise it goes through Lightning as usual."""
+        from lightning.pytorch import Callback
+        from lightning.pytorch.plugins.precision import Precision
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        strategy = self.trainer.strategy
+        if type(strategy.precision_plugin) is not Precision or type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            return False
+        if any(is_overridden(h, self, LightningModule) for h in (*self._STEP_HOOKS, "backward")):
+            return False
+        return not any(is_overridden(h, cb, Callback) for cb in self.trainer.callbacks for h in self._STEP_HOOKS)
 
     def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True) -> None:
         """One optimiser step on ``loss``: zero grads, backward, average across ranks, step.
@@ -90,8 +113,12 @@ class QLearningModule(LightningModule):
         algorithms pass it for every optimiser but the critic's, so that
         ``global_step`` (and ``Trainer(max_steps=...)``) counts updates.
         """
-        optimizer.zero_grad(set_to_none=True)
-        if self._ddp is None:
+        raw = getattr(optimizer, "optimizer", optimizer)
+        direct = self._direct_steps and hasattr(optimizer, "_on_after_step")
+        raw.zero_grad(set_to_none=True)
+        if direct:
+            loss.backward()
+        elif self._ddp is None:
             self.manual_backward(loss)
         else:
             # Keep DDP's reducer out of this backward (Lightning arms it before each
@@ -101,23 +128,42 @@ class QLearningModule(LightningModule):
                 self.manual_backward(loss)
             finally:
                 self._ddp.require_backward_grad_sync = True
-            groups = getattr(optimizer, "optimizer", optimizer).param_groups
-            grads = [p.grad for group in groups for p in group["params"] if p.grad is not None]
+        if self._ddp is not None:
+            grads = [p.grad for group in raw.param_groups for p in group["params"] if p.grad is not None]
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
             for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
-        if count_step or not hasattr(optimizer, "_on_after_step"):
+        if direct:
+            # Lightning counts a LightningOptimizer's steps through these two hooks.
+            if count_step:
+                optimizer._on_before_step()
+            raw.step()
+            if count_step:
+                optimizer._on_after_step()
+        elif count_step or not hasattr(optimizer, "_on_after_step"):
             optimizer.step()
-            return
-        # Lightning counts a LightningOptimizer's steps through these two hooks.
-        hooks = optimizer._on_before_step, optimizer._on_after_step
-        optimizer._on_before_step = optimizer._on_after_step = _no_op
+        else:
+            hooks = optimizer._on_before_step, optimizer._on_after_step
+            optimizer._on_before_step = optimizer._on_after_step = _no_op
+            try:
+                optimizer.step()
+            finally:
+                optimizer._on_before_step, optimizer._on_after_step = hooks
+
+    @staticmethod
+    def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+        """Adam with the fused kernel where the parameters' device has one.
+
+        Mathematically the same update as ``torch.optim.Adam``'s default, about 4x
+        faster on CPU for a 256x256 twin critic (measured: 0.17 vs 0.73 ms per step).
+        """
+        params = list(params)
         try:
-            optimizer.step()
-        finally:
-            optimizer._on_before_step, optimizer._on_after_step = hooks
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):  # device or dtype without a fused kernel
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
     # ------------------------------------------------------------------ logging
     def logging_now(self) -> bool:

@@ -145,8 +145,8 @@ class TD3(QLearningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
-        critic_opt = torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr, weight_decay=hp.critic_weight_decay)
-        actor_opt = torch.optim.Adam(self.actor.parameters(), lr=hp.actor_lr)
+        critic_opt = self.adam(self.critic.parameters(), lr=hp.critic_lr, weight_decay=hp.critic_weight_decay)
+        actor_opt = self.adam(self.actor.parameters(), lr=hp.actor_lr)
         return [critic_opt, actor_opt]
 
     # ------------------------------------------------------------ probe protocol
@@ -173,7 +173,7 @@ class TD3(QLearningModule):
         actor = self.actor_target
         noise = (torch.randn_like(batch.act) * hp.policy_noise).clamp(-hp.noise_clip, hp.noise_clip)
         next_act = actor(batch.next_obs) + noise * actor.action_scale
-        next_act = torch.max(torch.min(next_act, actor.action_mid + actor.action_scale), actor.action_mid - actor.action_scale)
+        next_act = torch.clamp(next_act, actor.action_low, actor.action_high)
         target_q = self.critic_target(batch.next_obs, next_act).min(dim=0).values
         return batch.rew + self.gamma * (1.0 - batch.done) * target_q
 
