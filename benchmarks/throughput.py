@@ -6,8 +6,8 @@ updates) and TD3+BC update (critic every step, actor and Polyak targets every 2)
 lit_qlearn's modules use Adam's fused kernel (the same update, faster), so the
 plain loop runs twice: with the fused kernel (same optimiser: the ratio is the
 pure cost of Lightning and the library) and with torch.optim.Adam's default
-(what a hand-written loop usually does). Runs alternate (plain, plain fused,
-Lightning, ...) so that drift of the machine affects all alike; medians and
+(what a hand-written loop usually does). Runs alternate, in an order rotated
+every repeat, so that drift of the machine affects all alike; medians and
 ratios are written to benchmarks/results/throughput.json.
 
     python benchmarks/throughput.py [--updates 1000] [--repeats 7] [--device cpu]
@@ -137,10 +137,16 @@ def main() -> None:
     plain, fused, lit = [], [], []
     with tempfile.TemporaryDirectory() as logdir:
         for r in range(args.repeats):
-            plain.append(plain_td3bc(data, args.updates, args.batch_size, args.device, f"{logdir}/p{r}", seed=r))
-            fused.append(plain_td3bc(data, args.updates, args.batch_size, args.device, f"{logdir}/f{r}", seed=r,
-                                     fused=True))
-            lit.append(lightning_td3bc(dataset, args.updates, args.batch_size, args.device, f"{logdir}/l{r}", seed=r))
+            runs = [
+                lambda: plain.append(plain_td3bc(data, args.updates, args.batch_size, args.device, f"{logdir}/p{r}",
+                                                 seed=r)),
+                lambda: fused.append(plain_td3bc(data, args.updates, args.batch_size, args.device, f"{logdir}/f{r}",
+                                                 seed=r, fused=True)),
+                lambda: lit.append(lightning_td3bc(dataset, args.updates, args.batch_size, args.device,
+                                                   f"{logdir}/l{r}", seed=r)),
+            ]
+            for k in range(3):  # rotate the order so that no side always runs first or last
+                runs[(r + k) % 3]()
             print(f"repeat {r}: plain {plain[-1]:.1f}, plain fused-Adam {fused[-1]:.1f}, "
                   f"lightning {lit[-1]:.1f} updates/s")
     med = {name: statistics.median(v) for name, v in (("plain", plain), ("fused", fused), ("lit", lit))}

@@ -174,9 +174,13 @@ class QLearningModule(LightningModule):
             return False
         return self.updates % max(1, trainer.log_every_n_steps) == 0
 
-    def log_scalars(self, metrics: dict[str, Tensor | float], **kwargs: Any) -> None:
+    def log_scalars(self, metrics: dict[str, Tensor | float], rank_zero_only: bool = False, **kwargs: Any) -> None:
+        """Log step scalars; under DDP they are averaged over the ranks' batches (only
+        on logging steps, so the all-reduce costs nothing in between)."""
+        sync = not rank_zero_only and self.trainer.world_size > 1
         for name, value in metrics.items():
-            self.log(name, value, on_step=True, on_epoch=False, prog_bar=False, **kwargs)
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=False, sync_dist=sync,
+                     rank_zero_only=rank_zero_only, **kwargs)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # A Transitions batch is five tensors: move them directly instead of walking
@@ -210,6 +214,11 @@ class QLearningModule(LightningModule):
         if self._eval_env is None:
             self._eval_env = gym.make(self.env_id)
         return self._eval_env
+
+    def teardown(self, stage: str) -> None:
+        if self._eval_env is not None:
+            self._eval_env.close()
+            self._eval_env = None
 
     @torch.no_grad()
     def evaluate(self, episodes: int | None = None, seed: int = 10_000) -> dict[str, float]:

@@ -16,7 +16,8 @@ def main(dataset: str, outdir: str) -> None:
     dm = OfflineDataModule(dataset, batch_size=32, normalize_states=False, steps_per_epoch=20)
     model = TD3BC(obs_dim=5, act_dim=1, critic_hidden=(16, 16), actor_hidden=(16, 16), eval_every=0)
     trainer = L.Trainer(
-        max_steps=20, strategy="ddp", accelerator="cpu", devices=2, logger=False,
+        max_steps=20, strategy="ddp", accelerator="cpu", devices=2, log_every_n_steps=5,
+        logger=L.pytorch.loggers.TensorBoardLogger(outdir, name="tb"),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(model, dm)

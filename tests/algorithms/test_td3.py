@@ -142,3 +142,7 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(chain_file, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["updates"] == r1["updates"] == r0["global_step"] == 20
     assert torch.equal(r0["params"], r1["params"])
+    # Rank zero wrote the (rank-averaged) training scalars at updates 5, 10, 15, 20.
+    events = EventAccumulator(str(next((tmp_path / "tb").glob("version_*"))))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/critic_loss")] == [4, 9, 14, 19]
