@@ -66,6 +66,8 @@ def demo(args: Sequence[str] = ()) -> dict[str, float]:
 
     L.seed_everything(ns.seed, verbose=False)
     dm = OfflineDataModule(ns.dataset, seed=ns.seed)
+    dm.prepare_data()  # generates the default dataset on first use (~20 s), outside the timing
+    dm.setup("fit")
     model = TD3BC(critic_norm="layer" if ns.layernorm else None, eval_every=0)
     logger = TensorBoardLogger(ns.logdir, name="demo")
     trainer = L.Trainer(

@@ -13,7 +13,6 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from lit_qlearn.data.types import Transitions
 from lit_qlearn.targets import TargetUpdate, make_target
 
 __all__ = ["QLearningModule"]
@@ -181,15 +180,6 @@ class QLearningModule(LightningModule):
         for name, value in metrics.items():
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=False, sync_dist=sync,
                      rank_zero_only=rank_zero_only, **kwargs)
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # A Transitions batch is five tensors: move them directly instead of walking
-        # the collection generically (Lightning's default), which runs every update.
-        if isinstance(batch, Transitions):
-            if batch.obs.device == device:
-                return batch
-            return Transitions(*(t.to(device, non_blocking=True) for t in batch))
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -356,6 +356,15 @@ class OfflineDataModule(L.LightningDataModule):
                                            hp.seed, lambda: self.trainer)
         return _ResumableLoader(self._batches, batch_size=None, num_workers=0, collate_fn=_identity)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Batches are Transitions of five tensors: move them directly rather than walk
+        # the collection generically (Lightning's default) on every update.
+        if isinstance(batch, Transitions):
+            if batch.obs.device == device:
+                return batch
+            return Transitions(*(t.to(device, non_blocking=True) for t in batch))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def probe_batch(self, n: int | None = None, seed: int = 0) -> Transitions:
         """The fixed probe set (DESIGN.md section 4): ``min(n, M)`` distinct transitions
         (``n`` defaults to ``probe_size``) drawn with a generator seeded by ``seed`` only,
