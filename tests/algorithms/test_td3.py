@@ -146,3 +146,21 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(chain_file, tmp_path):
     events = EventAccumulator(str(next((tmp_path / "tb").glob("version_*"))))
     events.Reload()
     assert [e.step for e in events.Scalars("train/critic_loss")] == [4, 9, 14, 19]
+
+
+def test_direct_steps_and_lightnings_step_wrappers_give_identical_updates(tiny_td3bc):
+    calls = []
+
+    class Listener(L.Callback):  # listening to a step hook routes optimize() through Lightning
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            calls.append(trainer.global_step)
+
+    direct, dm = tiny_td3bc()
+    t_direct = fit(direct, dm, 6)
+    wrapped, dm = tiny_td3bc()
+    t_wrapped = fit(wrapped, dm, 6, callbacks=[Listener()])
+    assert direct._direct_steps and not wrapped._direct_steps
+    assert len(calls) == 6 + 3  # every critic step and every second (actor) step
+    assert t_direct.global_step == t_wrapped.global_step == 6
+    for a, b in zip(direct.parameters(), wrapped.parameters()):
+        assert torch.equal(a, b)
