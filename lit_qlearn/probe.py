@@ -9,6 +9,10 @@ A module is monitorable when it has
 ``q_network() -> nn.Module``           the module whose parameters define the NTK
 =====================================  =============================================
 
+``q_network()(obs, act)`` must compute the same values as ``q_value(obs, act)``
+(one scalar per sample); for discrete actions wrap the network in
+:class:`lit_qlearn.ntk.DiscreteQ`, which gathers the chosen action's output.
+
 and the probe set, a fixed batch of transitions, comes from the DataModule's
 ``probe_batch(n, seed)``. Callbacks call :func:`check_probe_module` /
 :func:`check_probe_datamodule` at ``setup`` so that a missing member is reported

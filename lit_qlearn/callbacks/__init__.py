@@ -1,8 +1,9 @@
 """Lightning callbacks that measure, predict and prevent Q-value divergence.
 
 They depend on the probe protocol (:mod:`lit_qlearn.probe`) and the NTK engine
-only, never on a specific algorithm.
+(:mod:`lit_qlearn.ntk`) only, never on a specific algorithm.
 """
 from lit_qlearn.callbacks.ema import EMATarget
+from lit_qlearn.callbacks.monitors import NTKGramCallback, ProbeCallback, SEEMMonitor
 
-__all__ = ["EMATarget"]
+__all__ = ["EMATarget", "NTKGramCallback", "ProbeCallback", "SEEMMonitor"]

@@ -1,0 +1,279 @@
+"""NTKGramCallback and SEEMMonitor: measure the critic's empirical NTK and the SEEM
+divergence indicator on a fixed probe set while training (DESIGN.md sections 4, 5).
+
+Both depend on the probe protocol and :mod:`lit_qlearn.ntk` only, so they work
+with every module of the package and with a user's own module implementing
+``gamma``, ``q_value``, ``greedy_action`` and ``q_network``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from lit_qlearn.data.types import Transitions
+from lit_qlearn.ntk import gram_cosine, gram_stats, ntk_gram, seem
+from lit_qlearn.probe import ProbeProtocolError, check_probe_datamodule, check_probe_module
+
+__all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor"]
+
+
+class _measurement:
+    """No trace of a measurement in the training run: RNG states, every submodule's
+    train/eval mode and grad mode are restored (the NTK engine never writes .grad)."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        devices = [self.module.device] if self.module.device.type == "cuda" else []
+        self.rng = torch.random.fork_rng(devices=devices)
+        self.rng.__enter__()
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+        self.rng.__exit__(*exc)
+
+
+class ProbeCallback(Callback):
+    """Shared machinery: protocol checks at setup, the fixed probe set, the cadence,
+    measurement hygiene, logging at the exact step and checkpointed state.
+
+    Args:
+        every_n_steps: measure after every ``every_n_steps``-th optimiser step
+            (``trainer.global_step``; for lit_qlearn's modules that is the update count).
+        probe_size: number of probe transitions.
+        probe_seed: seed of the probe draw (the same on every rank).
+        probe_source: ``"datamodule"`` (its ``probe_batch(n, seed)``, DESIGN.md 4) or
+            ``"batches"`` (the first training batches, for online training; under DDP
+            rank zero's are broadcast).
+        method / dtype: NTK engine options, see :func:`lit_qlearn.ntk.ntk_gram`.
+    """
+
+    name = "probe callback"
+
+    def __init__(self, every_n_steps: int, probe_size: int, probe_seed: int = 0, probe_source: str = "datamodule",
+                 method: str = "auto", dtype: torch.dtype | None = None) -> None:
+        for arg, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {arg} must be an integer >= 1, got {value!r}")
+        if probe_source not in ("datamodule", "batches"):
+            raise ValueError(f"{type(self).__name__}: probe_source must be 'datamodule' or 'batches', got {probe_source!r}")
+        if method not in ("auto", "structured", "jacobian"):
+            raise ValueError(f"{type(self).__name__}: method must be 'auto', 'structured' or 'jacobian', got {method!r}")
+        self.every_n_steps = every_n_steps
+        self.probe_size = probe_size
+        self.probe_seed = probe_seed
+        self.probe_source = probe_source
+        self.method = method
+        self.dtype = dtype
+        self.probe: Transitions | None = None
+        self.last_step = -1
+        self._pending: list[Transitions] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
+
+    # --------------------------------------------------------------- set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        who = type(self).__name__
+        check_probe_module(pl_module, who)
+        if self.probe_source == "datamodule" and self.probe is None:
+            check_probe_datamodule(trainer.datamodule, who)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.probe is None and self.probe_source == "datamodule":
+            probe = trainer.datamodule.probe_batch(self.probe_size, seed=self.probe_seed)
+            self.probe = Transitions(*(t.detach().cpu().clone() for t in probe))
+
+    def _collect_from_batch(self, trainer: Trainer, batch: Any) -> None:
+        if not isinstance(batch, Transitions):
+            raise ProbeProtocolError(
+                f"{type(self).__name__}(probe_source='batches') needs training batches of type "
+                f"lit_qlearn.data.Transitions, got {type(batch).__name__}"
+            )
+        self._pending.append(Transitions(*(t.detach().cpu() for t in batch)))
+        if sum(len(b.obs) for b in self._pending) >= self.probe_size:
+            probe = Transitions(*(torch.cat(cols)[: self.probe_size].clone() for cols in zip(*self._pending)))
+            self.probe = trainer.strategy.broadcast(probe, src=0)  # every rank probes rank zero's batches
+            self._pending = []
+
+    # ----------------------------------------------------------- measuring
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.probe is None:
+            if self.probe_source == "batches":
+                self._collect_from_batch(trainer, batch)
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or step == self.last_step:
+            return
+        self.last_step = step
+        probe = Transitions(*(t.to(pl_module.device) for t in self.probe))
+        with _measurement(pl_module):
+            metrics = self.measure(trainer, pl_module, probe)
+        self.publish(trainer, pl_module, metrics, step)
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
+        raise NotImplementedError
+
+    def publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], step: int) -> None:
+        """Write ``metrics`` at ``step`` to every logger (loggers write on rank zero only)
+        and expose them in ``trainer.callback_metrics`` (for EarlyStopping and friends).
+        Every rank holds the same numbers: same probe set, same parameters."""
+        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def _tensorboard(self, trainer: Trainer) -> Any:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                return logger.experiment
+        return None
+
+    # --------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = {"last_step": self.last_step}
+        if self.probe is not None:
+            state["probe"] = self.probe._asdict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = int(state_dict.get("last_step", -1))
+        if "probe" in state_dict:
+            self.probe = Transitions(**state_dict["probe"])
+
+
+class NTKGramCallback(ProbeCallback):
+    """The critic's empirical NTK Gram on the fixed probe set, every ``every_n_steps`` steps.
+
+    Logs ``ntk/diag_mean``, ``ntk/offdiag_abs_mean``, ``ntk/row_ratio_mean`` (PreQN's
+    row ratio), ``ntk/cos_prev`` (kernel direction against the previous evaluation: 1
+    when the kernel stops changing, the "critical step" of DESIGN.md 5.4) and
+    ``ntk/cos_first`` (against the first evaluation); with ``log_heatmap=True`` also
+    an image ``ntk/gram`` of the Gram to TensorBoard.
+    """
+
+    name = "NTKGramCallback"
+
+    def __init__(self, every_n_steps: int = 1000, probe_size: int = 512, probe_seed: int = 0,
+                 probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
+                 log_heatmap: bool = False) -> None:
+        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
+        self.log_heatmap = log_heatmap
+        self.previous: Tensor | None = None
+        self.first: Tensor | None = None
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
+        gram = ntk_gram(pl_module.q_network(), (probe.obs, probe.act), method=self.method, dtype=self.dtype).cpu()
+        metrics = {f"ntk/{k}": v for k, v in gram_stats(gram).items()}
+        metrics["ntk/cos_prev"] = gram_cosine(gram, self.previous) if self.previous is not None else math.nan
+        metrics["ntk/cos_first"] = gram_cosine(gram, self.first) if self.first is not None else math.nan
+        self.previous = gram
+        if self.first is None:
+            self.first = gram
+        if self.log_heatmap:
+            writer = self._tensorboard(trainer)
+            if writer is not None:
+                writer.add_image("ntk/gram", _heatmap(gram), global_step=trainer.global_step, dataformats="HWC")
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "previous": self.previous, "first": self.first}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.previous, self.first = state_dict.get("previous"), state_dict.get("first")
+
+
+class SEEMMonitor(ProbeCallback):
+    """SEEM (Yue et al. 2023) on the fixed probe set, every ``every_n_steps`` steps.
+
+    With X = (s, a) and X* = (s', greedy_action(s')) from the probe set, A = gamma
+    G(X*, X) - G(X, X). Logs ``seem/max_eig`` (largest real eigenvalue of A, with
+    the authors' 1/P scaling by default), ``seem/max_eig_normalized`` (divided by
+    ||A||_F, scale-free), ``seem/q_data_mean`` (Q on X), ``seem/q_policy_mean`` (Q on
+    X*) and ``seem/action_cos_prev`` (cosine of the policy's actions on the probe
+    states against the previous evaluation; for discrete actions the share that
+    agree); with ``log_spectrum=True`` also a histogram ``seem/spectrum_real`` of
+    all eigenvalues' real parts (dense solver, slower).
+
+    Defaults follow the authors' code: first critic, online actor for pi(s'),
+    terminal flags ignored in A, 2560 probe transitions, every 10,000 steps.
+    """
+
+    name = "SEEMMonitor"
+
+    def __init__(self, every_n_steps: int = 10_000, probe_size: int = 2560, probe_seed: int = 0,
+                 probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
+                 scale_by_params: bool = True, solver: str = "auto", tol: float = 1e-6,
+                 log_spectrum: bool = False) -> None:
+        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
+        if solver not in ("auto", "dense", "arnoldi"):
+            raise ValueError(f"SEEMMonitor: solver must be 'auto', 'dense' or 'arnoldi', got {solver!r}")
+        self.scale_by_params = scale_by_params
+        self.solver = solver
+        self.tol = tol
+        self.log_spectrum = log_spectrum
+        self.previous_actions: Tensor | None = None
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
+        with torch.no_grad():
+            next_act = pl_module.greedy_action(probe.next_obs)
+            q_data = pl_module.q_value(probe.obs, probe.act).mean().item()
+            q_policy = pl_module.q_value(probe.next_obs, next_act).mean().item()
+        result = seem(pl_module.q_network(), (probe.obs, probe.act), (probe.next_obs, next_act), pl_module.gamma,
+                      scale_by_params=self.scale_by_params, method=self.method, dtype=self.dtype,
+                      solver=self.solver, tol=self.tol, return_spectrum=self.log_spectrum)
+        actions = next_act.detach().cpu()
+        metrics = {
+            "seem/max_eig": result.value,
+            "seem/max_eig_normalized": result.normalized,
+            "seem/q_data_mean": q_data,
+            "seem/q_policy_mean": q_policy,
+            "seem/action_cos_prev": _action_similarity(actions, self.previous_actions),
+        }
+        self.previous_actions = actions
+        if self.log_spectrum and result.eigenvalues is not None:
+            writer = self._tensorboard(trainer)
+            if writer is not None:
+                writer.add_histogram("seem/spectrum_real", result.eigenvalues.real, global_step=trainer.global_step)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "previous_actions": self.previous_actions}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.previous_actions = state_dict.get("previous_actions")
+
+
+def _action_similarity(actions: Tensor, previous: Tensor | None) -> float:
+    if previous is None:
+        return math.nan
+    if not actions.is_floating_point():  # discrete: share of probe states whose greedy action is unchanged
+        return (actions == previous).double().mean().item()
+    a, b = actions.double().flatten(), previous.double().flatten()
+    denom = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return (a @ b / denom).item() if denom > 0 else math.nan
+
+
+def _heatmap(gram: Tensor) -> Tensor:
+    """``(N, N, 3)`` uint8 image of a Gram, blue (negative) - white (0) - red (positive)."""
+    g = gram.double()
+    g = g / g.abs().max().clamp_min(1e-30)
+    pos, neg = g.clamp(min=0), (-g).clamp(min=0)
+    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=-1).clamp(0, 1)
+    return (rgb * 255).to(torch.uint8)

@@ -1,0 +1,40 @@
+"""Run by test_monitors.py as its own program: the monitors under DDP with 2 CPU processes.
+
+Usage: python ddp_monitors.py DATASET OUTDIR. Each rank saves the metrics it saw;
+rank zero also re-measures on one device from the final parameters.
+"""
+import sys
+
+import lightning as L
+import torch
+
+from lit_qlearn.algorithms import TD3BC
+from lit_qlearn.callbacks import NTKGramCallback, SEEMMonitor
+from lit_qlearn.data import OfflineDataModule
+
+
+def main(dataset: str, outdir: str) -> None:
+    L.seed_everything(0, verbose=False)
+    dm = OfflineDataModule(dataset, batch_size=16, normalize_states=False, steps_per_epoch=10)
+    model = TD3BC(obs_dim=5, act_dim=1, critic_hidden=(16, 16), actor_hidden=(16, 16), eval_every=0)
+    ntk_cb, seem_cb = NTKGramCallback(every_n_steps=5, probe_size=32), SEEMMonitor(every_n_steps=5, probe_size=32)
+    trainer = L.Trainer(
+        max_steps=10, strategy="ddp", accelerator="cpu", devices=2, logger=False, callbacks=[ntk_cb, seem_cb],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("ntk/", "seem/"))}
+    single = {}
+    if trainer.global_rank == 0:
+        fresh_ntk = NTKGramCallback(every_n_steps=5, probe_size=32)
+        fresh_seem = SEEMMonitor(every_n_steps=5, probe_size=32)
+        probe = dm.probe_batch(32, seed=0)
+        model.eval()
+        single = {**{k: v for k, v in fresh_ntk.measure(trainer, model, probe).items() if not k.endswith("_prev")
+                     and not k.endswith("_first")},
+                  **{k: v for k, v in fresh_seem.measure(trainer, model, probe).items() if not k.endswith("_prev")}}
+    torch.save({"metrics": metrics, "single_device": single}, f"{outdir}/rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,217 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lit_qlearn.callbacks import NTKGramCallback, SEEMMonitor
+from lit_qlearn.data import OfflineDataModule
+from lit_qlearn.data.types import Transitions
+from lit_qlearn.probe import ProbeProtocolError
+from tests.conftest import CHAIN_STATES
+
+
+class LinearQ(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, 1)
+
+    def forward(self, obs, act):
+        return self.lin(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+class UserModule(L.LightningModule):
+    """A user's module implementing the probe protocol: linear critic, fixed linear policy."""
+
+    gamma = 0.9
+
+    def __init__(self, obs_dim=CHAIN_STATES, act_dim=1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = LinearQ(obs_dim + act_dim)
+        self.register_buffer("policy", torch.linspace(-1, 1, obs_dim).reshape(obs_dim, act_dim))
+
+    def q_value(self, obs, act):
+        return self.q(obs, act)
+
+    def greedy_action(self, obs):
+        return obs @ self.policy
+
+    def q_network(self):
+        return self.q
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            y = batch.rew + self.gamma * (1 - batch.done) * self.q(batch.next_obs, self.greedy_action(batch.next_obs))
+        return (self.q(batch.obs, batch.act) - y).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def run(module, dm, steps, callbacks, ckpt_path=None, **kwargs):
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   accelerator="cpu")
+    options.update(kwargs)
+    trainer = L.Trainer(max_steps=steps, callbacks=callbacks, **options)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.fixture
+def chain_dm(chain_file):
+    return OfflineDataModule(str(chain_file), batch_size=16, normalize_states=False, steps_per_epoch=50)
+
+
+def test_users_module_numbers_match_closed_form_linear_kernel(chain_dm):
+    module = UserModule()
+    ntk_cb = NTKGramCallback(every_n_steps=3, probe_size=40)
+    # 6 probe points < rank 7 of the linear kernel: A has no null space, its top eigenvalue is not 0.
+    seem_cb = SEEMMonitor(every_n_steps=3, probe_size=6, solver="dense", dtype=torch.float64)
+    trainer = run(module, chain_dm, 3, [ntk_cb, seem_cb])
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    probe = chain_dm.probe_batch(40, seed=0)
+    x = torch.cat([probe.obs, probe.act], -1).double().numpy()
+    # Linear model: G = X X^T + 1 (weight and bias), for any parameters.
+    g = x @ x.T + 1
+    assert m["ntk/diag_mean"] == pytest.approx(np.diag(g).mean(), rel=1e-5)
+    off = np.abs(g).sum() - np.abs(np.diag(g)).sum()
+    assert m["ntk/offdiag_abs_mean"] == pytest.approx(off / (40 * 39), rel=1e-5)
+    assert m["ntk/row_ratio_mean"] == pytest.approx(((np.abs(g).sum(1) - np.diag(g)) / (40 * np.diag(g))).mean(),
+                                                    rel=1e-5)
+    p6 = chain_dm.probe_batch(6, seed=0)
+    x = torch.cat([p6.obs, p6.act], -1).double().numpy()
+    x_star = np.concatenate([p6.next_obs.numpy(), (p6.next_obs @ module.policy).numpy()], -1).astype(float)
+    a = (UserModule.gamma * (x_star @ x.T + 1) - (x @ x.T + 1)) / (x.shape[1] + 1)  # authors' 1/P, P = d + 1
+    top = np.linalg.eigvals(a).real.max()
+    assert m["seem/max_eig"] == pytest.approx(top, rel=1e-5)
+    assert m["seem/max_eig_normalized"] == pytest.approx(top / np.linalg.norm(a), rel=1e-5)
+    with torch.no_grad():
+        assert m["seem/q_data_mean"] == pytest.approx(module.q(p6.obs, p6.act).mean().item(), rel=1e-5)
+    assert "ntk/cos_prev" not in m and "seem/action_cos_prev" not in m  # one evaluation so far
+
+
+def test_cadence_cosines_and_tensorboard(tiny_td3bc, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module, dm = tiny_td3bc()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    ntk_cb = NTKGramCallback(every_n_steps=4, probe_size=32, log_heatmap=True)
+    seem_cb = SEEMMonitor(every_n_steps=5, probe_size=32)
+    run(module, dm, 10, [ntk_cb, seem_cb], logger=logger)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("ntk/diag_mean")] == [4, 8]
+    assert [e.step for e in events.Scalars("seem/max_eig")] == [5, 10]
+    assert [e.step for e in events.Scalars("ntk/cos_prev")] == [8]
+    assert "ntk/gram" in events.Tags()["images"]
+    # cos_prev at step 8 is the cosine between the Grams measured at steps 4 and 8.
+    assert events.Scalars("ntk/cos_prev")[0].value == pytest.approx(
+        float((ntk_cb.first * ntk_cb.previous).sum() / (ntk_cb.first.norm() * ntk_cb.previous.norm())), rel=1e-5)
+    assert -1.0 <= events.Scalars("seem/action_cos_prev")[0].value <= 1.0
+
+
+def test_measurements_leave_no_trace_in_training(tiny_td3bc):
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            modes.append(all(m.training for m in pl_module.modules()))
+
+    watched, dm = tiny_td3bc(critic_dropout=0.1)  # dropout: the module's train mode and the RNG matter
+    run(watched, dm, 6, [NTKGramCallback(every_n_steps=1, probe_size=16), SEEMMonitor(every_n_steps=2, probe_size=16),
+                         Modes()])
+    reference, dm = tiny_td3bc(critic_dropout=0.1)
+    run(reference, dm, 6, [])
+    assert modes == [True] * 6  # train mode restored after every measurement
+    for a, b in zip(watched.parameters(), reference.parameters()):  # RNG and gradients untouched
+        assert torch.equal(a, b)
+
+
+def test_missing_protocol_member_is_named_at_setup(chain_dm):
+    class NoGreedy(UserModule):
+        greedy_action = None
+
+    steps = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    with pytest.raises(ProbeProtocolError, match="greedy_action"):
+        run(NoGreedy(), chain_dm, 2, [SEEMMonitor(every_n_steps=1, probe_size=8), Count()])
+    assert steps == []
+
+
+def test_datamodule_without_probe_batch_is_named_at_setup(chain_dm):
+    class PlainDM(L.LightningDataModule):
+        def train_dataloader(self):
+            return chain_dm.train_dataloader()
+
+    chain_dm.setup("fit")
+    with pytest.raises(ProbeProtocolError, match="probe_batch"):
+        run(UserModule(), PlainDM(), 2, [NTKGramCallback(every_n_steps=1, probe_size=8)])
+
+
+def test_probe_from_training_batches(chain_dm):
+    cb = NTKGramCallback(every_n_steps=1, probe_size=40, probe_source="batches")
+    trainer = run(UserModule(), chain_dm, 5, [cb])
+    # 16 per batch: the probe is complete after 3 batches, so steps 4 and 5 are measured.
+    assert cb.probe.obs.shape == (40, CHAIN_STATES) and cb.last_step == 5
+    x = torch.cat([cb.probe.obs, cb.probe.act], -1).double()
+    assert float(trainer.callback_metrics["ntk/diag_mean"]) == pytest.approx(((x * x).sum(1) + 1).mean().item(),
+                                                                           rel=1e-5)
+
+
+def test_state_survives_checkpoint_and_resume(tiny_td3bc, tmp_path):
+    module, dm = tiny_td3bc()
+    ntk_cb, seem_cb = NTKGramCallback(every_n_steps=2, probe_size=24), SEEMMonitor(every_n_steps=2, probe_size=24)
+    trainer = run(module, dm, 4, [ntk_cb, seem_cb])
+    path = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(path)
+
+    module2, dm2 = tiny_td3bc()
+    ntk2, seem2 = NTKGramCallback(every_n_steps=2, probe_size=24), SEEMMonitor(every_n_steps=2, probe_size=24)
+    first_after_resume = []
+
+    class Spy(L.Callback):  # runs before the monitors: sees the restored state
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if not first_after_resume:
+                first_after_resume.append((ntk2.previous.clone(), seem2.previous_actions.clone(), ntk2.last_step))
+
+    run(module2, dm2, 6, [Spy(), ntk2, seem2], ckpt_path=path)
+    for a, b in zip(ntk_cb.probe, ntk2.probe):
+        assert torch.equal(a, b)
+    prev, actions, last = first_after_resume[0]
+    assert torch.equal(prev, ntk_cb.previous) and torch.equal(actions, seem_cb.previous_actions) and last == 4
+    assert torch.equal(ntk2.first, ntk_cb.first) and ntk2.last_step == 6
+
+
+@pytest.mark.parametrize("bad", [dict(every_n_steps=0), dict(probe_size=-1), dict(probe_source="replay"),
+                                 dict(method="exact")])
+def test_bad_arguments_are_named(bad):
+    (name,) = bad
+    with pytest.raises(ValueError, match=name):
+        NTKGramCallback(**bad)
+
+
+def test_ddp_two_processes_give_the_single_device_numbers(chain_file, tmp_path):
+    script = Path(__file__).with_name("ddp_monitors.py")
+    root = Path(__file__).parents[2]
+    proc = subprocess.run([sys.executable, str(script), str(chain_file), str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["metrics"].keys() == r1["metrics"].keys() and len(r0["metrics"]) >= 8
+    for key in r0["metrics"]:
+        assert r0["metrics"][key] == r1["metrics"][key], key
+    # The same measurement on one device, from the final parameters and the same probe set.
+    for key, value in r0["single_device"].items():
+        assert r0["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
