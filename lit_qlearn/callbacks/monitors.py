@@ -211,14 +211,19 @@ class SEEMMonitor(ProbeCallback):
     all eigenvalues' real parts (dense solver, slower).
 
     Defaults follow the authors' code: first critic, online actor for pi(s'),
-    terminal flags ignored in A, 2560 probe transitions, every 10,000 steps.
+    terminal flags ignored in A, 2560 probe transitions, every 10,000 steps. The
+    eigenvalue comes from restarted Arnoldi accepted at a residual below
+    ``tol * ||A||_F`` (see :func:`lit_qlearn.ntk.max_real_eigenvalue`): the
+    normalised SEEM is accurate to about ``tol`` (default 1e-4; the indicator's
+    values of interest are 0.01-0.2), in ~0.5 s at N = 2560 on 2 CPU cores,
+    stable or diverging critic alike. ``solver="dense"`` gives every digit (7 s).
     """
 
     name = "SEEMMonitor"
 
     def __init__(self, every_n_steps: int = 10_000, probe_size: int = 2560, probe_seed: int = 0,
                  probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
-                 scale_by_params: bool = True, solver: str = "auto", tol: float = 1e-6,
+                 scale_by_params: bool = True, solver: str = "auto", tol: float = 1e-4,
                  log_spectrum: bool = False) -> None:
         super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
         if solver not in ("auto", "dense", "arnoldi"):
