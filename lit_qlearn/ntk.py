@@ -78,12 +78,17 @@ def num_parameters(model: nn.Module) -> int:
 def _layers(model: nn.Module) -> list[nn.Module] | None:
     """The layers with trainable parameters if all are structurally supported, else None."""
     layers = []
+    owned: set[int] = set()
     for module in model.modules():
         own = _trainable(module)
         if not own:
             continue
         if nn.utils.parametrize.is_parametrized(module):
             return None
+        ids = {id(p) for _, p in own}
+        if ids & owned:  # a parameter tied across layers: its gradient is the sum over them
+            return None
+        owned |= ids
         if type(module) is nn.Linear or type(module) is nn.LayerNorm:
             layers.append(module)
         else:
@@ -122,14 +127,19 @@ def _features(model: nn.Module, layers: list[nn.Module], inputs: tuple[Tensor, .
     ``df_i/dz_i`` because samples do not interact.
     """
     seen: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
+    versions: list[tuple[Tensor, int]] = []
 
     def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
         seen[module].append((args[0], output))
+        versions.extend([(args[0], args[0]._version), (output, output._version)])
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        with torch.enable_grad():
+        # callers may hold torch.no_grad() or torch.inference_mode() (Lightning's validation loop)
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = tuple(x.clone() if x.is_inference() else x for x in inputs)
             out = model(*inputs)
+            total = out.sum()
     finally:
         for h in handles:
             h.remove()
@@ -138,12 +148,14 @@ def _features(model: nn.Module, layers: list[nn.Module], inputs: tuple[Tensor, .
         out = out.squeeze(1)
     if out.shape != (n,):
         raise ValueError(f"ntk_gram: model(*inputs) must return one scalar per sample, shape ({n},), got {tuple(out.shape)}")
+    if any(t._version != v for t, v in versions):  # e.g. ReLU(inplace=True) rebases a layer's output
+        raise _Unsupported("a layer's input or output is modified in place")
     if any(len(v) != 1 for v in seen.values()):
         raise _Unsupported("a layer is used more or less than once per forward")
     calls = [seen[m][0] for m in layers]
     if any(x.dim() != 2 or y.dim() != 2 for x, y in calls):
         raise _Unsupported("a layer sees inputs that are not (N, d)")
-    grads = torch.autograd.grad(out.sum(), [y for _, y in calls], allow_unused=True)
+    grads = torch.autograd.grad(total, [y for _, y in calls], allow_unused=True)
     feats = []
     for m, (x, y), g in zip(layers, calls, grads):
         g = torch.zeros_like(y) if g is None else g
@@ -242,7 +254,7 @@ def ntk_gram(
         layers = _layers(model) if method != "jacobian" else None
         if method == "structured" and layers is None:
             raise ValueError(
-                "ntk_gram: method='structured' supports Linear and LayerNorm layers only; "
+                "ntk_gram: method='structured' supports Linear and LayerNorm layers (no tied parameters) only; "
                 f"{type(model).__name__} has others (use method='auto' or 'jacobian')"
             )
         if layers is not None:
@@ -269,7 +281,7 @@ def _arnoldi_max_real(a: Tensor, krylov: int, restarts: int, tol: float, seed: i
     k = min(krylov, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v0 = torch.randn(n, generator=gen, dtype=a.dtype).to(a.device)
-    scale = torch.linalg.matrix_norm(a).item() or 1.0
+    scale = torch.linalg.matrix_norm(a.double()).item() or 1.0
     theta = complex("nan")
     for _ in range(restarts):
         basis = torch.zeros(n, k + 1, dtype=a.dtype, device=a.device)
@@ -300,7 +312,7 @@ def _arnoldi_max_real(a: Tensor, krylov: int, restarts: int, tol: float, seed: i
 
 
 def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, restarts: int = 10,
-                        tol: float = 1e-8, seed: int = 0) -> tuple[complex, str]:
+                        tol: float | None = None, seed: int = 0) -> tuple[complex, str]:
     """The eigenvalue of ``a`` (square, not symmetric) with the largest real part.
 
     ``solver="dense"``: ``torch.linalg.eigvals`` (all eigenvalues, O(N^3): 6.7 s in
@@ -310,8 +322,12 @@ def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, re
     (eigenvalue / ||A||_F) is accurate to about ``tol`` — and replaced by the dense
     solver when it does not converge within ``restarts`` cycles (typical when the
     top eigenvalues cluster near zero, i.e. a stable critic). ``"auto"``: dense
-    below N = 512, else Arnoldi. Returns ``(eigenvalue, solver actually used)``.
+    below N = 512, else Arnoldi. ``tol=None``: ``max(1e-8, 50 eps)`` of ``a``'s dtype
+    (6e-6 in float32, whose rounding a tighter residual could not reach; 1e-8 in
+    float64). Returns ``(eigenvalue, solver actually used)``.
     """
+    if tol is None:
+        tol = max(1e-8, 50 * torch.finfo(a.dtype).eps)
     if solver not in ("auto", "dense", "arnoldi"):
         raise ValueError(f"solver must be 'auto', 'dense' or 'arnoldi', got {solver!r}")
     n = a.shape[0]
@@ -347,7 +363,7 @@ def seem(
     method: str = "auto",
     dtype: torch.dtype | None = None,
     solver: str = "auto",
-    tol: float = 1e-8,
+    tol: float | None = None,
     return_matrix: bool = False,
     return_spectrum: bool = False,
 ) -> SEEMResult:
@@ -371,7 +387,7 @@ def seem(
     p = num_parameters(model)
     if scale_by_params:
         a = a / p
-    frob = torch.linalg.matrix_norm(a).item()
+    frob = torch.linalg.matrix_norm(a.double()).item()  # float32 accumulation is off by ~1e-4
     spectrum = None
     if return_spectrum:
         spectrum = torch.linalg.eigvals(a)
