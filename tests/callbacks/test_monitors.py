@@ -103,7 +103,7 @@ def test_cadence_cosines_and_tensorboard(tiny_td3bc, tmp_path):
     module, dm = tiny_td3bc()
     logger = TensorBoardLogger(tmp_path, name="tb")
     ntk_cb = NTKGramCallback(every_n_steps=4, probe_size=32, log_heatmap=True)
-    seem_cb = SEEMMonitor(every_n_steps=5, probe_size=32)
+    seem_cb = SEEMMonitor(every_n_steps=5, probe_size=32, log_spectrum=True)
     run(module, dm, 10, [ntk_cb, seem_cb], logger=logger)
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -111,6 +111,10 @@ def test_cadence_cosines_and_tensorboard(tiny_td3bc, tmp_path):
     assert [e.step for e in events.Scalars("seem/max_eig")] == [5, 10]
     assert [e.step for e in events.Scalars("ntk/cos_prev")] == [8]
     assert "ntk/gram" in events.Tags()["images"]
+    assert [e.step for e in events.Histograms("seem/spectrum_real")] == [5, 10]
+    # The histogram holds all 32 eigenvalues; its maximum is the logged SEEM value.
+    hist = events.Histograms("seem/spectrum_real")[-1].histogram_value
+    assert hist.num == 32 and hist.max == pytest.approx(events.Scalars("seem/max_eig")[-1].value, rel=1e-4)
     # cos_prev at step 8 is the cosine between the Grams measured at steps 4 and 8.
     assert events.Scalars("ntk/cos_prev")[0].value == pytest.approx(
         float((ntk_cb.first * ntk_cb.previous).sum() / (ntk_cb.first.norm() * ntk_cb.previous.norm())), rel=1e-5)
