@@ -1,6 +1,11 @@
 """Shared fixtures: a deterministic chain MDP whose Q-values are known in closed form."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -55,3 +60,12 @@ def tiny_td3bc(chain_file):
         return TD3BC(**options), dm
 
     return make
+
+
+def run_ddp_script(script: Path, *args: object) -> None:
+    """Run a 2-process DDP script as its own program (Lightning's DDP launcher re-runs
+    ``sys.argv``, which must not be pytest) and fail with its stderr if it fails."""
+    root = Path(__file__).parents[1]
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_qlearn.algorithms import TD3, TD3BC
 from lit_qlearn.probe import check_probe_module
-from tests.conftest import CHAIN_STATES, chain_q
+from tests.conftest import CHAIN_STATES, run_ddp_script, chain_q
 
 
 def fit(module, dm, steps, **kwargs):
@@ -133,12 +131,7 @@ def test_tensorboard_scalars_and_evaluation(hopper_file, tmp_path):
 
 
 def test_ddp_two_cpu_processes_keep_parameters_identical(chain_file, tmp_path):
-    script = Path(__file__).with_name("ddp_td3bc.py")
-    root = Path(__file__).parents[2]
-    proc = subprocess.run([sys.executable, str(script), str(chain_file), str(tmp_path)], cwd=root,
-                          capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(Path(__file__).with_name("ddp_td3bc.py"), chain_file, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["updates"] == r1["updates"] == r0["global_step"] == 20
     assert torch.equal(r0["params"], r1["params"])

@@ -1,6 +1,4 @@
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +12,7 @@ from lit_qlearn.callbacks import NTKGramCallback, SEEMMonitor
 from lit_qlearn.data import OfflineDataModule
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.probe import ProbeProtocolError
-from tests.conftest import CHAIN_STATES
+from tests.conftest import CHAIN_STATES, run_ddp_script
 
 
 class LinearQ(nn.Module):
@@ -206,12 +204,7 @@ def test_bad_arguments_are_named(bad):
 
 
 def test_ddp_two_processes_give_the_single_device_numbers(chain_file, tmp_path):
-    script = Path(__file__).with_name("ddp_monitors.py")
-    root = Path(__file__).parents[2]
-    proc = subprocess.run([sys.executable, str(script), str(chain_file), str(tmp_path)], cwd=root,
-                          capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ddp_script(Path(__file__).with_name("ddp_monitors.py"), chain_file, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["metrics"].keys() == r1["metrics"].keys() and len(r0["metrics"]) >= 8
     for key in r0["metrics"]:
