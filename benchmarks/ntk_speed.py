@@ -81,6 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
+import lightning as L  # noqa: E402
 import lit_qlearn  # noqa: E402
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset  # noqa: E402
 from lit_qlearn.networks import Actor, StateActionQ, mlp  # noqa: E402
@@ -417,20 +418,14 @@ def bench_seem(probe, n: int, seed: int, cases: dict[str, float], repeats_ours: 
 # --------------------------------------------------------------------------- report
 
 
-class _TrainClock:
+class _TrainClock(L.Callback):
     """Wall time from the first to the last training batch (Trainer set-up excluded)."""
 
-    def __new__(cls):
-        import lightning as L
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
 
-        class Clock(L.Callback):
-            def on_train_start(self, trainer, pl_module):
-                self.start = time.perf_counter()
-
-            def on_train_end(self, trainer, pl_module):
-                self.seconds = time.perf_counter() - self.start
-
-        return Clock()
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
 
 
 def _timed(callback):
@@ -459,7 +454,6 @@ def bench_overhead(dataset: str, updates: int, repeats: int, seed: int) -> dict:
     """
     import tempfile
 
-    import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lit_qlearn.algorithms import TD3BC

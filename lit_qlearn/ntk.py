@@ -48,6 +48,14 @@ __all__ = [
 ]
 
 Inputs = Union[Tensor, Sequence[Tensor]]
+METHODS = ("auto", "structured", "jacobian")  # ntk_gram engines
+SOLVERS = ("auto", "dense", "arnoldi")  # max_real_eigenvalue solvers
+
+
+def check_choice(owner: str, argument: str, value: object, choices: Sequence[object]) -> None:
+    """Raise ``ValueError("<owner>: <argument> must be one of ..., got ...")`` unless ``value`` is a choice."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {argument} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 class DiscreteQ(nn.Module):
@@ -241,8 +249,7 @@ def ntk_gram(
         ``(N, N)`` when ``other`` is None, else ``(M, N)``: rows from ``other``,
         columns from ``inputs``.
     """
-    if method not in ("auto", "structured", "jacobian"):
-        raise ValueError(f"ntk_gram: method must be 'auto', 'structured' or 'jacobian', got {method!r}")
+    check_choice("ntk_gram", "method", method, METHODS)
     inputs = _as_tuple(inputs)
     other = None if other is None else _as_tuple(other)
     if dtype is not None:
@@ -328,8 +335,7 @@ def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, re
     """
     if tol is None:
         tol = max(1e-8, 50 * torch.finfo(a.dtype).eps)
-    if solver not in ("auto", "dense", "arnoldi"):
-        raise ValueError(f"solver must be 'auto', 'dense' or 'arnoldi', got {solver!r}")
+    check_choice("max_real_eigenvalue", "solver", solver, SOLVERS)
     n = a.shape[0]
     if solver == "arnoldi" or (solver == "auto" and n >= 512):
         theta, ok = _arnoldi_max_real(a, krylov, restarts, tol, seed)

@@ -13,6 +13,7 @@ Algorithms own a default rule (their hyperparameters); the
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -40,7 +41,9 @@ class TargetUpdate:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.tau = float(tau)
         self.every = every
-        self._cache: dict[tuple[int, int], tuple[list, list, list, list]] = {}
+        # online module -> (target, its tensor lists); weak, so a freed network's entry
+        # goes with it and a new network can never be served stale lists.
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tau={self.tau}, every={self.every})"
@@ -54,9 +57,8 @@ class TargetUpdate:
         # lists are kept per pair. Parameters keep their identity under load_state_dict,
         # .to() and torch.compile; a module whose parameters are replaced (e.g. a
         # parametrisation added later) needs clear_cache().
-        key = (id(online), id(target))
-        cached = self._cache.get(key)
-        if cached is None:
+        cached = self._cache.get(online)
+        if cached is None or cached[0] is not target:
             src = [p.detach() for p in online.parameters()]
             dst = list(target.parameters())
             if len(src) != len(dst):
@@ -64,8 +66,8 @@ class TargetUpdate:
                     f"target_pairs(): online {type(online).__name__} has {len(src)} parameters, "
                     f"its target has {len(dst)}"
                 )
-            cached = self._cache[key] = (src, dst, list(online.buffers()), list(target.buffers()))
-        return cached
+            cached = self._cache[online] = (target, src, dst, list(online.buffers()), list(target.buffers()))
+        return cached[1:]
 
     def clear_cache(self) -> None:
         """Forget the cached parameter lists (after replacing a network's parameters)."""

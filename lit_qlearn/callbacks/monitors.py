@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.ntk import gram_cosine, gram_stats, ntk_gram, seem
+from lit_qlearn.ntk import METHODS, SOLVERS, check_choice, gram_cosine, gram_stats, ntk_gram, seem
 from lit_qlearn.probe import ProbeProtocolError, check_probe_datamodule, check_probe_module
 
 __all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor"]
@@ -56,17 +56,13 @@ class ProbeCallback(Callback):
         method / dtype: NTK engine options, see :func:`lit_qlearn.ntk.ntk_gram`.
     """
 
-    name = "probe callback"
-
     def __init__(self, every_n_steps: int, probe_size: int, probe_seed: int = 0, probe_source: str = "datamodule",
                  method: str = "auto", dtype: torch.dtype | None = None) -> None:
         for arg, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{type(self).__name__}: {arg} must be an integer >= 1, got {value!r}")
-        if probe_source not in ("datamodule", "batches"):
-            raise ValueError(f"{type(self).__name__}: probe_source must be 'datamodule' or 'batches', got {probe_source!r}")
-        if method not in ("auto", "structured", "jacobian"):
-            raise ValueError(f"{type(self).__name__}: method must be 'auto', 'structured' or 'jacobian', got {method!r}")
+        check_choice(type(self).__name__, "probe_source", probe_source, ("datamodule", "batches"))
+        check_choice(type(self).__name__, "method", method, METHODS)
         self.every_n_steps = every_n_steps
         self.probe_size = probe_size
         self.probe_seed = probe_seed
@@ -166,8 +162,6 @@ class NTKGramCallback(ProbeCallback):
     an image ``ntk/gram`` of the Gram to TensorBoard.
     """
 
-    name = "NTKGramCallback"
-
     def __init__(self, every_n_steps: int = 1000, probe_size: int = 512, probe_seed: int = 0,
                  probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
                  log_heatmap: bool = False) -> None:
@@ -219,15 +213,12 @@ class SEEMMonitor(ProbeCallback):
     stable or diverging critic alike. ``solver="dense"`` gives every digit (7 s).
     """
 
-    name = "SEEMMonitor"
-
     def __init__(self, every_n_steps: int = 10_000, probe_size: int = 2560, probe_seed: int = 0,
                  probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
                  scale_by_params: bool = True, solver: str = "auto", tol: float = 1e-4,
                  log_spectrum: bool = False) -> None:
         super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
-        if solver not in ("auto", "dense", "arnoldi"):
-            raise ValueError(f"SEEMMonitor: solver must be 'auto', 'dense' or 'arnoldi', got {solver!r}")
+        check_choice("SEEMMonitor", "solver", solver, SOLVERS)
         self.scale_by_params = scale_by_params
         self.solver = solver
         self.tol = tol

@@ -135,3 +135,12 @@ def test_resume_keeps_targets_and_cadence(tmp_path):
     # Hard copies at updates 6 (not 3 after the restart): updates 5, 6, 7.
     assert rec.equal == [False, True, False]
     assert not torch.equal(saved_target, flat(resumed.net_target))
+
+
+def test_target_update_follows_a_replaced_target_network():
+    online = nn.Linear(3, 2)
+    rule = TargetUpdate(tau=1.0)
+    first, second = nn.Linear(3, 2), nn.Linear(3, 2)
+    rule.apply([(online, first)])
+    rule.apply([(online, second)])  # a new target for the same online network: not the cached lists
+    assert torch.equal(flat(second), flat(online)) and torch.equal(flat(first), flat(online))
