@@ -3,8 +3,8 @@
 They depend on the probe protocol (:mod:`lit_qlearn.probe`) and the NTK engine
 (:mod:`lit_qlearn.ntk`) only, never on a specific algorithm.
 """
-from lit_qlearn.callbacks.crash import CrashFit, predict_crash_step
+from lit_qlearn.callbacks.crash import CrashFit, CrashPredictor, predict_crash_step
 from lit_qlearn.callbacks.ema import EMATarget
 from lit_qlearn.callbacks.monitors import NTKGramCallback, ProbeCallback, SEEMMonitor
 
-__all__ = ["CrashFit", "EMATarget", "NTKGramCallback", "ProbeCallback", "SEEMMonitor", "predict_crash_step"]
+__all__ = ["CrashFit", "CrashPredictor", "EMATarget", "NTKGramCallback", "ProbeCallback", "SEEMMonitor", "predict_crash_step"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,188 @@ def test_tolerates_noise():
 def test_bad_input_is_named(steps, norms, layers, match):
     with pytest.raises(ValueError, match=match):
         predict_crash_step(steps, norms, num_layers=layers)
+
+
+# ----------------------------------------------------------------- CrashPredictor
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import Logger  # noqa: E402
+
+from lit_qlearn.callbacks import CrashPredictor  # noqa: E402
+from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ  # noqa: E402
+
+from tests.conftest import run_ddp_script  # noqa: E402
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged scalar: ``rows[step][name] = value``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    name = "memory"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def series(self, key):
+        return {step: row[key] for step, row in sorted(self.rows.items()) if key in row}
+
+
+def r1_fit(callback, lr=0.02, seed=0, max_steps=2000, optimizer="sgd", logger=None, **trainer_kwargs):
+    """Train the R1 toy (DESIGN.md 7) with ``callback``; return (module, trainer, logger)."""
+    L.seed_everything(seed, verbose=False)
+    logger = logger or MemoryLogger()
+    module, dm = RandomWalkQ(lr=lr, optimizer=optimizer), RandomWalkDataModule(seed=seed)
+    options = dict(max_steps=max_steps, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(**options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(CrashPredictor|does not have many workers).*")
+        trainer.fit(module, dm)
+    return module, trainer, logger
+
+
+def nan_step(logger):
+    """The first step whose probe TD error is not finite: one past the last finite measurement."""
+    return max(logger.series("crash/td_error_norm")) + 1
+
+
+@pytest.fixture(scope="module")
+def r1_crash():
+    """The R1 run at lr 0.02 measured every step until it diverges."""
+    _, trainer, logger = r1_fit(CrashPredictor(every_n_steps=1, action="warn"), max_steps=400)
+    return nan_step(logger), logger
+
+
+def test_r1_diverges_and_td_error_grows(r1_crash):
+    crash, logger = r1_crash
+    norms = logger.series("crash/td_error_norm")
+    assert 100 < crash < 400  # lr 0.02 diverges in a few hundred steps
+    assert norms[crash - 1] > 1e3 * norms[1]
+    loss = logger.series("train/critic_loss")
+    first_bad = min(step for step, value in loss.items() if not math.isfinite(value))
+    assert abs(first_bad - crash) <= 1  # the training loss overflows at the same step
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_r1_forecast_at_80_percent_within_10_percent(r1_crash, restart):
+    """DESIGN.md 7, R1: a fit over 10% of the run ending at 80% of the NaN step predicts it
+    within 10% (restart=False is the paper's plain window; True the callback's default)."""
+    crash, _ = r1_crash
+    window = round(0.1 * crash)
+    callback = CrashPredictor(every_n_steps=1, window=window, restart_on_action_change=restart)
+    _, _, logger = r1_fit(callback, max_steps=int(0.8 * crash))
+    at = int(0.8 * crash)
+    row = logger.rows[at]
+    assert row["crash/predicted_step"] == pytest.approx(crash, rel=0.10)
+    assert row["crash/steps_left"] == pytest.approx(row["crash/predicted_step"] - at)
+    assert row["crash/fit_r2"] >= 0.9
+    # The callback's fit is predict_crash_step on the logged norms of its window.
+    norms = logger.series("crash/td_error_norm")
+    if not restart:
+        steps = list(range(at - window + 1, at + 1))
+        fit = predict_crash_step(steps, [norms[s] for s in steps])
+        assert fit.step == pytest.approx(row["crash/predicted_step"], rel=1e-9)
+
+
+def test_checkpoint_and_stop_writes_finite_weights_and_stops_before_the_crash(r1_crash, tmp_path):
+    crash, _ = r1_crash
+    callback = CrashPredictor(every_n_steps=1, action="checkpoint_and_stop", horizon=20, dirpath=tmp_path)
+    module, trainer, _ = r1_fit(callback)
+    assert trainer.global_step < crash
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    path = callback.checkpoint_path
+    assert path is not None and path.endswith(f"crash-forecast-step={trainer.global_step}.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
+    restored = RandomWalkQ.load_from_checkpoint(path)
+    for a, b in zip(restored.parameters(), module.parameters()):
+        torch.testing.assert_close(a, b)
+    assert checkpoint["callbacks"][callback.state_key]["fired"] is True
+
+
+def test_stop_action_stops_without_writing(r1_crash, tmp_path):
+    crash, _ = r1_crash
+    callback = CrashPredictor(every_n_steps=1, action="stop", horizon=20, dirpath=tmp_path)
+    _, trainer, _ = r1_fit(callback)
+    assert 0.8 * crash <= trainer.global_step < crash  # forecast within 20 steps, a few % early
+    assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
+
+
+def test_nan_between_checks_stops_and_writes_nothing(r1_crash, tmp_path):
+    crash, _ = r1_crash
+    callback = CrashPredictor(every_n_steps=10_000, action="checkpoint_and_stop", dirpath=tmp_path)
+    module, trainer, _ = r1_fit(callback)
+    assert trainer.global_step == crash  # stopped at the step the weights blew up
+    norms = torch.stack([torch.linalg.vector_norm(p) for p in module.parameters()])
+    assert not norms.isfinite().all()
+    assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
+
+
+def test_state_survives_checkpoint_and_resume(tmp_path):
+    whole = CrashPredictor(every_n_steps=5, window=8)
+    r1_fit(whole, max_steps=100)
+    first = CrashPredictor(every_n_steps=5, window=8)
+    r1_fit(first, max_steps=50, default_root_dir=tmp_path, enable_checkpointing=True)
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    resumed = CrashPredictor(every_n_steps=5, window=8)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[resumed])
+    trainer.fit(RandomWalkQ(lr=0.02), RandomWalkDataModule(seed=0), ckpt_path=ckpt)
+    assert first.history[-1][0] == 50 and first.previous_actions is not None
+    assert [h[0] for h in resumed.history] == [h[0] for h in whole.history]
+    np.testing.assert_allclose(np.array(resumed.history), np.array(whole.history), rtol=1e-6)
+    assert resumed.forecast.keys() == whole.forecast.keys()
+
+
+def test_adam_law_logs_the_polynomial_diagnostics():
+    """Section 5.4: under Adam ||theta|| grows by about eta sqrt(P) per step and log||u||
+    grows like L log t; there is no finite crash step, only a threshold crossing."""
+    callback = CrashPredictor(every_n_steps=50, window=10)
+    module, trainer, logger = r1_fit(callback, lr=1e-3, optimizer="adam", max_steps=1500)
+    params = sum(p.numel() for p in module.net.parameters())
+    row = logger.rows[1500]
+    assert row["params/adam_slope"] == pytest.approx(1e-3 * math.sqrt(params))
+    assert 0.5 < row["params/norm_slope"] / row["params/adam_slope"] < 2.0
+    assert 1.0 < row["crash/loglog_slope"] < 3.0  # L = 2
+    assert row["crash/threshold_step"] > 1500 and "crash/predicted_step" not in row
+    assert not logger.series("crash/predicted_step")
+
+
+def test_bad_arguments_and_modules_are_named():
+    for kwargs, match in [(dict(action="explode"), "action"), (dict(window=1), "window"),
+                          (dict(min_points=30, window=20), "min_points"), (dict(num_layers=1), "num_layers"),
+                          (dict(threshold=0), "threshold"), (dict(law="rmsprop"), "law")]:
+        with pytest.raises(ValueError, match=match):
+            CrashPredictor(**kwargs)
+
+    class OneLayer(RandomWalkQ):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 1))
+
+    with pytest.raises(ValueError, match="nn.Linear"):
+        L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[CrashPredictor()]).fit(OneLayer(), RandomWalkDataModule())
+
+
+def test_same_numbers_under_ddp(tmp_path):
+    single = CrashPredictor(every_n_steps=5, window=10)
+    _, _, logger = r1_fit(single, max_steps=120)
+    run_ddp_script(Path(__file__).with_name("ddp_crash.py"), tmp_path)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        np.testing.assert_allclose(np.array(got["history"]), np.array(single.history), rtol=1e-5)
+        for key, value in single.forecast.items():
+            assert got["forecast"][key] == pytest.approx(value, rel=1e-4), key
