@@ -45,6 +45,8 @@ __all__ = [
     "contraction_fraction",
     "num_parameters",
     "supports_structured",
+    "preconditioned_step",
+    "PreconditionedStep",
 ]
 
 Inputs = Union[Tensor, Sequence[Tensor]]
@@ -449,3 +451,109 @@ def contraction_fraction(gram: Tensor, gamma: float, rho: Tensor | None = None) 
     diag = torch.diagonal(gram)
     off = gram.abs() @ rho - diag.abs() * rho
     return ((1 + gamma) * off <= (1 - gamma) * diag * rho).double().mean().item()
+
+
+# ------------------------------------------------------------------ PreQN's update
+@dataclass(frozen=True)
+class PreconditionedStep:
+    """What one :func:`preconditioned_step` did.
+
+    ``cos``: ``cos(Q_theta'(X) - Q_theta(X), delta)`` of the applied step;
+    ``shrink_steps``: how often the step was shrunk; ``step_norm``: ``||theta' - theta||``;
+    ``accepted``: whether ``cos >= cos_threshold`` (else the cap was hit and the
+    smallest step tried was kept).
+    """
+
+    cos: float
+    shrink_steps: int
+    step_norm: float
+    accepted: bool
+
+
+def preconditioned_step(
+    model: nn.Module,
+    inputs: Inputs,
+    td_errors: Tensor,
+    *,
+    lr: float = 0.1,
+    cos_threshold: float = 0.9,
+    shrink: float = 0.5,
+    max_shrinks: int = 20,
+    rcond: float = 1e-6,
+    method: str = "auto",
+) -> PreconditionedStep:
+    """PreQN's critic update (Achiam, Knight & Abbeel 2019; DESIGN.md 5.5), in place.
+
+    With ``K = G(X, X)`` the NTK Gram of ``model`` on the batch ``X`` (float64) and
+    ``delta`` the TD errors ``y - Q(X)``:
+
+    1. ``Z = K^+ delta``, the minimum-norm least-squares solution of ``K Z = delta``
+       through the eigendecomposition of the symmetric ``K``, eigenvalues below
+       ``rcond * max eigenvalue`` counted as zero. This cutoff is the only
+       regularisation: directions the kernel can barely move (a minibatch of a few
+       distinct states has a nearly singular ``K``) would otherwise need parameter
+       steps of size ``1/sqrt(lambda)``, far outside the first-order regime, and the
+       line search would shrink the whole step to nothing;
+    2. the direction ``d = sum_i Z_i grad_theta Q(x_i)``: one vector-Jacobian product
+       (K, Z and d in float64 on a copy of the model, then applied to ``model``);
+    3. ``theta' = theta + s * lr * d`` with ``s = 1, shrink, shrink^2, ...`` until
+       ``cos(Q_theta'(X) - Q_theta(X), delta) >= cos_threshold``, at most
+       ``max_shrinks`` times; if the criterion is never met the smallest step is kept.
+
+    To first order ``Q_theta'(X) - Q_theta(X) = s * lr * K Z = s * lr * delta``: the
+    network moves like tabular Q-learning with step ``s * lr`` on the batch.
+
+    Defaults (no official values exist): ``lr = 0.1`` (the tabular step size),
+    ``cos_threshold = 0.9``, ``shrink = 0.5``, ``max_shrinks = 20`` (smallest step
+    ``lr * 2^-20``), ``rcond = 1e-6``. The model is evaluated in eval mode; ``.grad`` is not touched.
+    Every rank of a distributed run must pass the same batch and TD errors to take
+    the same step.
+
+    Args:
+        model: ``model(*inputs) -> (N,)``, its trainable parameters are updated.
+        inputs: the batch ``X`` (a tensor or a tuple of tensors, e.g. ``(obs, act)``).
+        td_errors: ``delta``, shape ``(N,)``.
+        lr / cos_threshold / shrink / max_shrinks / rcond: see above.
+        method: NTK engine, see :func:`ntk_gram`.
+    """
+    inputs = _as_tuple(inputs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"preconditioned_step: {type(model).__name__} has no trainable parameters")
+    if not lr > 0 or not 0 < shrink < 1 or max_shrinks < 0 or not -1 <= cos_threshold <= 1 or not 0 <= rcond < 1:
+        raise ValueError(
+            f"preconditioned_step: need lr > 0, 0 < shrink < 1, max_shrinks >= 0, cos_threshold in [-1, 1] and "
+            f"0 <= rcond < 1; got lr={lr}, shrink={shrink}, max_shrinks={max_shrinks}, "
+            f"cos_threshold={cos_threshold}, rcond={rcond}"
+        )
+    delta = td_errors.detach().reshape(-1).double()
+    # Everything up to the direction in float64: Z can be large, and J^T Z cancels.
+    exact = model if all(p.dtype == torch.float64 for p in params) else copy.deepcopy(model).double()
+    inputs64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    gram = ntk_gram(exact, inputs64, method=method)
+    if gram.shape[0] != delta.shape[0]:
+        raise ValueError(f"preconditioned_step: {delta.shape[0]} TD errors for a batch of {gram.shape[0]} inputs")
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > evals.abs().max() * rcond
+    z = evecs[:, keep] @ ((evecs[:, keep].T @ delta) / evals[keep])
+    exact_params = [p for p in exact.parameters() if p.requires_grad]
+    with _eval_mode(exact), torch.enable_grad():
+        direction64 = torch.autograd.grad(exact(*inputs64).reshape(-1), exact_params, grad_outputs=z)
+    direction = [d.to(p.dtype) for d, p in zip(direction64, params)]
+    with _eval_mode(model):
+        with torch.no_grad():
+            q = model(*inputs).reshape(-1)
+        q0 = q.detach().double()
+        start = [p.detach().clone() for p in params]
+        scale = float(lr)
+        with torch.no_grad():
+            for shrinks in range(max_shrinks + 1):
+                for p, p0, d in zip(params, start, direction):
+                    p.copy_(p0).add_(d, alpha=scale)
+                change = model(*inputs).reshape(-1).double() - q0
+                cos = float(F.cosine_similarity(change, delta, dim=0, eps=1e-30))
+                if cos >= cos_threshold or shrinks == max_shrinks:
+                    break
+                scale *= shrink
+    norm = scale * float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction64])))
+    return PreconditionedStep(cos=cos, shrink_steps=shrinks, step_norm=norm, accepted=cos >= cos_threshold)

@@ -106,11 +106,14 @@ class TD3(QLearningModule):
         )
         self.actor = Actor(obs_dim, act_dim, low, high, hidden=hp.actor_hidden, activation=hp.actor_activation)
         self._target_pairs.clear()
-        self.critic_target = self.add_target(self.critic)
-        self.actor_target = self.add_target(self.actor)
+        self._add_targets()
         # State normalisation of the data, applied by act() in evaluation and collection.
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
+
+    def _add_targets(self) -> None:
+        self.critic_target = self.add_target(self.critic)
+        self.actor_target = self.add_target(self.actor)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -161,6 +164,11 @@ class TD3(QLearningModule):
     def q_network(self) -> nn.Module:
         return self.critic.q_function(0)
 
+    def q_networks(self) -> list[nn.Module]:
+        """Every critic member as ``(obs, act) -> (N,)`` (optional protocol member used by
+        :class:`~lit_qlearn.callbacks.PreQNLineSearch`)."""
+        return [self.critic.q_function(i) for i in range(self.critic.num_q)]
+
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
@@ -188,33 +196,42 @@ class TD3(QLearningModule):
     def training_step(self, batch: Transitions, batch_idx: int) -> None:
         self.updates += 1
         critic_opt, actor_opt = self.optimizers()
-
         with torch.no_grad():
             y = self.td_target(batch)
         q = self.critic(batch.obs, batch.act)  # (num_q, B)
         critic_loss = (q - y).pow(2).mean(dim=1).sum()
         self.optimize(critic_opt, critic_loss)
-
-        log = self.logging_now()
         if self.updates % self.hparams.policy_freq == 0:
-            self.critic.requires_grad_(False)  # the actor step needs no critic gradients
+            self.actor_update(batch, actor_opt, count_step=False)
+        if self.logging_now():
+            self.log_update(batch, critic_loss.detach(), q[0].detach())
+
+    def actor_update(self, batch: Transitions, actor_opt: Any, count_step: bool = False) -> None:
+        """One actor step on :meth:`actor_loss` (the critic gets no gradients)."""
+        self.critic.requires_grad_(False)
+        try:
             pi = self.actor(batch.obs)
             q_pi = self.q_value(batch.obs, pi)
             actor_loss = self.actor_loss(batch, pi, q_pi)
-            self.optimize(actor_opt, actor_loss, count_step=False)
+            self.optimize(actor_opt, actor_loss, count_step=count_step)
+        finally:
             self.critic.requires_grad_(True)
-            self._last = {"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()}
-        if log:
-            metrics = {"train/critic_loss": critic_loss.detach(), "q/data_mean": q[0].detach().mean()}
-            if not self._last:
-                with torch.no_grad():
-                    self._last = {"q/policy_mean": self.q_value(batch.obs, self.actor(batch.obs)).mean()}
-            metrics.update(self._last)
+        self._last = {"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()}
+
+    def log_update(self, batch: Transitions, critic_loss: Tensor, q_data: Tensor,
+                   extra: dict[str, Tensor | float] | None = None) -> None:
+        """Log the update's scalars (called on logging steps only)."""
+        metrics: dict[str, Tensor | float] = {"train/critic_loss": critic_loss, "q/data_mean": q_data.mean()}
+        if not self._last:
             with torch.no_grad():
-                metrics["params/critic_norm"] = torch.linalg.vector_norm(
-                    torch.stack(torch._foreach_norm(list(self.critic.parameters())))
-                )
-            self.log_scalars(metrics, batch_size=batch.obs.shape[0])
+                self._last = {"q/policy_mean": self.q_value(batch.obs, self.actor(batch.obs)).mean()}
+        metrics.update(self._last)
+        with torch.no_grad():
+            metrics["params/critic_norm"] = torch.linalg.vector_norm(
+                torch.stack(torch._foreach_norm(list(self.critic.parameters())))
+            )
+        metrics.update(extra or {})
+        self.log_scalars(metrics, batch_size=batch.obs.shape[0])
 
 
 class TD3BC(TD3):
