@@ -51,12 +51,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,6 +81,7 @@ from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lit_qlearn  # noqa: E402
+from _common import git_info  # noqa: E402
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset  # noqa: E402
 from lit_qlearn.networks import Actor, StateActionQ, mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, num_parameters, seem  # noqa: E402
@@ -511,18 +510,7 @@ def bench_overhead(dataset: str, updates: int, repeats: int, seed: int) -> dict:
 
 
 def _git() -> dict:
-    root = Path(__file__).resolve().parent.parent
-
-    def run(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    ntk_file = Path(lit_qlearn.ntk.__file__)
-    return {"commit": run("rev-parse", "HEAD"), "ntk_py_modified_vs_head": bool(run("status", "--porcelain",
-                                                                                      "lit_qlearn/ntk.py")),
-            "ntk_py_sha256": hashlib.sha256(ntk_file.read_bytes()).hexdigest()}
+    return git_info({"ntk_py": Path(lit_qlearn.ntk.__file__)})
 
 
 def markdown(result: dict) -> str:

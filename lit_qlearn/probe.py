@@ -17,6 +17,10 @@ and the probe set, a fixed batch of transitions, comes from the DataModule's
 ``probe_batch(n, seed)``. Callbacks call :func:`check_probe_module` /
 :func:`check_probe_datamodule` at ``setup`` so that a missing member is reported
 before training starts.
+
+Optional members some callbacks use when present: ``td_target(batch) -> Tensor (B,)``
+(the module's own TD targets; :class:`~lit_qlearn.callbacks.PreQNLineSearch`) and
+``q_networks() -> list[nn.Module]`` (every critic member, e.g. TD3's twins).
 """
 from __future__ import annotations
 

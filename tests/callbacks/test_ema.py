@@ -1,5 +1,3 @@
-import copy
-
 import lightning as L
 import pytest
 import torch

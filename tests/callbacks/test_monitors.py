@@ -1,4 +1,3 @@
-import math
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +9,6 @@ from torch import nn
 
 from lit_qlearn.callbacks import NTKGramCallback, SEEMMonitor
 from lit_qlearn.data import OfflineDataModule
-from lit_qlearn.data.types import Transitions
 from lit_qlearn.probe import ProbeProtocolError
 from tests.conftest import CHAIN_STATES, run_ddp_script
 

@@ -1,0 +1,420 @@
+"""Crash-step prediction on the random-walk toy (DESIGN.md section 7, R1; section 5.4).
+
+Setting (R1): ``RandomWalkQ(lr=0.01, optimizer="sgd", hidden=(64,), gamma=0.99)`` on
+``RandomWalkDataModule(num_transitions=64, step=0.1, noise=0.02, seed=seed)``, full-batch
+SGD, for seeds 0..9 (``L.seed_everything(seed)`` before the module is built, the same
+seed for the trajectory). Each run trains in a Lightning Trainer (``max_steps=3000``)
+with ``CrashPredictor(every_n_steps=1, window=10**9, action="warn")`` attached, which
+measures ``crash/td_error_norm`` = ||u_t|| on the whole trajectory after every update.
+The NaN step is T = (last step with a finite ``crash/td_error_norm``) + 1. Once the
+parameters are non-finite the run is stopped (nothing after that step is used); a seed
+with finite ||u|| up to ``max_steps`` is recorded as not diverging.
+
+From these logs, for a fit point f (a fraction of T) two forecasts are made with
+``predict_crash_step`` (1/||u|| fitted linearly against the step, zero crossing):
+
+  paper:    the measurements at the steps s with f*T - 0.1*T <= s <= f*T (the paper's
+            protocol: a window of 10% of the run ending at f*T);
+  callback: what ``CrashPredictor(window=<that many points>)`` (its defaults otherwise:
+            ``restart_on_action_change=True``, ``min_points=5``) fits at step floor(f*T):
+            the same number of points, but not reaching back past the last change of
+            the greedy actions on the probe set (the callback then keeps the last
+            ``min_points - 1`` = 4 measurements). Reproduced by recording, after every
+            measurement, the length h of the callback's history (its window is
+            unbounded here) and fitting the last min(h, n) points up to floor(f*T).
+
+The relative error is (forecast - T) / T in %; a fit whose line does not fall forecasts
+nothing and counts as a miss. Reported for f in (0.6, 0.7, 0.8, 0.9): per-seed errors,
+median and max |error|, seeds within 10%, the fits' R^2 (the callback only publishes a
+forecast with R^2 >= 0.9). "How early": for f scanned from 0.30 to 0.95 in steps of
+0.05, the earliest f of each seed from which on every later f of the scan is within
+10%; median and max over seeds. Targets: median |error| <= 3% and every seed within
+10% at f = 0.8, per protocol.
+
+Also the variant printed in the paper's appendix: moves of 0.01
+(``step=0.01``), 100 transitions (``num_transitions=100``; the toy draws them as one
+trajectory), width 200 (``hidden=(200,)``), SGD lr 0.01, same seeds, 5000 steps:
+whether ||u|| (measured every 10 steps) ever turns non-finite, and its final value.
+
+Results: benchmarks/results/crash_prediction.json and a figure beside it (.png):
+1/||u|| against the step with the 80% fit (paper protocol) extended to zero and the
+NaN step marked, the error distribution per fraction, and the error-vs-fraction scan.
+
+    python benchmarks/crash_prediction.py [--quick] [--out benchmarks/results/crash_prediction.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+import lit_qlearn
+from _common import git_info
+from lit_qlearn.callbacks import CrashPredictor, predict_crash_step
+from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+
+RESULTS = Path(__file__).parent / "results"
+FRACTIONS = (0.6, 0.7, 0.8, 0.9)
+SCAN = tuple(round(0.30 + 0.05 * k, 2) for k in range(14))  # 0.30 .. 0.95
+WINDOW_FRACTION = 0.1
+TOLERANCE = 10.0  # %
+TARGET = {"fraction": 0.8, "median_abs_error_pct": 3.0, "all_within_pct": 10.0}
+PROTOCOLS = ("paper", "callback")
+R1 = {"lr": 0.01, "optimizer": "sgd", "hidden": [64], "gamma": 0.99, "num_transitions": 64, "step": 0.1,
+      "noise": 0.02}
+PRINTED = {"lr": 0.01, "optimizer": "sgd", "hidden": [200], "gamma": 0.99, "num_transitions": 100, "step": 0.01,
+           "noise": 0.02}
+
+
+class RecordingCrashPredictor(CrashPredictor):
+    """CrashPredictor that also records, after every measurement, ||u|| (what it logs as
+    ``crash/td_error_norm``) and the length of its fit history (with an unbounded window:
+    the measurements since the last restart), and stops the Trainer once the parameters
+    are non-finite (nothing finite is left to measure)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norms: dict[int, float] = {}
+        self.history_length: dict[int, int] = {}
+        self.restarts: list[int] = []
+
+    def measure(self, trainer, pl_module, probe):
+        before = len(self.history)
+        metrics = super().measure(trainer, pl_module, probe)
+        step = trainer.global_step
+        if metrics:
+            self.norms[step] = metrics["crash/td_error_norm"]
+            self.history_length[step] = len(self.history)
+            if len(self.history) <= before:  # the (unbounded) window restarted: greedy actions moved
+                self.restarts.append(step)
+        elif not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            trainer.should_stop = True
+        return metrics
+
+
+def train(config: dict, seed: int, max_steps: int, every_n_steps: int) -> tuple[RecordingCrashPredictor,
+                                                                                 RandomWalkQ, float]:
+    L.seed_everything(seed, verbose=False)
+    module = RandomWalkQ(lr=config["lr"], optimizer=config["optimizer"], hidden=tuple(config["hidden"]),
+                         gamma=config["gamma"])
+    dm = RandomWalkDataModule(num_transitions=config["num_transitions"], step=config["step"], noise=config["noise"],
+                              seed=seed)
+    callback = RecordingCrashPredictor(every_n_steps=every_n_steps, window=10**9, action="warn")
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        accelerator="cpu", devices=1)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(CrashPredictor|does not have many workers).*")
+        trainer.fit(module, dm)
+    return callback, module, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- forecasts
+
+
+def forecast(norms: dict[int, float], hist_len: dict[int, int], crash: int, f: float, protocol: str) -> dict:
+    """The forecast at fit point f (see the module docstring) and its relative error in %."""
+    end = math.floor(f * crash)
+    start = f * crash - WINDOW_FRACTION * crash
+    paper_steps = [s for s in norms if start <= s <= end]
+    if protocol == "paper":
+        steps = paper_steps
+    else:
+        n = min(hist_len[end], len(paper_steps))
+        steps = list(range(end - n + 1, end + 1))
+    fit = predict_crash_step(steps, [norms[s] for s in steps]) if len(steps) >= 2 else None
+    pred = fit.step if fit is not None else None
+    return {"fit_end": end, "fit_start": steps[0] if steps else None, "points": len(steps),
+            "predicted_step": pred, "error_pct": None if pred is None else 100.0 * (pred - crash) / crash,
+            "r2": None if fit is None else fit.r2, "slope": None if fit is None else fit.slope,
+            "intercept": None if fit is None else fit.intercept}
+
+
+def within(e: dict) -> bool:
+    return e["error_pct"] is not None and abs(e["error_pct"]) <= TOLERANCE
+
+
+def summarize(errors: list[dict]) -> dict:
+    abs_err = [abs(e["error_pct"]) for e in errors if e["error_pct"] is not None]
+    return {"errors_pct": [e["error_pct"] for e in errors],
+            "median_abs_error_pct": statistics.median(abs_err) if abs_err else None,
+            "max_abs_error_pct": (max(abs_err) if len(abs_err) == len(errors) else math.inf) if abs_err else None,
+            "no_forecast": sum(e["error_pct"] is None for e in errors),
+            "within_10pct": sum(within(e) for e in errors), "seeds": len(errors),
+            "min_r2": min((e["r2"] for e in errors if e["r2"] is not None), default=None),
+            "below_callback_min_r2_0.9": sum(e["r2"] is None or e["r2"] < 0.9 for e in errors),
+            "points": [e["points"] for e in errors]}
+
+
+def earliest_reliable(scan: dict[float, dict]) -> float | None:
+    """Earliest f of the scan from which on every later f is within 10% (None: not even the last)."""
+    best = None
+    for f in sorted(scan, reverse=True):
+        if not within(scan[f]):
+            break
+        best = f
+    return best
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_r1(seeds: list[int], max_steps: int) -> dict:
+    runs = []
+    for seed in seeds:
+        callback, _, wall = train(R1, seed, max_steps, every_n_steps=1)
+        norms = {int(s): v for s, v in callback.norms.items() if math.isfinite(v)}
+        last = max(norms)
+        diverged = last < max_steps
+        run = {"seed": seed, "diverged": diverged, "nan_step": last + 1 if diverged else None,
+               "last_finite_step": last, "train_wall_s": wall, "action_restarts": callback.restarts,
+               "td_error_norm": [norms[s] for s in sorted(norms)]}
+        if diverged:
+            crash = last + 1
+            hist = {int(k): v for k, v in callback.history_length.items()}
+            run["fractions"] = {p: {str(f): forecast(norms, hist, crash, f, p) for f in FRACTIONS} for p in PROTOCOLS}
+            run["scan"] = {p: {str(f): forecast(norms, hist, crash, f, p) for f in SCAN} for p in PROTOCOLS}
+            run["earliest_reliable_fraction"] = {
+                p: earliest_reliable({f: run["scan"][p][str(f)] for f in SCAN}) for p in PROTOCOLS}
+            last_restart = max(callback.restarts, default=None)
+            run["last_action_change_step"] = last_restart
+            run["last_action_change_fraction"] = None if last_restart is None else last_restart / crash
+        print(f"seed {seed}: " + (f"NaN at step {run['nan_step']}" if diverged else f"no NaN in {max_steps} steps")
+              + f" ({len(callback.restarts)} greedy-action changes, last at step "
+              f"{max(callback.restarts, default=None)}; {wall:.1f} s)", flush=True)
+        runs.append(run)
+    crashed = [r for r in runs if r["diverged"]]
+    table = {p: {str(f): summarize([r["fractions"][p][str(f)] for r in crashed]) for f in FRACTIONS}
+             for p in PROTOCOLS}
+    early = {}
+    for p in PROTOCOLS:
+        values = [r["earliest_reliable_fraction"][p] for r in crashed]
+        ok = [v for v in values if v is not None]
+        early[p] = {"per_seed": values, "never": len(values) - len(ok),
+                    "median": statistics.median([v if v is not None else math.inf for v in values]) if values else None,
+                    "max": (max(ok) if len(ok) == len(values) else None) if values else None}
+    targets = {}
+    for p in PROTOCOLS:
+        row = table[p][str(TARGET["fraction"])]
+        med = row["median_abs_error_pct"]
+        med_ok = med is not None and med <= TARGET["median_abs_error_pct"]
+        all_ok = bool(crashed) and row["within_10pct"] == len(runs)
+        targets[p] = {"median_abs_error_le_3pct_at_80": med_ok, "all_seeds_within_10pct_at_80": all_ok,
+                      "meets": med_ok and all_ok, "median_abs_error_pct": row["median_abs_error_pct"],
+                      "within_10pct": row["within_10pct"], "seeds": len(runs)}
+    nan_steps = [r["nan_step"] for r in crashed]
+    return {"setting": {**R1, "seeds": seeds, "max_steps": max_steps, "every_n_steps": 1,
+                        "callback": "CrashPredictor(every_n_steps=1, window=10**9, action='warn'), defaults otherwise "
+                                    "(min_points=5, restart_on_action_change=True, action_rtol=1e-2)"},
+            "diverged": len(crashed), "seeds": len(runs),
+            "nan_steps": nan_steps, "nan_step_range": [min(nan_steps), max(nan_steps)] if nan_steps else None,
+            "table": table, "earliest_reliable_fraction": early, "targets": targets, "runs": runs}
+
+
+def run_printed(seeds: list[int], max_steps: int, every: int) -> dict:
+    runs = []
+    for seed in seeds:
+        callback, module, wall = train(PRINTED, seed, max_steps, every_n_steps=every)
+        series = dict(sorted(callback.norms.items()))
+        finite_params = all(torch.isfinite(p).all() for p in module.parameters())
+        nonfinite = (not finite_params) or max(series, default=0) < max_steps
+        norms = list(series.values())
+        run = {"seed": seed, "diverged": bool(nonfinite),
+               "last_finite_step": max(series, default=None),
+               "first_td_error_norm": norms[0] if norms else None,
+               "final_td_error_norm": series.get(max_steps) if not nonfinite else None,
+               "max_td_error_norm": max(norms) if norms else None,
+               "min_td_error_norm": min(norms) if norms else None,
+               "action_changes": len(callback.restarts), "train_wall_s": wall,
+               "td_error_norm_every_500": {str(s): v for s, v in series.items() if s % 500 == 0}}
+        print(f"printed variant seed {seed}: " + ("NaN/inf" if nonfinite else "finite") +
+              f", ||u||: first {run['first_td_error_norm']:.3g}, final {run['final_td_error_norm'] or float('nan'):.3g}"
+              f", max {run['max_td_error_norm']:.3g} ({wall:.1f} s)", flush=True)
+        runs.append(run)
+    return {"setting": {**PRINTED, "seeds": seeds, "max_steps": max_steps, "every_n_steps": every,
+                        "note": "100 transitions drawn as one random-walk trajectory (lit_qlearn.toys.random_walk)"},
+            "diverged": sum(r["diverged"] for r in runs), "seeds": len(runs), "runs": runs}
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def figure(r1: dict, path: Path, show_seeds: int = 3) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    crashed = [r for r in r1["runs"] if r["diverged"]]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    ax = axes[0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, r in enumerate(crashed[:show_seeds]):
+        c = colors[k % len(colors)]
+        steps = np.arange(1, r["last_finite_step"] + 1)
+        ax.plot(steps, 1.0 / np.asarray(r["td_error_norm"]), color=c, lw=1.2, label=f"seed {r['seed']}: 1/||u||")
+        fit = r["fractions"]["paper"]["0.8"]
+        if fit["slope"] is not None:
+            t = np.linspace(fit["fit_start"], fit["predicted_step"] or r["nan_step"], 50)
+            ax.plot(t, fit["slope"] * t + fit["intercept"], color=c, ls="--", lw=1.6,
+                    label=f"  fit on steps {fit['fit_start']}-{fit['fit_end']}: forecast {fit['predicted_step']:.0f}")
+            ax.axvspan(fit["fit_start"], fit["fit_end"], color=c, alpha=0.12)
+        ax.axvline(r["nan_step"], color=c, ls=":", lw=1.5, label=f"  NaN at step {r['nan_step']}")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylim(bottom=-0.05 * ax.get_ylim()[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("1 / ||u||")
+    ax.set_title("R1, lr 0.01: 1/||u|| and the 80% fit (paper window)")
+    ax.legend(fontsize=7, loc="upper right")
+
+    ax = axes[1]
+    positions, data, labels = [], [], []
+    for i, f in enumerate(FRACTIONS):
+        for j, p in enumerate(PROTOCOLS):
+            errs = [e for e in r1["table"][p][str(f)]["errors_pct"] if e is not None]
+            x = i * 3 + j
+            positions.append(x)
+            data.append(errs)
+            labels.append(f"{f:.1f}\n{p}")
+            jitter = np.random.default_rng(i * 2 + j).uniform(-0.15, 0.15, len(errs))
+            ax.scatter(x + jitter, errs, s=14, color=colors[j], zorder=3)
+    ax.boxplot(data, positions=positions, widths=0.6, showfliers=False)
+    ax.set_xticks(positions, labels, fontsize=8)
+    lim = 40.0
+    ax.set_ylim(-lim, lim)
+    for x, errs in zip(positions, data):  # points off the scale: a marker at the edge, the values listed
+        for sign in (1, -1):
+            off = sorted((e for e in errs if sign * e > lim), key=abs, reverse=True)
+            if off:
+                y = sign * lim * 0.97
+                ax.scatter([x], [y], marker="^" if sign > 0 else "v", color="k", s=25, zorder=4)
+                ax.annotate("\n".join(f"{e:+.0f}%" for e in off), (x, y), textcoords="offset points",
+                            xytext=(0, -8 if sign > 0 else 8), ha="center", va="top" if sign > 0 else "bottom",
+                            fontsize=6.5)
+    for y in (-TOLERANCE, TOLERANCE):
+        ax.axhline(y, color="r", ls="--", lw=0.8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("(forecast - NaN step) / NaN step [%]")
+    ax.set_title(f"forecast error by fit point ({len(crashed)} seeds; dashed: +-10%; axis clipped at +-{lim:.0f}%)",
+                 fontsize=10)
+
+    ax = axes[2]
+    for j, p in enumerate(PROTOCOLS):
+        for k, r in enumerate(crashed):
+            errs = [r["scan"][p][str(f)]["error_pct"] for f in SCAN]
+            errs = [np.nan if e is None else e for e in errs]
+            ax.plot(SCAN, errs, color=colors[j], lw=0.9, alpha=0.7, ls="-" if p == "paper" else "--",
+                    label=p if k == 0 else None)
+    for y in (-TOLERANCE, TOLERANCE):
+        ax.axhline(y, color="r", ls="--", lw=0.8)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylim(-60, 60)
+    ax.set_xlabel("fit point f (fraction of the NaN step; window 0.1 T ending there)")
+    ax.set_ylabel("error [%] (clipped to +-60)")
+    ax.set_title("error against the fit point, every seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _git() -> dict:
+    return git_info({"crash_py": Path(lit_qlearn.callbacks.crash.__file__), "toys_py": Path(lit_qlearn.toys.__file__)})
+
+
+def _fmt(v, spec=".1f"):
+    return "-" if v is None else ("inf" if v == math.inf else format(v, spec))
+
+
+def print_summary(result: dict) -> None:
+    r1 = result["r1"]
+    print(f"\nR1 (lr 0.01): {r1['diverged']}/{r1['seeds']} seeds diverged, NaN steps {r1['nan_steps']}")
+    print(f"{'f':>4} {'protocol':>9} {'median|err|%':>13} {'max|err|%':>10} {'<=10%':>6} {'min R2':>7}  errors %")
+    for f in FRACTIONS:
+        for p in PROTOCOLS:
+            row = r1["table"][p][str(f)]
+            errs = " ".join(_fmt(e, "+.1f") for e in row["errors_pct"])
+            print(f"{f:4.1f} {p:>9} {_fmt(row['median_abs_error_pct'], '13.2f')} "
+                  f"{_fmt(row['max_abs_error_pct'], '10.2f')} {row['within_10pct']:>3}/{row['seeds']:<2} "
+                  f"{_fmt(row['min_r2'], '7.3f')}  {errs}")
+    for p in PROTOCOLS:
+        e = r1["earliest_reliable_fraction"][p]
+        print(f"earliest f from which all later f are within 10% ({p}): median {_fmt(e['median'], '.2f')}, "
+              f"max {_fmt(e['max'], '.2f')} (never: {e['never']}); per seed {e['per_seed']}")
+    for p in PROTOCOLS:
+        t = r1["targets"][p]
+        print(f"target at 80% ({p}): median |err| <= 3%: {t['median_abs_error_le_3pct_at_80']}, "
+              f"all seeds within 10%: {t['all_seeds_within_10pct_at_80']}")
+    pr = result["printed_variant"]
+    print(f"printed variant: {pr['diverged']}/{pr['seeds']} diverged; final ||u||: "
+          + ", ".join(_fmt(r["final_td_error_norm"], ".3g") for r in pr["runs"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 seeds, printed variant 1000 steps (smoke run)")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
+    parser.add_argument("--max-steps", type=int, default=3000, help="R1 runs")
+    parser.add_argument("--printed-steps", type=int, default=5000, help="printed-variant runs")
+    parser.add_argument("--printed-every", type=int, default=10, help="printed variant: measure ||u|| every N steps")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/crash_prediction.json, "
+                        "or crash_prediction_quick.json with --quick); the figure goes beside it (.png)")
+    args = parser.parse_args()
+    seeds = list(range(3 if args.quick else args.seeds))
+    printed_steps = 1000 if args.quick else args.printed_steps
+    out = Path(args.out) if args.out else RESULTS / ("crash_prediction_quick.json" if args.quick
+                                                     else "crash_prediction.json")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
+    warnings.filterwarnings("ignore", message=".*(IterableDataset|LeafSpec|does not have many workers).*")
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest and deterministic in timing
+
+    started = time.perf_counter()
+    result = {
+        "benchmark": "crash-step prediction from a linear fit of 1/||u|| on the random-walk toy (DESIGN.md R1)",
+        "quick": args.quick,
+        "definitions": {
+            "nan_step": "T = last step with a finite crash/td_error_norm + 1",
+            "window": f"measurements at steps f*T - {WINDOW_FRACTION}*T <= s <= f*T (paper); callback: the same number "
+                      "of points ending at floor(f*T), cut at the callback's restart after the last greedy-action "
+                      "change (it keeps min_points - 1 = 4 earlier points)",
+            "error_pct": "100 * (forecast - T) / T; a fit whose line does not fall forecasts nothing (a miss)",
+            "earliest_reliable_fraction": f"earliest f in {list(SCAN)} from which on every later f of the scan is "
+                                          "within 10% (None: not even f = 0.95)",
+        },
+        "versions": {"torch": torch.__version__, "lightning": L.__version__, "numpy": np.__version__,
+                     "python": platform.python_version(), "lit_qlearn": getattr(lit_qlearn, "__version__", None)},
+        "git": _git(),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "fractions": list(FRACTIONS),
+        "scan": list(SCAN),
+        "target": TARGET,
+    }
+    result["r1"] = run_r1(seeds, args.max_steps)
+    result["printed_variant"] = run_printed(seeds, printed_steps, args.printed_every)
+    result["targets"] = result["r1"]["targets"]
+    result["wall_time_s"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    figure(result["r1"], png)
+    print_summary(result)
+    print(f"-> {out}, {png} ({result['wall_time_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
