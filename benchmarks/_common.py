@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
+
+import lightning as L
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,3 +27,27 @@ def git_info(files: dict[str, Path]) -> dict:
         info[f"{name}_modified_vs_head"] = bool(run("status", "--porcelain", str(rel)))
         info[f"{name}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return info
+
+
+class TrainClock(L.Callback):
+    """Wall time from the first to the last training batch (Trainer set-up excluded)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def timed_hook(callback: L.Callback) -> L.Callback:
+    """Accumulate the wall time ``callback.on_train_batch_end`` takes in ``hook_seconds``."""
+    hook = callback.on_train_batch_end
+    callback.hook_seconds = 0.0
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        hook(*args, **kwargs)
+        callback.hook_seconds += time.perf_counter() - start
+
+    callback.on_train_batch_end = timed
+    return callback

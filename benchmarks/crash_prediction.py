@@ -36,6 +36,16 @@ Also the variant printed in the paper's appendix: moves of 0.01
 trajectory), width 200 (``hidden=(200,)``), SGD lr 0.01, same seeds, 5000 steps:
 whether ||u|| (measured every 10 steps) ever turns non-finite, and its final value.
 
+Cost (section "overhead", on the default Hopper dataset of ``ensure_default_dataset``):
+``CrashPredictor(action="checkpoint_and_stop")`` at its defaults (a probe of 2560
+transitions every 100 steps) and with ``guard=True`` (plus a finiteness check of the
+critic after every step), on a TD3+BC run (256x256 networks, batch
+256), measured in situ as in ntk_speed.py: time inside its ``on_train_batch_end`` /
+the rest of the same run. Runs without it and with both settings alternate (order
+rotated each repeat); the ratio of median run times is reported too. And the price
+of ``PreQNLineSearch()`` on TD3's critic (batch 256, twin critics): seconds per
+update with and without it, alternating in one process.
+
 Results: benchmarks/results/crash_prediction.json and a figure beside it (.png):
 1/||u|| against the step with the 80% fit (paper protocol) extended to zero and the
 NaN step marked, the error distribution per fraction, and the error-vs-fraction scan.
@@ -59,8 +69,9 @@ import numpy as np
 import torch
 
 import lit_qlearn
-from _common import git_info
-from lit_qlearn.callbacks import CrashPredictor, predict_crash_step
+from _common import TrainClock, git_info, timed_hook
+from lit_qlearn.callbacks import CrashPredictor, PreQNLineSearch, predict_crash_step
+from lit_qlearn.data import OfflineDataModule, ensure_default_dataset
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
 
 RESULTS = Path(__file__).parent / "results"
@@ -247,6 +258,77 @@ def run_printed(seeds: list[int], max_steps: int, every: int) -> dict:
             "diverged": sum(r["diverged"] for r in runs), "seeds": len(runs), "runs": runs}
 
 
+# --------------------------------------------------------------------------- cost
+
+
+def _fit_td3(dataset: str, updates: int, seed: int, callbacks: list, bc: bool = True) -> tuple[float, L.Trainer]:
+    from lit_qlearn.algorithms import TD3, TD3BC
+
+    L.seed_everything(seed, verbose=False)
+    dm = OfflineDataModule(dataset, seed=seed, steps_per_epoch=updates)
+    model = TD3BC(eval_every=0) if bc else TD3(eval_every=0)
+    clock = TrainClock()
+    trainer = L.Trainer(max_steps=updates, logger=False, callbacks=[clock, *callbacks], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(model, dm)
+    return clock.seconds, trainer
+
+
+def bench_overhead(dataset: str, updates: int, repeats: int, preqn_updates: int, seed: int) -> dict:
+    """What CrashPredictor costs a TD3+BC run, and what PreQNLineSearch costs per TD3 update."""
+    import tempfile
+
+    configs = {"without": None, "default": {}, "guard": {"guard": True}}
+    seconds_by, in_situ, stopped_early = {k: [] for k in configs}, {k: [] for k in configs if k != "without"}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            order = list(configs)
+            for name in order[r % len(order):] + order[:r % len(order)]:  # rotated each repeat
+                kwargs = configs[name]
+                callback = None if kwargs is None else \
+                    timed_hook(CrashPredictor(action="checkpoint_and_stop", dirpath=tmp, **kwargs))
+                seconds, trainer = _fit_td3(dataset, updates, seed, [] if callback is None else [callback])
+                seconds_by[name].append(seconds)
+                if callback is not None:
+                    in_situ[name].append(callback.hook_seconds / (seconds - callback.hook_seconds))
+                    stopped_early.append(trainer.global_step < updates)
+                print(f"overhead repeat {r}: {name}: {seconds:.1f} s", flush=True)
+    plain = statistics.median(seconds_by["without"])
+    crash = {
+        "setting": f"TD3BC, default 256x256 networks, batch 256, {updates} updates, no logger",
+        "callback": "CrashPredictor(action='checkpoint_and_stop') at its defaults (every_n_steps=100, "
+                    "probe_size=2560, guard=False) and with guard=True (critic finiteness check every step)",
+        "train_seconds": seconds_by,
+        "overhead_in_situ_per_run": in_situ,
+        "overhead_measured": {k: statistics.median(v) for k, v in in_situ.items()},
+        "overhead_ratio_of_median_run_times": {k: statistics.median(seconds_by[k]) / plain - 1 for k in in_situ},
+        "stopped_early": stopped_early,
+    }
+    per_update = {"without": [], "with": []}
+    accepted, shrinks = [], []
+    for r in range(repeats):
+        for with_cb in ((False, True) if r % 2 == 0 else (True, False)):
+            callback = PreQNLineSearch() if with_cb else None
+            seconds, trainer = _fit_td3(dataset, preqn_updates, seed, [callback] if with_cb else [], bc=False)
+            per_update["with" if with_cb else "without"].append(seconds / trainer.global_step)
+            if with_cb:
+                accepted.append(sum(s.accepted for s in callback.last) / len(callback.last))
+                shrinks.append(max(s.shrink_steps for s in callback.last))
+            print(f"PreQN cost repeat {r}: PreQNLineSearch={with_cb}: {1e3 * seconds / trainer.global_step:.1f} "
+                  "ms/update", flush=True)
+    without, with_ = statistics.median(per_update["without"]), statistics.median(per_update["with"])
+    preqn = {
+        "setting": f"TD3 (no BC), twin 256x256 critics, batch 256, {preqn_updates} updates, no logger",
+        "callback": "PreQNLineSearch() defaults: lr 0.1, cos_threshold 0.9, shrink 0.5, max_shrinks 20",
+        "seconds_per_update_without": per_update["without"], "seconds_per_update_with": per_update["with"],
+        "slowdown_ratio_of_medians": with_ / without,
+        "last_step_accepted_fraction": accepted, "last_step_shrink_steps": shrinks,
+    }
+    return {"crash_predictor": crash, "preqn_line_search": preqn}
+
+
 # --------------------------------------------------------------------------- figure
 
 
@@ -359,6 +441,15 @@ def print_summary(result: dict) -> None:
         t = r1["targets"][p]
         print(f"target at 80% ({p}): median |err| <= 3%: {t['median_abs_error_le_3pct_at_80']}, "
               f"all seeds within 10%: {t['all_seeds_within_10pct_at_80']}")
+    if "overhead" in result:
+        c, q = result["overhead"]["crash_predictor"], result["overhead"]["preqn_line_search"]
+        for k, v in c["overhead_measured"].items():
+            print(f"CrashPredictor ({k}) overhead on TD3+BC: {100 * v:.2f}% in situ (runs: "
+                  + ", ".join(f"{100 * x:.2f}%" for x in c["overhead_in_situ_per_run"][k])
+                  + f"), ratio of median run times {100 * c['overhead_ratio_of_median_run_times'][k]:+.1f}%")
+        print(f"PreQNLineSearch on TD3: {1e3 * statistics.median(q['seconds_per_update_with']):.1f} ms/update against "
+              f"{1e3 * statistics.median(q['seconds_per_update_without']):.1f} "
+              f"({q['slowdown_ratio_of_medians']:.1f}x)")
     pr = result["printed_variant"]
     print(f"printed variant: {pr['diverged']}/{pr['seeds']} diverged; final ||u||: "
           + ", ".join(_fmt(r["final_td_error_norm"], ".3g") for r in pr["runs"]))
@@ -373,6 +464,11 @@ def main() -> None:
     parser.add_argument("--printed-every", type=int, default=10, help="printed variant: measure ||u|| every N steps")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/crash_prediction.json, "
                         "or crash_prediction_quick.json with --quick); the figure goes beside it (.png)")
+    parser.add_argument("--overhead-updates", type=int, default=2000, help="TD3+BC updates per CrashPredictor cost run")
+    parser.add_argument("--overhead-repeats", type=int, default=2, help="runs with and without, alternating")
+    parser.add_argument("--preqn-updates", type=int, default=200, help="TD3 updates per PreQNLineSearch cost run")
+    parser.add_argument("--skip-overhead", action="store_true", help="no cost section")
+    parser.add_argument("--dataset", default=None, help="HDF5 for the cost section (default: the generated Hopper data)")
     args = parser.parse_args()
     seeds = list(range(3 if args.quick else args.seeds))
     printed_steps = 1000 if args.quick else args.printed_steps
@@ -380,6 +476,7 @@ def main() -> None:
                                                      else "crash_prediction.json")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
     warnings.filterwarnings("ignore", message=".*(IterableDataset|LeafSpec|does not have many workers).*")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is fastest and deterministic in timing
 
     started = time.perf_counter()
@@ -399,13 +496,19 @@ def main() -> None:
                      "python": platform.python_version(), "lit_qlearn": getattr(lit_qlearn, "__version__", None)},
         "git": _git(),
         "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": {"r1_and_printed": 1, "overhead": threads},
         "fractions": list(FRACTIONS),
         "scan": list(SCAN),
         "target": TARGET,
     }
     result["r1"] = run_r1(seeds, args.max_steps)
     result["printed_variant"] = run_printed(seeds, printed_steps, args.printed_every)
+    if not args.skip_overhead:
+        torch.set_num_threads(threads)  # TD3 at its usual size: every core, as a user would run it
+        dataset = args.dataset or str(ensure_default_dataset())
+        result["overhead"] = bench_overhead(dataset, 300 if args.quick else args.overhead_updates,
+                                            1 if args.quick else args.overhead_repeats,
+                                            20 if args.quick else args.preqn_updates, seed=0)
     result["targets"] = result["r1"]["targets"]
     result["wall_time_s"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)

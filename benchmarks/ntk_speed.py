@@ -81,7 +81,7 @@ from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lit_qlearn  # noqa: E402
-from _common import git_info  # noqa: E402
+from _common import TrainClock, git_info, timed_hook  # noqa: E402
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset  # noqa: E402
 from lit_qlearn.networks import Actor, StateActionQ, mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, num_parameters, seem  # noqa: E402
@@ -417,30 +417,6 @@ def bench_seem(probe, n: int, seed: int, cases: dict[str, float], repeats_ours: 
 # --------------------------------------------------------------------------- report
 
 
-class _TrainClock(L.Callback):
-    """Wall time from the first to the last training batch (Trainer set-up excluded)."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
-
-
-def _timed(callback):
-    """Accumulate the wall time ``callback.on_train_batch_end`` takes in ``hook_seconds``."""
-    hook = callback.on_train_batch_end
-    callback.hook_seconds = 0.0
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        hook(*args, **kwargs)
-        callback.hook_seconds += time.perf_counter() - start
-
-    callback.on_train_batch_end = timed
-    return callback
-
-
 def bench_overhead(dataset: str, updates: int, repeats: int, seed: int) -> dict:
     """C. NTKGramCallback() + SEEMMonitor() at their defaults on a TD3+BC training run.
 
@@ -462,8 +438,8 @@ def bench_overhead(dataset: str, updates: int, repeats: int, seed: int) -> dict:
         L.seed_everything(seed, verbose=False)
         dm = OfflineDataModule(dataset, seed=seed, steps_per_epoch=updates)
         model = TD3BC(eval_every=0)
-        clock = _TrainClock()
-        callbacks = [_timed(NTKGramCallback()), _timed(SEEMMonitor())] if with_callbacks else []
+        clock = TrainClock()
+        callbacks = [timed_hook(NTKGramCallback()), timed_hook(SEEMMonitor())] if with_callbacks else []
         trainer = L.Trainer(max_steps=updates, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
                             callbacks=[clock, *callbacks], enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, accelerator="cpu", devices=1)

@@ -37,6 +37,7 @@ __all__ = [
     "check_probe_module",
     "check_probe_datamodule",
     "PROBE_MEMBERS",
+    "critic_members",
 ]
 
 
@@ -81,6 +82,13 @@ def check_probe_module(module: Any, who: str = "this callback") -> None:
             f"{type(module).__name__} does not implement the probe protocol needed by {who}: "
             f"missing {', '.join(missing)}; see lit_qlearn.probe"
         )
+
+
+def critic_members(module: Any) -> list[nn.Module]:
+    """Every critic member of a probe-protocol module: ``q_networks()`` when the module
+    has it (e.g. TD3's twin critics), else ``[q_network()]``."""
+    lister = getattr(module, "q_networks", None)
+    return list(lister()) if callable(lister) else [module.q_network()]
 
 
 def check_probe_datamodule(datamodule: Any, who: str = "this callback") -> None:

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor, nn
+from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.ntk import METHODS, PreconditionedStep, check_choice, preconditioned_step
-from lit_qlearn.probe import ProbeProtocolError, check_probe_module
+from lit_qlearn.probe import ProbeProtocolError, check_probe_module, critic_members
 
 __all__ = ["PreQNLineSearch"]
 
@@ -79,14 +79,8 @@ class PreQNLineSearch(Callback):
         if stage == "fit":
             check_probe_module(pl_module, "PreQNLineSearch")
 
-    @staticmethod
-    def critics(pl_module: LightningModule) -> list[nn.Module]:
-        """The critic members to precondition: ``q_networks()`` if the module has it, else ``[q_network()]``."""
-        lister = getattr(pl_module, "q_networks", None)
-        return list(lister()) if callable(lister) else [pl_module.q_network()]
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        params = {id(p) for net in self.critics(pl_module) for p in net.parameters() if p.requires_grad}
+        params = {id(p) for net in critic_members(pl_module) for p in net.parameters() if p.requires_grad}
         for optimizer in trainer.optimizers:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if params and params <= held:
@@ -142,7 +136,7 @@ class PreQNLineSearch(Callback):
             obs, act, y = (trainer.strategy.all_gather(t).flatten(0, 1) for t in (obs, act, y))
         self.last_targets = y.detach()
         steps = []
-        for net in self.critics(pl_module):
+        for net in critic_members(pl_module):
             with torch.no_grad():
                 delta = y - net(obs, act).reshape(-1)
             steps.append(preconditioned_step(net, (obs, act), delta, lr=self.lr, cos_threshold=self.cos_threshold,

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_qlearn.algorithms import TD3, TD3BC
-from lit_qlearn.probe import check_probe_module
+from lit_qlearn.probe import check_probe_module, critic_members
 from tests.conftest import CHAIN_STATES, run_ddp_script, chain_q
 
 
@@ -52,6 +52,11 @@ def test_probe_protocol(tiny_td3bc):
         torch.testing.assert_close(module.greedy_action(obs), module.actor(obs))
     assert {id(p) for p in module.q_network().parameters()} == {id(p) for p in module.critic.members[0].parameters()}
     assert module.gamma == 0.99
+    members = critic_members(module)  # q_networks(): every twin, each the critic's own member
+    assert [{id(p) for p in m.parameters()} for m in members] == [
+        {id(p) for p in member.parameters()} for member in module.critic.members]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack([m(obs, act) for m in members]), module.critic(obs, act))
 
 
 def test_actor_updates_every_policy_freq(tiny_td3bc):

@@ -1,9 +1,16 @@
+import math
+import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
+from lightning.pytorch.loggers import Logger
 
-from lit_qlearn.callbacks import predict_crash_step
+from lit_qlearn.callbacks import CrashPredictor, predict_crash_step
+from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+from tests.conftest import run_ddp_script
 
 
 def diverging(t, crash, layers, c=0.3):
@@ -56,17 +63,6 @@ def test_bad_input_is_named(steps, norms, layers, match):
 
 
 # ----------------------------------------------------------------- CrashPredictor
-import math  # noqa: E402
-import warnings  # noqa: E402
-
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
-
-from lit_qlearn.callbacks import CrashPredictor  # noqa: E402
-from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ  # noqa: E402
-
-from tests.conftest import run_ddp_script  # noqa: E402
 
 
 class MemoryLogger(Logger):
@@ -171,13 +167,24 @@ def test_stop_action_stops_without_writing(r1_crash, tmp_path):
     assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
 
 
-def test_nan_between_checks_stops_and_writes_nothing(r1_crash, tmp_path):
+def test_guard_stops_at_the_nan_step_and_writes_nothing(r1_crash, tmp_path):
     crash, _ = r1_crash
-    callback = CrashPredictor(every_n_steps=10_000, action="checkpoint_and_stop", dirpath=tmp_path)
+    callback = CrashPredictor(every_n_steps=10_000, action="checkpoint_and_stop", guard=True, dirpath=tmp_path)
     module, trainer, _ = r1_fit(callback)
     assert trainer.global_step == crash  # stopped at the step the weights blew up
     norms = torch.stack([torch.linalg.vector_norm(p) for p in module.parameters()])
     assert not norms.isfinite().all()
+    assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("action", ["stop", "checkpoint_and_stop"])
+def test_without_guard_the_next_measurement_stops(r1_crash, tmp_path, action):
+    crash, _ = r1_crash
+    every = 7
+    callback = CrashPredictor(every_n_steps=every, action=action, horizon=0, min_r2=1.1, threshold=math.inf,
+                              guard=False, dirpath=tmp_path)  # no fit reaches R^2 1.1: never a forecast
+    module, trainer, _ = r1_fit(callback)
+    assert trainer.global_step == every * math.ceil(crash / every)  # the first measurement at or after the NaN
     assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
 
 
