@@ -4,9 +4,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,3 +55,13 @@ def timed_hook(callback: L.Callback) -> L.Callback:
 
     callback.on_train_batch_end = timed
     return callback
+
+
+def interleaved(configs: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
+    """``(repeat, config)`` for every config, ``repeats`` times, the order rotated each
+    repeat (A B, B A, ...), so that a drift of the machine hits every config alike."""
+    order = list(configs)
+    for r in range(repeats):
+        k = r % len(order)
+        for config in order[k:] + order[:k]:
+            yield r, config

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 import lit_qlearn
-from _common import TrainClock, git_info, timed_hook
+from _common import TrainClock, git_info, interleaved, timed_hook
 from lit_qlearn.callbacks import CrashPredictor, PreQNLineSearch, predict_crash_step
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
@@ -283,18 +283,16 @@ def bench_overhead(dataset: str, updates: int, repeats: int, preqn_updates: int,
     configs = {"without": None, "default": {}, "guard": {"guard": True}}
     seconds_by, in_situ, stopped_early = {k: [] for k in configs}, {k: [] for k in configs if k != "without"}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeats):
-            order = list(configs)
-            for name in order[r % len(order):] + order[:r % len(order)]:  # rotated each repeat
-                kwargs = configs[name]
-                callback = None if kwargs is None else \
-                    timed_hook(CrashPredictor(action="checkpoint_and_stop", dirpath=tmp, **kwargs))
-                seconds, trainer = _fit_td3(dataset, updates, seed, [] if callback is None else [callback])
-                seconds_by[name].append(seconds)
-                if callback is not None:
-                    in_situ[name].append(callback.hook_seconds / (seconds - callback.hook_seconds))
-                    stopped_early.append(trainer.global_step < updates)
-                print(f"overhead repeat {r}: {name}: {seconds:.1f} s", flush=True)
+        for r, name in interleaved(configs, repeats):
+            kwargs = configs[name]
+            callback = None if kwargs is None else \
+                timed_hook(CrashPredictor(action="checkpoint_and_stop", dirpath=tmp, **kwargs))
+            seconds, trainer = _fit_td3(dataset, updates, seed, [] if callback is None else [callback])
+            seconds_by[name].append(seconds)
+            if callback is not None:
+                in_situ[name].append(callback.hook_seconds / (seconds - callback.hook_seconds))
+                stopped_early.append(trainer.global_step < updates)
+            print(f"overhead repeat {r}: {name}: {seconds:.1f} s", flush=True)
     plain = statistics.median(seconds_by["without"])
     crash = {
         "setting": f"TD3BC, default 256x256 networks, batch 256, {updates} updates, no logger",
@@ -308,16 +306,15 @@ def bench_overhead(dataset: str, updates: int, repeats: int, preqn_updates: int,
     }
     per_update = {"without": [], "with": []}
     accepted, shrinks = [], []
-    for r in range(repeats):
-        for with_cb in ((False, True) if r % 2 == 0 else (True, False)):
-            callback = PreQNLineSearch() if with_cb else None
-            seconds, trainer = _fit_td3(dataset, preqn_updates, seed, [callback] if with_cb else [], bc=False)
-            per_update["with" if with_cb else "without"].append(seconds / trainer.global_step)
-            if with_cb:
-                accepted.append(sum(s.accepted for s in callback.last) / len(callback.last))
-                shrinks.append(max(s.shrink_steps for s in callback.last))
-            print(f"PreQN cost repeat {r}: PreQNLineSearch={with_cb}: {1e3 * seconds / trainer.global_step:.1f} "
-                  "ms/update", flush=True)
+    for r, with_cb in interleaved((False, True), repeats):
+        callback = PreQNLineSearch() if with_cb else None
+        seconds, trainer = _fit_td3(dataset, preqn_updates, seed, [callback] if with_cb else [], bc=False)
+        per_update["with" if with_cb else "without"].append(seconds / trainer.global_step)
+        if with_cb:
+            accepted.append(sum(s.accepted for s in callback.last) / len(callback.last))
+            shrinks.append(max(s.shrink_steps for s in callback.last))
+        print(f"PreQN cost repeat {r}: PreQNLineSearch={with_cb}: {1e3 * seconds / trainer.global_step:.1f} "
+              "ms/update", flush=True)
     without, with_ = statistics.median(per_update["without"]), statistics.median(per_update["with"])
     preqn = {
         "setting": f"TD3 (no BC), twin 256x256 critics, batch 256, {preqn_updates} updates, no logger",

@@ -81,7 +81,7 @@ from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lit_qlearn  # noqa: E402
-from _common import TrainClock, git_info, timed_hook  # noqa: E402
+from _common import TrainClock, git_info, interleaved, timed_hook  # noqa: E402
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset  # noqa: E402
 from lit_qlearn.networks import Actor, StateActionQ, mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, num_parameters, seem  # noqa: E402
@@ -448,16 +448,15 @@ def bench_overhead(dataset: str, updates: int, repeats: int, seed: int) -> dict:
 
     plain, watched, in_situ = [], [], []
     with tempfile.TemporaryDirectory() as logdir:
-        for r in range(repeats):
-            for with_cb in ((False, True) if r % 2 == 0 else (True, False)):
-                seconds, model, dm, trainer, callbacks = fit(with_cb, f"{logdir}/{r}{with_cb}")
-                (watched if with_cb else plain).append(seconds)
-                if with_cb:
-                    inside = sum(cb.hook_seconds for cb in callbacks)
-                    in_situ.append(inside / (seconds - inside))
-                print(f"overhead repeat {r}: callbacks={with_cb}: {seconds:.1f} s", flush=True)
-                if with_cb:
-                    last = (model, dm, trainer, callbacks)
+        for r, with_cb in interleaved((False, True), repeats):
+            seconds, model, dm, trainer, callbacks = fit(with_cb, f"{logdir}/{r}{with_cb}")
+            (watched if with_cb else plain).append(seconds)
+            if with_cb:
+                inside = sum(cb.hook_seconds for cb in callbacks)
+                in_situ.append(inside / (seconds - inside))
+            print(f"overhead repeat {r}: callbacks={with_cb}: {seconds:.1f} s", flush=True)
+            if with_cb:
+                last = (model, dm, trainer, callbacks)
         model, dm, trainer, (ntk_cb, seem_cb) = last
         per_eval = {}
         for cb in (ntk_cb, seem_cb):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -45,8 +45,10 @@ __all__ = [
     "contraction_fraction",
     "num_parameters",
     "supports_structured",
+    "parameter_norm",
     "preconditioned_step",
     "PreconditionedStep",
+    "check_preconditioner_args",
 ]
 
 Inputs = Union[Tensor, Sequence[Tensor]]
@@ -83,6 +85,14 @@ def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def num_parameters(model: nn.Module) -> int:
     """P, the number of trainable parameters (the authors' SEEM divides G by it)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def parameter_norm(tensors: Iterable[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """``||(t_1, ..., t_k)||_2`` of tensors as one scalar: the per-tensor norms in one
+    fused kernel, combined in ``dtype`` (default: theirs). inf or NaN when any entry
+    is, or when a tensor's norm overflows."""
+    norms = torch.stack(torch._foreach_norm(list(tensors)))
+    return torch.linalg.vector_norm(norms if dtype is None else norms.to(dtype))
 
 
 def _layers(model: nn.Module) -> list[nn.Module] | None:
@@ -520,12 +530,8 @@ def preconditioned_step(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"preconditioned_step: {type(model).__name__} has no trainable parameters")
-    if not lr > 0 or not 0 < shrink < 1 or max_shrinks < 0 or not -1 <= cos_threshold <= 1 or not 0 <= rcond < 1:
-        raise ValueError(
-            f"preconditioned_step: need lr > 0, 0 < shrink < 1, max_shrinks >= 0, cos_threshold in [-1, 1] and "
-            f"0 <= rcond < 1; got lr={lr}, shrink={shrink}, max_shrinks={max_shrinks}, "
-            f"cos_threshold={cos_threshold}, rcond={rcond}"
-        )
+    check_preconditioner_args("preconditioned_step", lr=lr, cos_threshold=cos_threshold, shrink=shrink,
+                              max_shrinks=max_shrinks, rcond=rcond)
     delta = td_errors.detach().reshape(-1).double()
     # Everything up to the direction in float64: Z can be large, and J^T Z cancels.
     exact = model if all(p.dtype == torch.float64 for p in params) else copy.deepcopy(model).double()
@@ -555,5 +561,17 @@ def preconditioned_step(
                 if cos >= cos_threshold or shrinks == max_shrinks:
                     break
                 scale *= shrink
-    norm = scale * float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction64])))
+    norm = scale * float(parameter_norm(direction64))
     return PreconditionedStep(cos=cos, shrink_steps=shrinks, step_norm=norm, accepted=cos >= cos_threshold)
+
+
+def check_preconditioner_args(owner: str, *, lr: float, cos_threshold: float, shrink: float, max_shrinks: int,
+                              rcond: float, lr_name: str = "lr") -> None:
+    """Raise ``ValueError`` naming ``owner`` unless the arguments of
+    :func:`preconditioned_step` are valid."""
+    if not lr > 0 or not 0 < shrink < 1 or max_shrinks < 0 or not -1 <= cos_threshold <= 1 or not 0 <= rcond < 1:
+        raise ValueError(
+            f"{owner}: need {lr_name} > 0, 0 < shrink < 1, max_shrinks >= 0, cos_threshold in [-1, 1] and "
+            f"0 <= rcond < 1; got {lr_name}={lr}, shrink={shrink}, max_shrinks={max_shrinks}, "
+            f"cos_threshold={cos_threshold}, rcond={rcond}"
+        )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from lit_qlearn.data.types import Transitions
@@ -38,6 +39,7 @@ __all__ = [
     "check_probe_datamodule",
     "PROBE_MEMBERS",
     "critic_members",
+    "bootstrap_target",
 ]
 
 
@@ -89,6 +91,15 @@ def critic_members(module: Any) -> list[nn.Module]:
     has it (e.g. TD3's twin critics), else ``[q_network()]``."""
     lister = getattr(module, "q_networks", None)
     return list(lister()) if callable(lister) else [module.q_network()]
+
+
+def bootstrap_target(module: Any, batch: Transitions, next_act: Tensor | None = None) -> Tensor:
+    """The protocol's TD target ``r + gamma (1 - done) Q(s', a*)`` of ``batch``, shape
+    ``(B,)``, with ``a* = greedy_action(s')`` unless given (no gradient)."""
+    with torch.no_grad():
+        if next_act is None:
+            next_act = module.greedy_action(batch.next_obs)
+        return batch.rew + module.gamma * (1.0 - batch.done) * module.q_value(batch.next_obs, next_act)
 
 
 def check_probe_datamodule(datamodule: Any, who: str = "this callback") -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lit_qlearn.algorithms.td3 import TD3
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.ntk import METHODS, check_choice, preconditioned_step
+from lit_qlearn.ntk import METHODS, check_choice, check_preconditioner_args, preconditioned_step
 
 __all__ = ["PreQN"]
 
@@ -64,13 +64,8 @@ class PreQN(TD3):
                 raise ValueError(f"PreQN: {name} is fixed to {value} (DDPG-style actor-critic), got {kwargs[name]!r}")
         kwargs.update(_FIXED)
         check_choice("PreQN", "ntk_method", ntk_method, METHODS)
-        if not preqn_lr > 0 or not 0 < shrink < 1 or max_shrinks < 0 or not -1 <= cos_threshold <= 1 \
-                or not 0 <= rcond < 1:
-            raise ValueError(
-                "PreQN: need preqn_lr > 0, 0 < shrink < 1, max_shrinks >= 0, cos_threshold in [-1, 1] and "
-                f"0 <= rcond < 1; got preqn_lr={preqn_lr}, shrink={shrink}, max_shrinks={max_shrinks}, "
-                f"cos_threshold={cos_threshold}, rcond={rcond}"
-            )
+        check_preconditioner_args("PreQN", lr=preqn_lr, cos_threshold=cos_threshold, shrink=shrink,
+                                  max_shrinks=max_shrinks, rcond=rcond, lr_name="preqn_lr")
         super().__init__(obs_dim, act_dim, critic_activation=critic_activation, critic_hidden=critic_hidden, **kwargs)
 
     def _add_targets(self) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lit_qlearn.algorithms.base import QLearningModule
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.networks import Actor, Critic
+from lit_qlearn.ntk import parameter_norm
 from lit_qlearn.targets import TargetUpdate
 
 __all__ = ["TD3", "TD3BC"]
@@ -227,9 +228,7 @@ class TD3(QLearningModule):
                 self._last = {"q/policy_mean": self.q_value(batch.obs, self.actor(batch.obs)).mean()}
         metrics.update(self._last)
         with torch.no_grad():
-            metrics["params/critic_norm"] = torch.linalg.vector_norm(
-                torch.stack(torch._foreach_norm(list(self.critic.parameters())))
-            )
+            metrics["params/critic_norm"] = parameter_norm(self.critic.parameters())
         metrics.update(extra or {})
         self.log_scalars(metrics, batch_size=batch.obs.shape[0])
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from lit_qlearn.callbacks.monitors import ProbeCallback
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.ntk import check_choice
-from lit_qlearn.probe import critic_members
+from lit_qlearn.ntk import check_choice, parameter_norm
+from lit_qlearn.probe import bootstrap_target, critic_members
 
 __all__ = ["CrashFit", "CrashPredictor", "predict_crash_step"]
 
@@ -257,11 +257,10 @@ class CrashPredictor(ProbeCallback):
         step = trainer.global_step
         with torch.no_grad():
             next_act = pl_module.greedy_action(probe.next_obs)
-            target = probe.rew + pl_module.gamma * (1.0 - probe.done) * pl_module.q_value(probe.next_obs, next_act)
-            u = pl_module.q_value(probe.obs, probe.act) - target
+            u = pl_module.q_value(probe.obs, probe.act) - bootstrap_target(pl_module, probe, next_act)
             u_norm = torch.linalg.vector_norm(u.double()).item()
             params = [p for p in pl_module.q_network().parameters() if p.requires_grad]
-            p_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).double()).item()
+            p_norm = parameter_norm(params, torch.float64).item()
         if not (math.isfinite(u_norm) and math.isfinite(p_norm)):  # the crash has happened: nothing finite to fit
             if self.action != "warn" and not trainer.should_stop:
                 self._stop_non_finite(trainer)
@@ -350,7 +349,7 @@ def _actions_moved(actions: Tensor, previous: Tensor | None, rtol: float) -> boo
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel() > 0]
-    return not floats or bool(torch.stack(torch._foreach_norm(floats)).isfinite().all())
+    return not floats or bool(parameter_norm(floats, torch.float64).isfinite())
 
 
 def _checkpoint_tensors(trainer: Trainer, pl_module: LightningModule) -> list[Tensor]:

@@ -11,8 +11,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.ntk import METHODS, PreconditionedStep, check_choice, preconditioned_step
-from lit_qlearn.probe import ProbeProtocolError, check_probe_module, critic_members
+from lit_qlearn.ntk import METHODS, PreconditionedStep, check_choice, check_preconditioner_args, preconditioned_step
+from lit_qlearn.probe import ProbeProtocolError, bootstrap_target, check_probe_module, critic_members
 
 __all__ = ["PreQNLineSearch"]
 
@@ -57,12 +57,8 @@ class PreQNLineSearch(Callback):
     def __init__(self, lr: float = 0.1, cos_threshold: float = 0.9, shrink: float = 0.5, max_shrinks: int = 20,
                  rcond: float = 1e-6, method: str = "auto") -> None:
         check_choice("PreQNLineSearch", "method", method, METHODS)
-        if not lr > 0 or not 0 < shrink < 1 or max_shrinks < 0 or not -1 <= cos_threshold <= 1 or not 0 <= rcond < 1:
-            raise ValueError(
-                "PreQNLineSearch: need lr > 0, 0 < shrink < 1, max_shrinks >= 0, cos_threshold in [-1, 1] and "
-                f"0 <= rcond < 1; got lr={lr}, shrink={shrink}, max_shrinks={max_shrinks}, "
-                f"cos_threshold={cos_threshold}, rcond={rcond}"
-            )
+        check_preconditioner_args("PreQNLineSearch", lr=lr, cos_threshold=cos_threshold, shrink=shrink,
+                                  max_shrinks=max_shrinks, rcond=rcond)
         self.lr, self.cos_threshold, self.shrink, self.max_shrinks = float(lr), float(cos_threshold), shrink, max_shrinks
         self.rcond = float(rcond)
         self.method = method
@@ -119,8 +115,7 @@ class PreQNLineSearch(Callback):
         td_target = getattr(pl_module, "td_target", None)
         with torch.no_grad():
             if not callable(td_target):
-                next_q = pl_module.q_value(batch.next_obs, pl_module.greedy_action(batch.next_obs))
-                return batch.rew + pl_module.gamma * (1.0 - batch.done) * next_q
+                return bootstrap_target(pl_module, batch)
             cpu, cuda = self._rng
             with torch.random.fork_rng(devices=list(range(len(cuda)))):
                 torch.set_rng_state(cpu)

@@ -9,8 +9,11 @@ from torch.func import functional_call, jacrev, vmap
 
 from lit_qlearn.algorithms import TD3, TD3BC, PreQN
 from lit_qlearn.callbacks import PreQNLineSearch
+from lit_qlearn.data import Transitions
 from lit_qlearn.networks import StateActionQ, mlp
 from lit_qlearn.ntk import preconditioned_step
+from lit_qlearn.probe import critic_members
+from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
 from tests.conftest import CHAIN_STATES, chain_q, run_ddp_script
 
 
@@ -129,11 +132,11 @@ class Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with torch.no_grad():
-            self.before = [net(batch.obs, batch.act) for net in pl_module.q_networks()]
+            self.before = [net(batch.obs, batch.act) for net in critic_members(pl_module)]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with torch.no_grad():
-            after = [net(batch.obs, batch.act) for net in pl_module.q_networks()]
+            after = [net(batch.obs, batch.act) for net in critic_members(pl_module)]
         self.rows.append((self.before, after))
 
 
@@ -152,7 +155,6 @@ def test_line_search_makes_every_td3_critic_step_meet_the_criterion(tiny_td3bc, 
         assert torch.equal(ours, theirs)  # the callback uses TD3's own (noisy) targets
         for b, a in zip(before, after):  # both twin critics
             assert cosine(a - b, theirs - b) >= 0.9
-    assert not hasattr(module.optimizers(use_pl_optimizer=False)[0].__dict__, "step")
     assert "step" not in module.trainer.optimizers[0].__dict__  # unwrapped after fit
 
 
@@ -163,6 +165,7 @@ def test_callback_step_equals_preqns_own_step(tiny_td3bc):
     td3 = TD3(num_q=1, **options)
     preqn = PreQN(**options)
     preqn.critic.load_state_dict(td3.critic.state_dict())
+    start = torch.nn.utils.parameters_to_vector(td3.critic.parameters()).detach().clone()
     search = PreQNLineSearch()
     _, dm = tiny_td3bc()
     fit(td3, dm, 1, callbacks=[search])
@@ -171,6 +174,7 @@ def test_callback_step_equals_preqns_own_step(tiny_td3bc):
     fit(preqn, dm, 1)
     for a, b in zip(td3.critic.parameters(), preqn.critic.parameters()):
         assert torch.equal(a, b)
+    assert not torch.equal(torch.nn.utils.parameters_to_vector(td3.critic.parameters()), start)  # both moved
     assert search.last[0].accepted
 
 
@@ -183,13 +187,35 @@ def test_ddp_preqn_and_line_search_take_the_union_batch_step(chain_file, tmp_pat
     init = r0["preqn"]["init"]
     module = PreQN(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(16, 16), actor_hidden=(16, 16), eval_every=0)
     module.load_state_dict(init)
-    union = [torch.cat([r0["preqn"]["batch"][i], r1["preqn"]["batch"][i]]) for i in range(5)]
-    from lit_qlearn.data import Transitions
-
-    union = Transitions(*union)
+    union = Transitions(*(torch.cat([r0["preqn"]["batch"][i], r1["preqn"]["batch"][i]]) for i in range(5)))
     y = module.td_target(union)
     with torch.no_grad():
         delta = y - module.q_value(union.obs, union.act)
     preconditioned_step(module.q_network(), (union.obs, union.act), delta)
     expected = torch.nn.utils.parameters_to_vector(module.critic.parameters())
     torch.testing.assert_close(r0["preqn"]["critic"], expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+class NoTargetMethod(RandomWalkQ):
+    """A probe-protocol module without td_target: the callback falls back on
+    r + gamma (1 - d) Q(s', greedy_action(s'))."""
+
+    td_target = None
+
+    def training_step(self, batch, batch_idx):
+        self.updates += 1
+        with torch.no_grad():
+            y = self.gamma * self.all_q(batch.next_obs).max(dim=1).values
+        self.optimize(self.optimizers(), (self.q_value(batch.obs, batch.act) - y).pow(2).mean())
+
+
+def test_line_search_without_td_target_uses_the_protocol_target():
+    L.seed_everything(0, verbose=False)
+    module, dm = NoTargetMethod(lr=0.01), RandomWalkDataModule(seed=0)
+    search, recorder = PreQNLineSearch(), Recorder()
+    with torch.no_grad():  # reward 0, no terminals: y = gamma max_d Q(s', d) of the initial network
+        expected = 0.99 * module.all_q(dm.data.next_obs).max(dim=1).values
+    fit(module, dm, 1, callbacks=[recorder, search])
+    torch.testing.assert_close(search.last_targets, expected)
+    (before,), (after,) = recorder.rows[0]
+    assert cosine(after - before, expected - before) >= 0.9

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from lit_qlearn.callbacks import CrashPredictor, predict_crash_step
-from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ, compass_directions
 from tests.conftest import run_ddp_script
 
 
@@ -120,6 +120,23 @@ def test_r1_diverges_and_td_error_grows(r1_crash):
     loss = logger.series("train/critic_loss")
     first_bad = min(step for step, value in loss.items() if not math.isfinite(value))
     assert abs(first_bad - crash) <= 1  # the training loss overflows at the same step
+
+
+def test_logged_norms_are_the_probe_td_error_and_critic_norms():
+    """crash/td_error_norm = ||Q(X) - gamma max_d Q(s', d)|| on the whole trajectory
+    (reward 0, no terminals), params/norm = ||theta||, computed here from scratch."""
+    module, _, logger = r1_fit(CrashPredictor(every_n_steps=5), max_steps=40)
+    data = RandomWalkDataModule(seed=0).data
+    with torch.no_grad():
+        q = module.net(torch.cat([data.obs, data.act], dim=1)).squeeze(1).double()
+        dirs = compass_directions()
+        next_q = torch.stack([module.net(torch.cat([data.next_obs, d.expand(len(data.obs), 2)], dim=1)).squeeze(1)
+                              for d in dirs], dim=1).max(dim=1).values.double()
+    row = logger.rows[40]
+    assert row["crash/td_error_norm"] == pytest.approx(float(torch.linalg.vector_norm(q - 0.99 * next_q)), rel=1e-5)
+    theta = torch.cat([p.detach().flatten().double() for p in module.net.parameters()])
+    assert row["params/norm"] == pytest.approx(float(torch.linalg.vector_norm(theta)), rel=1e-6)
+    assert sorted(logger.series("crash/td_error_norm")) == list(range(5, 45, 5))
 
 
 @pytest.mark.parametrize("restart", [False, True])
