@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lit_qlearn.callbacks.monitors import ProbeCallback
@@ -106,6 +107,18 @@ class CrashPredictor(ProbeCallback):
     ``law="auto"`` takes the Adam law when the optimiser holding the critic's
     parameters has ``betas`` (Adam, AdamW, ...), else the SGD law.
 
+    **The Bellman bound.** No true Q-value exceeds ``max|r| / (1 - gamma)`` in absolute
+    value, so a critic beyond it has diverged for certain, whatever the laws say.
+    ``max|r|`` comes from the DataModule's rewards when it exposes them (``data.rew``,
+    as :class:`~lit_qlearn.data.OfflineDataModule` does), else from the probe set's
+    (a sample: the bound may then be too tight; pass ``q_bound=`` when you know
+    better). Logged: ``crash/q_bound_ratio`` = the *largest* ``|Q|`` on the probe set,
+    over its ``(s, a)`` and its bootstrap points ``(s', greedy_action(s'))``, divided
+    by the bound: the maximum, not the mean, because a single Q-value beyond the bound
+    is already impossible, and the bootstrap points are where an unconstrained critic
+    blows up first. With zero rewards (bound 0) or ``gamma = 1`` there is no bound
+    unless ``q_bound`` is given.
+
     ``crash/td_error_norm`` is logged at every measurement.
 
     The theorem holds after the *critical step*, when the greedy actions stop
@@ -114,32 +127,41 @@ class CrashPredictor(ProbeCallback):
     ``action_rtol`` (relative L2 change; any change of a discrete action counts),
     keeping at least ``min_points`` measurements.
 
-    When the earliest forecast (crash step, or threshold crossing) is at most
-    ``horizon`` steps away, ``action`` happens once:
+    **Acting.** A measurement is *unhealthy* when the earliest forecast (crash step, or
+    threshold crossing) is at most ``horizon`` steps away, when ``crash/q_bound_ratio``
+    exceeds 1, or when the critic is non-finite on the probe set. At the first
+    unhealthy measurement ``action`` happens, once:
 
-    * ``"warn"``: a warning with the forecast;
+    * ``"warn"``: a warning saying why;
     * ``"stop"``: the Trainer stops after this step;
-    * ``"checkpoint_and_stop"``: a checkpoint ``crash-forecast-step=<step>.ckpt`` is
-      written to ``dirpath`` (default ``<log_dir>/checkpoints``) and the Trainer stops.
-      It is written only when every parameter, buffer and optimiser state is finite;
-      its path is :attr:`checkpoint_path`.
+    * ``"checkpoint_and_stop"``: the Trainer stops and the state of the *last healthy
+      measurement* (the one before) is written to ``dirpath`` (default
+      ``<log_dir>/checkpoints``) as ``last-healthy-step=<step>.ckpt``; its path is
+      :attr:`checkpoint_path`, its step :attr:`healthy_step`. To that end every
+      healthy measurement keeps one CPU copy of the module's ``state_dict`` and the
+      optimisers' states (replacing the previous copy); the checkpoint holds those
+      weights, buffers and optimiser states, and the rest (loop counters, callback
+      states) of the step that stopped. Nothing is written when no measurement was
+      healthy, or when the kept state is not finite.
 
-    With ``"stop"`` and ``"checkpoint_and_stop"``, training also stops (and nothing is
-    written) when the critic turns non-finite before a forecast: at the next
-    measurement, or, with ``guard=True``, at once: the critic's parameters (those of
-    ``q_networks()``, else ``q_network()``: where a divergence starts) are then
-    checked after every step with one fused norm (non-finite, or so large that the
-    norm overflows). That check reads the critic's weights once per step, about 2.5%
-    of a TD3+BC update at batch 256 on CPU (benchmarks/crash_prediction.py) and one
-    synchronisation per step on a GPU, hence off by default. The checkpoint itself is
-    written only when every parameter, buffer and optimiser state of the module is
-    finite.
+    A NaN between measurements is seen at the next one; with ``guard=True`` it stops
+    the run at once (``"stop"`` / ``"checkpoint_and_stop"``): the critic's parameters
+    (those of ``q_networks()``, else ``q_network()``: where a divergence starts) are
+    then checked after every step with one fused norm (non-finite, or so large that
+    the norm overflows). That check reads the critic's weights once per step, about
+    2.5% of a TD3+BC update at batch 256 on CPU (benchmarks/crash_prediction.py) and
+    one synchronisation per step on a GPU, hence off by default.
 
-    Under DDP every rank measures the same probe set with the same parameters, so
-    all ranks take the same decision at the same step.
+    Under DDP every rank measures the same probe set with the same parameters; the
+    decisions (unhealthy, checkpoint finite) are nevertheless reduced across ranks, as
+    Lightning's ``EarlyStopping`` reduces its stop, so that every rank stops at the same
+    step and rank zero writes the checkpoint whichever rank saw the divergence.
 
     Args:
-        every_n_steps / probe_size / probe_seed / probe_source: see :class:`ProbeCallback`.
+        every_n_steps: measure after every ``every_n_steps``-th update.
+        probe_size: number of probe transitions.
+        probe_seed: seed of the probe draw.
+        probe_source: ``"datamodule"`` or ``"batches"``, see :class:`ProbeCallback`.
         window: measurements the laws are fitted on (>= 2).
         min_points: fewest measurements a forecast is made from.
         num_layers: L of the crash law; ``None`` counts the ``nn.Linear`` layers of
@@ -150,11 +172,13 @@ class CrashPredictor(ProbeCallback):
         action: ``"warn"``, ``"stop"`` or ``"checkpoint_and_stop"``.
         horizon: act when the forecast is at most this many steps away
             (default ``10 * every_n_steps``).
-        restart_on_action_change / action_rtol: see above.
+        restart_on_action_change: restart the window when the greedy actions move.
+        action_rtol: the relative change of the greedy actions that counts as a move.
         dirpath: where ``"checkpoint_and_stop"`` writes.
-        guard: also check the critic's parameters for finiteness after every step
-            (see above).
         law: ``"auto"``, ``"sgd"`` or ``"adam"`` (see above).
+        guard: also check the critic's parameters for finiteness after every step.
+        q_bound: the largest ``|Q|`` that is possible (default: ``max|r| / (1 - gamma)``,
+            see above); ``math.inf`` disables the bound.
     """
 
     def __init__(self, every_n_steps: int = 100, probe_size: int = 2560, probe_seed: int = 0,
@@ -162,7 +186,7 @@ class CrashPredictor(ProbeCallback):
                  num_layers: int | None = None, min_r2: float = 0.9, threshold: float = 1e6,
                  action: str = "warn", horizon: int | None = None, restart_on_action_change: bool = True,
                  action_rtol: float = 1e-2, dirpath: str | os.PathLike | None = None, law: str = "auto",
-                 guard: bool = False) -> None:
+                 guard: bool = False, q_bound: float | None = None) -> None:
         super().__init__(every_n_steps, probe_size, probe_seed, probe_source)
         check_choice("CrashPredictor", "action", action, ACTIONS)
         check_choice("CrashPredictor", "law", law, LAWS)
@@ -177,6 +201,8 @@ class CrashPredictor(ProbeCallback):
             raise ValueError(f"CrashPredictor: threshold must be > 0, got {threshold!r}")
         if horizon is not None and horizon < 0:
             raise ValueError(f"CrashPredictor: horizon must be >= 0 or None, got {horizon!r}")
+        if q_bound is not None and not q_bound > 0:
+            raise ValueError(f"CrashPredictor: q_bound must be > 0 (math.inf disables it) or None, got {q_bound!r}")
         self.window = window
         self.min_points = min_points
         self.num_layers = num_layers
@@ -189,22 +215,33 @@ class CrashPredictor(ProbeCallback):
         self.dirpath = dirpath
         self.law = law
         self.guard = bool(guard)
+        self.q_bound = None if q_bound is None else float(q_bound)
         self._law = law
         self._layers: int | None = num_layers
         # State (checkpointed): (step, ||u||, ||theta||) of the current window, the
-        # greedy actions of the previous measurement, the last forecast.
+        # greedy actions of the previous measurement, the last forecast, what was done.
         self.history: list[tuple[int, float, float]] = []
         self.previous_actions: Tensor | None = None
         self.forecast: dict[str, float] = {}
         self.fired = False
         self.checkpoint_path: str | None = None
+        self.healthy_step: int | None = None
+        self.stopped_step: int | None = None
+        # Resolved at the first measurement (None: no bound); the healthy state (not
+        # checkpointed: a second copy of the model in every checkpoint would be waste).
+        self.bound: float | None = None
+        self._bound_resolved = False
+        self._healthy: dict[str, Any] | None = None
         self._adam_slope: float | None = None
         self._guarded: list[Tensor] = []
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size,
-                                        window=self.window)
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "window": self.window, "min_points": self.min_points,
+                "num_layers": self.num_layers, "min_r2": self.min_r2, "threshold": self.threshold,
+                "action": self.action, "horizon": self.horizon,
+                "restart_on_action_change": self.restart_on_action_change, "action_rtol": self.action_rtol,
+                "dirpath": None if self.dirpath is None else os.fspath(self.dirpath), "law": self.law,
+                "guard": self.guard, "q_bound": self.q_bound}
 
     # --------------------------------------------------------------- set-up
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -221,6 +258,7 @@ class CrashPredictor(ProbeCallback):
         self._guarded = [p for net in critic_members(pl_module) for p in net.parameters()]
         if self.law == "auto":
             self._law = "sgd" if self._adam_slope is None else "adam"
+        self._bound_resolved = False
 
     @staticmethod
     def _adam_reference(trainer: Trainer, network: nn.Module) -> float | None:
@@ -234,38 +272,70 @@ class CrashPredictor(ProbeCallback):
                     return float(group["lr"]) * math.sqrt(sum(p.numel() for p in params))
         return None
 
+    def _resolve_bound(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> float | None:
+        """``q_bound``, else ``max|r| / (1 - gamma)`` over the DataModule's rewards (else the
+        probe set's); None when that is 0 or infinite (no information)."""
+        if self.q_bound is not None:
+            return self.q_bound if math.isfinite(self.q_bound) else None
+        rewards = getattr(getattr(trainer.datamodule, "data", None), "rew", None)
+        if not isinstance(rewards, Tensor) or rewards.numel() == 0:
+            rewards = probe.rew
+        r_max, gamma = float(rewards.abs().max()), float(pl_module.gamma)
+        if r_max == 0 or gamma >= 1 or not math.isfinite(r_max):
+            return None
+        return r_max / (1.0 - gamma)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
+        self._healthy = None
         super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------ measuring
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.guard and self.action != "warn" and not trainer.should_stop and not _all_finite(self._guarded):
-            self._stop_non_finite(trainer)
-            return
+        if self.guard and self.action != "warn" and not trainer.should_stop:
+            broken = _any_rank(trainer, not _all_finite(self._guarded))
+            if broken:
+                self._act(trainer, pl_module, trainer.global_step, ["the critic's parameters became non-finite"])
+                return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def _stop_non_finite(self, trainer: Trainer) -> None:
-        rank_zero_warn(
-            f"CrashPredictor: the critic became non-finite by step {trainer.global_step}, before a crash was "
-            "forecast; training stops" + (" and no checkpoint is written" if self.action != "stop" else "")
-        )
-        trainer.should_stop = True
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
         step = trainer.global_step
+        if not self._bound_resolved:
+            self.bound, self._bound_resolved = self._resolve_bound(trainer, pl_module, probe), True
         with torch.no_grad():
             next_act = pl_module.greedy_action(probe.next_obs)
-            u = pl_module.q_value(probe.obs, probe.act) - bootstrap_target(pl_module, probe, next_act)
+            q, q_next = pl_module.q_value(probe.obs, probe.act), pl_module.q_value(probe.next_obs, next_act)
+            u = q - bootstrap_target(pl_module, probe, next_act)
             u_norm = torch.linalg.vector_norm(u.double()).item()
+            q_max = torch.maximum(q.abs().max(), q_next.abs().max()).item()
             params = [p for p in pl_module.q_network().parameters() if p.requires_grad]
             p_norm = parameter_norm(params, torch.float64).item()
-        if not (math.isfinite(u_norm) and math.isfinite(p_norm)):  # the crash has happened: nothing finite to fit
-            if self.action != "warn" and not trainer.should_stop:
-                self._stop_non_finite(trainer)
-            return {}
-        actions = next_act.detach().cpu()
+        metrics: dict[str, float] = {}
+        reasons: list[str] = []
+        if math.isfinite(u_norm) and math.isfinite(p_norm) and math.isfinite(q_max):
+            metrics = self._record(step, u_norm, p_norm, next_act.detach().cpu())
+            left = [metrics[k] for k in ("crash/steps_left", "crash/threshold_steps_left") if k in metrics]
+            if left and min(left) <= self.horizon:
+                reasons.append(f"the critic is forecast to diverge at step {step + min(left):.0f} "
+                               f"({min(left):.0f} steps from now; ||u|| = {u_norm:.3g})")
+            if self.bound is not None:
+                metrics["crash/q_bound_ratio"] = q_max / self.bound
+                if q_max > self.bound:
+                    reasons.append(f"max |Q| on the probe set is {q_max:.4g}, beyond the Bellman bound "
+                                   f"max|r|/(1-gamma) = {self.bound:.4g}")
+        else:  # the crash has happened: nothing finite to fit
+            reasons.append("the critic is non-finite on the probe set")
+        # Every rank takes the same decision at the same step (EarlyStopping's reduction).
+        if not _any_rank(trainer, bool(reasons)):
+            self._keep_healthy(trainer, pl_module, step)
+        elif not self.fired:
+            self._act(trainer, pl_module, step, reasons)
+        return metrics
+
+    def _record(self, step: int, u_norm: float, p_norm: float, actions: Tensor) -> dict[str, float]:
+        """Append the measurement to the window and fit the laws on it."""
         if self.restart_on_action_change and _actions_moved(actions, self.previous_actions, self.action_rtol):
             # A new segment starts: keep the last (min_points - 1) measurements plus this one at most.
             self.history = self.history[-(self.min_points - 1):] if self.min_points > 1 else []
@@ -277,7 +347,6 @@ class CrashPredictor(ProbeCallback):
             metrics["params/adam_slope"] = self._adam_slope
         metrics.update(self._fit(step, u_norm))
         self.forecast = {k: v for k, v in metrics.items() if k.startswith("crash/") and k != "crash/td_error_norm"}
-        self._act(trainer, pl_module, step, metrics)
         return metrics
 
     def _fit(self, step: int, u_norm: float) -> dict[str, float]:
@@ -301,33 +370,48 @@ class CrashPredictor(ProbeCallback):
         return metrics
 
     # ------------------------------------------------------------ acting
-    def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, metrics: dict[str, float]) -> None:
-        left = [metrics[k] for k in ("crash/steps_left", "crash/threshold_steps_left") if k in metrics]
-        if self.fired or not left or min(left) > self.horizon:
-            return
+    def _keep_healthy(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """One CPU copy of the module's and the optimisers' states at this healthy step."""
+        if self.action == "checkpoint_and_stop" and not self.fired:
+            self._healthy = {"step": step, **_training_state(trainer, pl_module)}
+
+    def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
         self.fired = True
-        when = step + min(left)
-        message = (f"CrashPredictor: the critic is forecast to diverge at step {when:.0f} "
-                   f"({min(left):.0f} steps from step {step}; ||u|| = {metrics['crash/td_error_norm']:.3g})")
+        self.stopped_step = step
+        why = "; ".join(reasons) or "another rank saw the critic diverge"
+        message = f"CrashPredictor at step {step}: {why}"
         if self.action == "warn":
             rank_zero_warn(message)
             return
         if self.action == "checkpoint_and_stop":
-            if _all_finite(_checkpoint_tensors(trainer, pl_module)):
-                directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
-                path = directory / f"crash-forecast-step={step}.ckpt"
-                trainer.save_checkpoint(path)
-                self.checkpoint_path = str(path)
-                message += f"; checkpoint written to {path}"
-            else:
-                message += "; the weights are already non-finite, no checkpoint is written"
+            message += "; " + self._write_healthy(trainer, pl_module)
         rank_zero_warn(message + "; training stops")
         trainer.should_stop = True
+
+    def _write_healthy(self, trainer: Trainer, pl_module: LightningModule) -> str:
+        """Write the kept healthy state as a checkpoint; return what was done, for the warning."""
+        kept = self._healthy
+        finite = kept is not None and _all_finite(_tensors(kept))
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return ("no measurement before was healthy, no checkpoint is written" if kept is None
+                    else "the last healthy state is not finite, no checkpoint is written")
+        directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        path = directory / f"last-healthy-step={kept['step']}.ckpt"
+        self.healthy_step = kept["step"]
+        current = _training_state(trainer, pl_module)
+        _load_training_state(trainer, pl_module, kept)
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            _load_training_state(trainer, pl_module, current)  # the run ends in the state it reached
+        self.checkpoint_path = str(path)
+        return f"the state of the last healthy measurement (step {kept['step']}) is written to {path}"
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": list(self.history), "previous_actions": self.previous_actions,
-                "forecast": dict(self.forecast), "fired": self.fired, "checkpoint_path": self.checkpoint_path}
+                "forecast": dict(self.forecast), "fired": self.fired, "checkpoint_path": self.checkpoint_path,
+                "healthy_step": self.healthy_step, "stopped_step": self.stopped_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -336,6 +420,13 @@ class CrashPredictor(ProbeCallback):
         self.forecast = dict(state_dict.get("forecast", {}))
         self.fired = bool(state_dict.get("fired", False))
         self.checkpoint_path = state_dict.get("checkpoint_path")
+        self.healthy_step = state_dict.get("healthy_step")
+        self.stopped_step = state_dict.get("stopped_step")
+
+
+def _any_rank(trainer: Trainer, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one device: ``flag``)."""
+    return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
 
 
 def _actions_moved(actions: Tensor, previous: Tensor | None, rtol: float) -> bool:
@@ -352,9 +443,28 @@ def _all_finite(tensors: Iterable[Tensor]) -> bool:
     return not floats or bool(parameter_norm(floats, torch.float64).isfinite())
 
 
-def _checkpoint_tensors(trainer: Trainer, pl_module: LightningModule) -> list[Tensor]:
-    tensors = list(pl_module.state_dict().values())
-    for optimizer in trainer.optimizers:
-        for state in optimizer.state.values():
-            tensors.extend(v for v in state.values() if isinstance(v, Tensor))
-    return tensors
+def _tensors(state: Any) -> Iterator[Tensor]:
+    """Every tensor in a nested dict / list / tuple."""
+    if isinstance(state, Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+
+
+def _training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    """CPU copies of the module's ``state_dict`` and every optimiser's state."""
+    def copy(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", copy=True)
+
+    return {"module": apply_to_collection(pl_module.state_dict(), Tensor, copy),
+            "optimizers": [apply_to_collection(o.state_dict(), Tensor, copy) for o in trainer.optimizers]}
+
+
+def _load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
+    pl_module.load_state_dict(state["module"])
+    for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(optimizer_state)

@@ -21,6 +21,9 @@ class EMATarget(Callback):
     * ``EMATarget.no_ema()``: target = current network after every update, the
       "no EMA" setting in which Yue et al. (2023) study divergence.
 
+    A module without ``target_pairs()``, or whose list is empty (e.g. PreQN), is an
+    error at set-up or fit start, before the first update.
+
     Attached to a ``Trainer`` it takes precedence over the module's own default
     rule (its hyperparameters), which is restored when fitting ends. The update
     count is saved in checkpoints, so a resumed run keeps the cadence; the target
@@ -50,6 +53,7 @@ class EMATarget(Callback):
 
     @property
     def state_key(self) -> str:
+        # tau and every are all the options there are: two instances with different rules keep separate counts.
         return self._generate_state_key(tau=self.rule.tau, every=self.rule.every)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -61,6 +65,17 @@ class EMATarget(Callback):
         if hasattr(pl_module, "target_update"):
             # The Trainer's instance takes precedence over the module's default rule.
             self._module_rule, pl_module.target_update = pl_module.target_update, None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Checked here, not in setup: callbacks' setup runs before the module's, which may
+        # build its networks (and targets) from the DataModule only then.
+        if not pl_module.target_pairs():
+            # An EMATarget with nothing to update would silently do nothing (PreQN has no
+            # target networks by design): say so before the first update.
+            raise ValueError(
+                f"{self!r}: {type(pl_module).__name__}.target_pairs() is empty, the module has no target "
+                "networks to update; remove the EMATarget callback"
+            )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if hasattr(pl_module, "target_update") and pl_module.target_update is None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.ntk import METHODS, SOLVERS, check_choice, gram_cosine, gram_stats, ntk_gram, seem
-from lit_qlearn.probe import ProbeProtocolError, check_probe_datamodule, check_probe_module
+from lit_qlearn.probe import ProbeProtocolError, check_probe_datamodule, check_probe_module, publish
 
 __all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor"]
 
@@ -73,9 +73,15 @@ class ProbeCallback(Callback):
         self.last_step = -1
         self._pending: list[Transitions] = []
 
+    def options(self) -> dict[str, Any]:
+        """Every constructor option: two instances that differ in one of them measure
+        different things, so each keeps its own slot in a checkpoint (:attr:`state_key`)."""
+        return {"every_n_steps": self.every_n_steps, "probe_size": self.probe_size, "probe_seed": self.probe_seed,
+                "probe_source": self.probe_source, "method": self.method, "dtype": str(self.dtype)}
+
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
+        return self._generate_state_key(**self.options())
 
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -89,7 +95,7 @@ class ProbeCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe is None and self.probe_source == "datamodule":
             probe = trainer.datamodule.probe_batch(self.probe_size, seed=self.probe_seed)
-            self.probe = Transitions(*(t.detach().cpu().clone() for t in probe))
+            self.probe = probe.map(lambda t: t.detach().cpu().clone())
 
     def _collect_from_batch(self, trainer: Trainer, batch: Any) -> None:
         if not isinstance(batch, Transitions):
@@ -97,9 +103,9 @@ class ProbeCallback(Callback):
                 f"{type(self).__name__}(probe_source='batches') needs training batches of type "
                 f"lit_qlearn.data.Transitions, got {type(batch).__name__}"
             )
-        self._pending.append(Transitions(*(t.detach().cpu() for t in batch)))
+        self._pending.append(batch.map(lambda t: t.detach().cpu()))
         if sum(len(b.obs) for b in self._pending) >= self.probe_size:
-            probe = Transitions(*(torch.cat(cols)[: self.probe_size].clone() for cols in zip(*self._pending)))
+            probe = Transitions.cat(self._pending).map(lambda t: t[: self.probe_size].clone())
             self.probe = trainer.strategy.broadcast(probe, src=0)  # every rank probes rank zero's batches
             self._pending = []
 
@@ -114,7 +120,7 @@ class ProbeCallback(Callback):
         if step % self.every_n_steps != 0 or step == self.last_step:
             return
         self.last_step = step
-        probe = Transitions(*(t.to(pl_module.device) for t in self.probe))
+        probe = self.probe.map(lambda t: t.to(pl_module.device))
         with _measurement(pl_module):
             metrics = self.measure(trainer, pl_module, probe)
         self.publish(trainer, pl_module, metrics, step)
@@ -123,13 +129,10 @@ class ProbeCallback(Callback):
         raise NotImplementedError
 
     def publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], step: int) -> None:
-        """Write ``metrics`` at ``step`` to every logger (loggers write on rank zero only)
-        and expose them in ``trainer.callback_metrics`` (for EarlyStopping and friends).
-        Every rank holds the same numbers: same probe set, same parameters."""
-        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        """Write ``metrics`` at ``step`` to every logger and ``trainer.callback_metrics``
+        (:func:`lit_qlearn.probe.publish`). Every rank holds the same numbers: same probe
+        set, same parameters."""
+        publish(trainer, metrics, step)
 
     def _tensorboard(self, trainer: Trainer) -> Any:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -142,14 +145,17 @@ class ProbeCallback(Callback):
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = {"last_step": self.last_step}
-        if self.probe is not None:
-            state["probe"] = self.probe._asdict()
+        if self.probe is not None:  # absent optional fields stay absent (Transitions' defaults)
+            state["probe"] = {k: v for k, v in self.probe._asdict().items() if v is not None}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
         if "probe" in state_dict:
-            self.probe = Transitions(**state_dict["probe"])
+            fields = dict(state_dict["probe"])
+            if "done" in fields:  # checkpoints written before the field was renamed
+                fields["terminated"] = fields.pop("done")
+            self.probe = Transitions(**fields)
 
 
 class NTKGramCallback(ProbeCallback):
@@ -169,6 +175,9 @@ class NTKGramCallback(ProbeCallback):
         self.log_heatmap = log_heatmap
         self.previous: Tensor | None = None
         self.first: Tensor | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "log_heatmap": self.log_heatmap}
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
         gram = ntk_gram(pl_module.q_network(), (probe.obs, probe.act), method=self.method, dtype=self.dtype).cpu()
@@ -224,6 +233,10 @@ class SEEMMonitor(ProbeCallback):
         self.tol = tol
         self.log_spectrum = log_spectrum
         self.previous_actions: Tensor | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "scale_by_params": self.scale_by_params, "solver": self.solver, "tol": self.tol,
+                "log_spectrum": self.log_spectrum}
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
         with torch.no_grad():

@@ -1,3 +1,4 @@
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -85,13 +86,35 @@ class MemoryLogger(Logger):
         return {step: row[key] for step, row in sorted(self.rows.items()) if key in row}
 
 
-def r1_fit(callback, lr=0.02, seed=0, max_steps=2000, optimizer="sgd", logger=None, **trainer_kwargs):
-    """Train the R1 toy (DESIGN.md 7) with ``callback``; return (module, trainer, logger)."""
+class RewardedWalk(RandomWalkDataModule):
+    """The R1 trajectory with a constant reward: the Bellman bound is reward / (1 - gamma)."""
+
+    def __init__(self, reward, seed=0):
+        super().__init__(seed=seed)
+        self.data = self.data._replace(rew=torch.full_like(self.data.rew, reward))
+
+
+class StateSpy(L.Callback):
+    """Copies of the module's and the optimiser's states after every step."""
+
+    def __init__(self):
+        self.module, self.optimizer = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        step = trainer.global_step
+        self.module[step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.optimizer[step] = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def r1_fit(callback, lr=0.02, seed=0, max_steps=2000, optimizer="sgd", logger=None, dm=None, extra=(),
+           **trainer_kwargs):
+    """Train the R1 toy (DESIGN.md 7) with ``callback`` (and ``extra`` callbacks after it);
+    return (module, trainer, logger)."""
     L.seed_everything(seed, verbose=False)
     logger = logger or MemoryLogger()
-    module, dm = RandomWalkQ(lr=lr, optimizer=optimizer), RandomWalkDataModule(seed=seed)
+    module, dm = RandomWalkQ(lr=lr, optimizer=optimizer), dm or RandomWalkDataModule(seed=seed)
     options = dict(max_steps=max_steps, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, *extra])
     options.update(trainer_kwargs)
     trainer = L.Trainer(**options)
     with warnings.catch_warnings():
@@ -160,20 +183,84 @@ def test_r1_forecast_at_80_percent_within_10_percent(r1_crash, restart):
         assert fit.step == pytest.approx(row["crash/predicted_step"], rel=1e-9)
 
 
-def test_checkpoint_and_stop_writes_finite_weights_and_stops_before_the_crash(r1_crash, tmp_path):
+def test_checkpoint_and_stop_keeps_the_measurement_before_the_forecast(r1_crash, tmp_path):
     crash, _ = r1_crash
     callback = CrashPredictor(every_n_steps=1, action="checkpoint_and_stop", horizon=20, dirpath=tmp_path)
-    module, trainer, _ = r1_fit(callback)
-    assert trainer.global_step < crash
-    assert all(torch.isfinite(p).all() for p in module.parameters())
+    spy = StateSpy()
+    module, trainer, logger = r1_fit(callback, extra=[spy])
+    stop = trainer.global_step
+    assert stop < crash and callback.stopped_step == stop
+    assert logger.rows[stop]["crash/steps_left"] <= 20 < logger.rows[stop - 1].get("crash/steps_left", math.inf)
+    assert callback.healthy_step == stop - 1  # the last measurement before the forecast fired
     path = callback.checkpoint_path
-    assert path is not None and path.endswith(f"crash-forecast-step={trainer.global_step}.ckpt")
+    assert path is not None and path.endswith(f"last-healthy-step={stop - 1}.ckpt")
     checkpoint = torch.load(path, weights_only=False)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
     restored = RandomWalkQ.load_from_checkpoint(path)
-    for a, b in zip(restored.parameters(), module.parameters()):
-        torch.testing.assert_close(a, b)
+    for name, value in restored.state_dict().items():
+        torch.testing.assert_close(value, spy.module[stop - 1][name], rtol=0, atol=0)
+    for name, value in module.state_dict().items():  # the run itself ends in the state it reached
+        torch.testing.assert_close(value, spy.module[stop][name], rtol=0, atol=0)
     assert checkpoint["callbacks"][callback.state_key]["fired"] is True
+
+
+def test_bellman_bound_stops_and_keeps_the_last_healthy_state(tmp_path):
+    """Issue 14: |Q| beyond max|r| / (1 - gamma) is divergence for certain. With forecasts
+    off, the bound alone stops the run, and the checkpoint is the measurement before it
+    was crossed: its Q on the data is within the bound, its parameters and Adam moments
+    those of that step."""
+    reward, every = 0.1, 5
+    bound = reward / (1 - 0.99)
+    callback = CrashPredictor(every_n_steps=every, action="checkpoint_and_stop", min_r2=1.1, threshold=math.inf,
+                              dirpath=tmp_path)  # no fit reaches R^2 1.1: never a forecast
+    spy = StateSpy()
+    module, trainer, logger = r1_fit(callback, lr=1e-3, optimizer="adam", max_steps=3000, dm=RewardedWalk(reward),
+                                     extra=[spy])
+    data = RewardedWalk(reward).data
+    assert callback.bound == pytest.approx(bound)
+
+    def max_abs_q(state):  # over the probe's (s, a) and (s', greedy action), from scratch
+        net = RandomWalkQ()
+        net.load_state_dict(state)
+        with torch.no_grad():
+            q = net.q_value(data.obs, data.act)
+            q_next = net.all_q(data.next_obs).max(1).values  # Q at the greedy direction
+        return max(q.abs().max().item(), q_next.abs().max().item()), q
+
+    ratios = logger.series("crash/q_bound_ratio")
+    stop = trainer.global_step
+    assert stop < 3000 and stop % every == 0 and callback.stopped_step == stop
+    assert ratios[stop] > 1 and all(r <= 1 for s, r in ratios.items() if s < stop)
+    for step in (stop - every, stop):
+        assert ratios[step] == pytest.approx(max_abs_q(spy.module[step])[0] / bound, rel=1e-5)
+    healthy = stop - every
+    assert callback.healthy_step == healthy and callback.checkpoint_path.endswith(f"last-healthy-step={healthy}.ckpt")
+    restored = RandomWalkQ.load_from_checkpoint(callback.checkpoint_path)
+    for name, value in restored.state_dict().items():
+        torch.testing.assert_close(value, spy.module[healthy][name], rtol=0, atol=0)
+    _, q = max_abs_q(restored.state_dict())
+    assert q.abs().mean() <= q.abs().max() <= bound  # healthy: within the bound on the data
+    _, q_stop = max_abs_q(module.state_dict())
+    assert q_stop.abs().max() > q.abs().max()
+    saved = torch.load(callback.checkpoint_path, weights_only=False)["optimizer_states"][0]["state"]
+    for index, state in spy.optimizer[healthy]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(saved[index][key], state[key], rtol=0, atol=0)
+
+
+def test_user_bound_overrides_and_zero_rewards_give_none(tmp_path):
+    # R1's rewards are 0: no information, no bound; a user's q_bound is taken as given.
+    plain = CrashPredictor(every_n_steps=5)
+    _, _, logger = r1_fit(plain, max_steps=10)
+    assert plain.bound is None and not logger.series("crash/q_bound_ratio")
+    given = CrashPredictor(every_n_steps=5, q_bound=2.5)
+    module, _, logger = r1_fit(given, max_steps=10)
+    data = RandomWalkDataModule(seed=0).data
+    with torch.no_grad():
+        q = module.q_value(data.obs, data.act).abs().max()
+        q_next = module.all_q(data.next_obs).max(1).values.abs().max()  # Q at the greedy direction
+    assert given.bound == 2.5
+    assert logger.rows[10]["crash/q_bound_ratio"] == pytest.approx(max(q, q_next).item() / 2.5, rel=1e-5)
 
 
 def test_stop_action_stops_without_writing(r1_crash, tmp_path):
@@ -184,7 +271,7 @@ def test_stop_action_stops_without_writing(r1_crash, tmp_path):
     assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
 
 
-def test_guard_stops_at_the_nan_step_and_writes_nothing(r1_crash, tmp_path):
+def test_guard_stops_at_the_nan_step_and_writes_nothing_without_a_healthy_measurement(r1_crash, tmp_path):
     crash, _ = r1_crash
     callback = CrashPredictor(every_n_steps=10_000, action="checkpoint_and_stop", guard=True, dirpath=tmp_path)
     module, trainer, _ = r1_fit(callback)
@@ -202,7 +289,15 @@ def test_without_guard_the_next_measurement_stops(r1_crash, tmp_path, action):
                               guard=False, dirpath=tmp_path)  # no fit reaches R^2 1.1: never a forecast
     module, trainer, _ = r1_fit(callback)
     assert trainer.global_step == every * math.ceil(crash / every)  # the first measurement at or after the NaN
-    assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
+    if action == "stop":
+        assert callback.checkpoint_path is None and not list(tmp_path.iterdir())
+        return
+    # The measurement before the NaN was healthy (no forecasts here, no bound with zero rewards): kept.
+    assert callback.healthy_step == trainer.global_step - every
+    (written,) = tmp_path.iterdir()
+    assert str(written) == callback.checkpoint_path
+    state = torch.load(written, weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
 
 
 def test_state_survives_checkpoint_and_resume(tmp_path):
@@ -239,7 +334,8 @@ def test_adam_law_logs_the_polynomial_diagnostics():
 def test_bad_arguments_and_modules_are_named():
     for kwargs, match in [(dict(action="explode"), "action"), (dict(window=1), "window"),
                           (dict(min_points=30, window=20), "min_points"), (dict(num_layers=1), "num_layers"),
-                          (dict(threshold=0), "threshold"), (dict(law="rmsprop"), "law")]:
+                          (dict(threshold=0), "threshold"), (dict(law="rmsprop"), "law"),
+                          (dict(q_bound=0.0), "q_bound")]:
         with pytest.raises(ValueError, match=match):
             CrashPredictor(**kwargs)
 
@@ -256,9 +352,40 @@ def test_bad_arguments_and_modules_are_named():
 def test_same_numbers_under_ddp(tmp_path):
     single = CrashPredictor(every_n_steps=5, window=10)
     _, _, logger = r1_fit(single, max_steps=120)
-    run_ddp_script(Path(__file__).with_name("ddp_crash.py"), tmp_path)
+    run_ddp_script(Path(__file__).with_name("ddp_crash.py"), tmp_path, "forecast")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         np.testing.assert_allclose(np.array(got["history"]), np.array(single.history), rtol=1e-5)
         for key, value in single.forecast.items():
             assert got["forecast"][key] == pytest.approx(value, rel=1e-4), key
+
+
+DDP_Q_BOUND = 4.0  # R1 at lr 0.02: max |Q| on the probe crosses 4 at about step 70 of 120
+
+
+def test_ddp_stop_and_checkpoint_decisions_are_reduced(tmp_path):
+    """One rank alone sees the Bellman bound crossed: both ranks stop at that step, and
+    rank zero writes the last healthy state, the single-device run's checkpoint."""
+    q_bound = DDP_Q_BOUND
+    single = CrashPredictor(every_n_steps=5, action="checkpoint_and_stop", min_r2=1.1, threshold=math.inf,
+                            q_bound=q_bound, dirpath=tmp_path / "single")
+    _, trainer, _ = r1_fit(single, max_steps=120)
+    assert 5 < trainer.global_step < 120  # the bound is crossed mid-run
+    run_ddp_script(Path(__file__).with_name("ddp_crash.py"), tmp_path, "bound", q_bound)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for got in ranks:
+        assert got["global_step"] == got["stopped_step"] == single.stopped_step
+        assert got["healthy_step"] == single.healthy_step == single.stopped_step - 5
+        assert Path(got["checkpoint_path"]).name == Path(single.checkpoint_path).name
+    written = torch.load(ranks[0]["checkpoint_path"], weights_only=False)["state_dict"]
+    reference = torch.load(single.checkpoint_path, weights_only=False)["state_dict"]
+    for name, value in reference.items():
+        torch.testing.assert_close(written[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_state_key_names_every_option():
+    reference = CrashPredictor().state_key
+    for name, value in dict(probe_seed=1, window=10, min_points=3, num_layers=3, min_r2=0.5, threshold=1e3,
+                            action="stop", horizon=7, restart_on_action_change=False, action_rtol=0.1,
+                            dirpath="somewhere", law="sgd", guard=True, q_bound=10.0).items():
+        assert CrashPredictor(**{name: value}).state_key != reference, name

@@ -142,3 +142,29 @@ def test_target_update_follows_a_replaced_target_network():
     rule.apply([(online, first)])
     rule.apply([(online, second)])  # a new target for the same online network: not the cached lists
     assert torch.equal(flat(second), flat(online)) and torch.equal(flat(first), flat(online))
+
+
+def test_module_with_no_target_networks_gets_a_clear_error_before_training(tmp_path):
+    class Targetless(UserModule):  # declares target_pairs() but has nothing in it, as PreQN
+        def target_pairs(self):
+            return []
+
+    steps = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    with pytest.raises(ValueError, match=r"Targetless.target_pairs\(\) is empty.*remove the EMATarget"):
+        trainer(tmp_path, 2, [EMATarget(tau=1.0), Count()]).fit(Targetless(), loader())
+    assert steps == []
+
+
+def test_preqn_has_no_target_networks_for_ema(tmp_path, chain_file):
+    from lit_qlearn.algorithms import PreQN
+    from lit_qlearn.data import OfflineDataModule
+
+    dm = OfflineDataModule(str(chain_file), batch_size=8, normalize_states=False, steps_per_epoch=5)
+    module = PreQN(critic_hidden=(8,), actor_hidden=(8,), eval_every=0)
+    with pytest.raises(ValueError, match=r"PreQN.target_pairs\(\) is empty"):
+        trainer(tmp_path, 2, [EMATarget.no_ema()]).fit(module, dm)

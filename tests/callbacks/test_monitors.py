@@ -44,11 +44,18 @@ class UserModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         with torch.no_grad():
-            y = batch.rew + self.gamma * (1 - batch.done) * self.q(batch.next_obs, self.greedy_action(batch.next_obs))
+            y = batch.rew + self.gamma * (1 - batch.terminated) * self.q(batch.next_obs, self.greedy_action(batch.next_obs))
         return (self.q(batch.obs, batch.act) - y).pow(2).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def assert_same_probe(a, b):
+    """Equal present fields, and the same fields absent (None)."""
+    for name, x, y in zip(a._fields, a, b):
+        assert (x is None) == (y is None), name
+        assert x is None or torch.equal(x, y), name
 
 
 def run(module, dm, steps, callbacks, ckpt_path=None, **kwargs):
@@ -186,8 +193,7 @@ def test_state_survives_checkpoint_and_resume(tiny_td3bc, tmp_path):
                 first_after_resume.append((ntk2.previous.clone(), seem2.previous_actions.clone(), ntk2.last_step))
 
     run(module2, dm2, 6, [Spy(), ntk2, seem2], ckpt_path=path)
-    for a, b in zip(ntk_cb.probe, ntk2.probe):
-        assert torch.equal(a, b)
+    assert_same_probe(ntk_cb.probe, ntk2.probe)
     prev, actions, last = first_after_resume[0]
     assert torch.equal(prev, ntk_cb.previous) and torch.equal(actions, seem_cb.previous_actions) and last == 4
     assert torch.equal(ntk2.first, ntk_cb.first) and ntk2.last_step == 6
@@ -210,3 +216,44 @@ def test_ddp_two_processes_give_the_single_device_numbers(chain_file, tmp_path):
     # The same measurement on one device, from the final parameters and the same probe set.
     for key, value in r0["single_device"].items():
         assert r0["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_two_monitors_differing_in_one_option_keep_separate_state(chain_dm, tmp_path):
+    """state_key names every option: SEEMMonitors with different probe seeds get one
+    checkpoint slot each, and each gets its own probe set and actions back on resume."""
+    monitors = [SEEMMonitor(every_n_steps=2, probe_size=8, probe_seed=seed) for seed in (0, 1)]
+    assert monitors[0].state_key != monitors[1].state_key
+    trainer = run(UserModule(), chain_dm, 4, monitors)
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    assert {monitors[0].state_key, monitors[1].state_key} <= saved.keys()
+    # The probe sets really differ, and each is the DataModule's draw with its own seed.
+    assert not torch.equal(monitors[0].probe.obs, monitors[1].probe.obs)
+    for m in monitors:
+        assert torch.equal(m.probe.obs, chain_dm.probe_batch(8, seed=m.probe_seed).obs)
+
+    resumed = [SEEMMonitor(every_n_steps=2, probe_size=8, probe_seed=seed) for seed in (0, 1)]
+    restored = []
+
+    class Spy(L.Callback):  # runs before the monitors: sees the state loaded from the checkpoint
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if not restored:
+                restored.extend((m.probe.map(torch.clone), m.previous_actions.clone()) for m in resumed)
+
+    run(UserModule(), chain_dm, 6, [Spy(), *resumed], ckpt_path=path)
+    for original, (probe, actions) in zip(monitors, restored):
+        assert_same_probe(original.probe, probe)
+        assert torch.equal(actions, original.previous_actions)
+    assert not torch.equal(restored[0][1], restored[1][1])  # the greedy actions on two different probe sets
+
+
+def test_state_key_names_every_option():
+    base = dict(every_n_steps=5, probe_size=8)
+    for cls, options in [(NTKGramCallback, dict(probe_seed=1, probe_source="batches", method="jacobian",
+                                                 dtype=torch.float64, log_heatmap=True)),
+                         (SEEMMonitor, dict(probe_seed=1, scale_by_params=False, solver="dense", tol=1e-3,
+                                            log_spectrum=True))]:
+        reference = cls(**base).state_key
+        for name, value in options.items():
+            assert cls(**base, **{name: value}).state_key != reference, (cls.__name__, name)
