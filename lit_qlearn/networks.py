@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "ACTIVATIONS", "NORMS"]
+__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", "NatureEncoder", "ACTIVATIONS", "NORMS"]
 
 
 class Sin(nn.Module):
@@ -204,3 +204,57 @@ class Actor(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.action_mid + self.action_scale * self.net(obs)
+
+
+class NatureEncoder(nn.Module):
+    """The Nature-DQN convolutional torso (Mnih et al. 2015): uint8 frames ``(N, C, 84, 84)``
+    scaled to [0, 1], then conv 32x8x8/4, 64x4x4/2, 64x3x3/1 with ReLU, flattened
+    (``out_dim`` = 3136 for 84x84 inputs)."""
+
+    def __init__(self, obs_shape: Sequence[int]) -> None:
+        super().__init__()
+        channels = obs_shape[0]
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            self.out_dim = int(self.net(torch.zeros(1, *obs_shape)).shape[1])
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(obs.float() / 255.0)
+
+
+class DiscreteQNetwork(nn.Module):
+    """``obs -> Q(obs, .)`` ``(N, num_actions)`` for discrete actions.
+
+    Vector observations go straight into the head; image observations (3-D
+    ``obs_shape``, uint8) through the :class:`NatureEncoder` first. The head is one
+    :func:`mlp`, or with ``dueling=True`` (Wang et al. 2016) a value stream ``V(s)``
+    and an advantage stream ``A(s, a)`` combined as
+    ``Q = V + A - mean_a A`` (the mean-subtracted form, Eq. 9 of the paper).
+    """
+
+    def __init__(self, obs_shape: Sequence[int], num_actions: int, dueling: bool = False, **mlp_kwargs) -> None:
+        super().__init__()
+        obs_shape = tuple(obs_shape)
+        if len(obs_shape) == 3:
+            self.encoder: nn.Module = NatureEncoder(obs_shape)
+            features = self.encoder.out_dim
+        elif len(obs_shape) == 1:
+            self.encoder, features = nn.Identity(), obs_shape[0]
+        else:
+            raise ValueError(f"DiscreteQNetwork: observations must be vectors (d,) or images (C, H, W), "
+                             f"got shape {obs_shape}")
+        self.dueling = dueling
+        self.head = mlp(features, num_actions, **mlp_kwargs)
+        self.value = mlp(features, 1, **mlp_kwargs) if dueling else None
+
+    def forward(self, obs: Tensor) -> Tensor:
+        h = self.encoder(obs)
+        q = self.head(h)
+        if self.value is not None:
+            q = self.value(h) + q - q.mean(dim=1, keepdim=True)
+        return q

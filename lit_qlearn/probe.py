@@ -24,12 +24,14 @@ Optional members some callbacks use when present: ``td_target(batch) -> Tensor (
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from lit_qlearn.data.types import Transitions
+from lit_qlearn.td import td_target
 
 __all__ = [
     "QProbe",
@@ -40,6 +42,7 @@ __all__ = [
     "PROBE_MEMBERS",
     "critic_members",
     "bootstrap_target",
+    "publish",
 ]
 
 
@@ -71,19 +74,53 @@ class ProbeProtocolError(TypeError):
     """A module or DataModule lacks a member of the probe protocol."""
 
 
-def check_probe_module(module: Any, who: str = "this callback") -> None:
-    """Raise :class:`ProbeProtocolError` naming every probe member ``module`` lacks."""
-    missing = []
+def check_probe_module(module: Any, who: str = "this callback", probe: Transitions | None = None) -> None:
+    """Raise :class:`ProbeProtocolError` naming every probe member ``module`` lacks or
+    gets wrong: ``gamma`` must be a number in [0, 1) and the methods callable; with a
+    ``probe`` batch, ``q_value`` and ``q_network()(obs, act)`` must return ``(N,)`` on
+    its first rows and ``greedy_action`` one action per state."""
+    problems = []
+    gamma = getattr(module, "gamma", None)
+    if gamma is None:
+        problems.append(f"gamma is missing ({PROBE_MEMBERS['gamma']})")
+    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        problems.append(f"gamma must be a number in [0, 1), got {type(gamma).__name__} {gamma!r}")
     for name, what in PROBE_MEMBERS.items():
-        value = getattr(module, name, None)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if name == "gamma" else callable(value)
-        if not ok:
-            missing.append(f"{name} ({what})")
-    if missing:
+        if name != "gamma" and not callable(getattr(module, name, None)):
+            problems.append(f"{name} is missing ({what})")
+    if not problems and probe is not None:
+        problems = _check_on_probe(module, probe)
+    if problems:
         raise ProbeProtocolError(
-            f"{type(module).__name__} does not implement the probe protocol needed by {who}: "
-            f"missing {', '.join(missing)}; see lit_qlearn.probe"
+            f"{type(module).__name__} does not satisfy the probe protocol needed by {who}: "
+            f"{'; '.join(problems)}; see lit_qlearn.probe"
         )
+
+
+def _check_on_probe(module: Any, probe: Transitions, n: int = 4) -> list[str]:
+    """Run the protocol's methods on ``n`` probe rows; describe what they got wrong."""
+    obs, act = probe.obs[:n], probe.act[:n]
+    n = obs.shape[0]
+    problems = []
+    with torch.no_grad():
+        for name, call in (("q_value(obs, act)", lambda: module.q_value(obs, act)),
+                           ("q_network()(obs, act)", lambda: module.q_network()(obs, act))):
+            try:
+                out = call()
+            except Exception as exc:  # noqa: BLE001 - reported with the member's name
+                problems.append(f"{name} failed on {n} probe transitions: {type(exc).__name__}: {exc}")
+                continue
+            if not isinstance(out, Tensor) or tuple(out.shape) != (n,):
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                problems.append(f"{name} must return a Tensor of shape (N,) = ({n},), got {shape}")
+        try:
+            greedy = module.greedy_action(obs)
+            if not isinstance(greedy, Tensor) or greedy.shape[0] != n:
+                problems.append(f"greedy_action(obs) must return one action per state ({n}), got "
+                                f"{tuple(greedy.shape) if isinstance(greedy, Tensor) else type(greedy).__name__}")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"greedy_action(obs) failed on {n} probe states: {type(exc).__name__}: {exc}")
+    return problems
 
 
 def critic_members(module: Any) -> list[nn.Module]:
@@ -94,12 +131,24 @@ def critic_members(module: Any) -> list[nn.Module]:
 
 
 def bootstrap_target(module: Any, batch: Transitions, next_act: Tensor | None = None) -> Tensor:
-    """The protocol's TD target ``r + gamma (1 - done) Q(s', a*)`` of ``batch``, shape
-    ``(B,)``, with ``a* = greedy_action(s')`` unless given (no gradient)."""
+    """The protocol's TD target :func:`~lit_qlearn.td.td_target` with ``V(s') = Q(s', a*)``,
+    ``a* = greedy_action(s')`` unless given, shape ``(B,)`` (no gradient)."""
     with torch.no_grad():
         if next_act is None:
             next_act = module.greedy_action(batch.next_obs)
-        return batch.rew + module.gamma * (1.0 - batch.done) * module.q_value(batch.next_obs, next_act)
+        return td_target(batch, module.q_value(batch.next_obs, next_act), module.gamma)
+
+
+def publish(trainer: Any, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` at ``step`` (the update count, DESIGN.md 8) to every logger
+    (loggers write on rank zero only) and expose them in ``trainer.callback_metrics``
+    (for EarlyStopping, ModelCheckpoint(monitor=...) and friends). NaNs are skipped."""
+    metrics = {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}
+    if not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
 def check_probe_datamodule(datamodule: Any, who: str = "this callback") -> None:

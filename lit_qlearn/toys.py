@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_qlearn.algorithms.base import QLearningModule
-from lit_qlearn.data.types import Transitions
+from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import StateActionQ, mlp
+from lit_qlearn.td import td_loss, td_target
 
 __all__ = ["compass_directions", "random_walk", "RandomWalkDataModule", "RandomWalkQ"]
 
@@ -77,8 +78,8 @@ class RandomWalkDataModule(LightningDataModule):
         steps_per_epoch: batches per epoch (use ``Trainer(max_steps=...)`` to stop).
     """
 
-    observation_dim = 2
-    action_dim = 2
+    #: States in the plane; actions are the compass directions as unit vectors.
+    spec = DataSpec.continuous(2, 2, -1.0, 1.0)
 
     def __init__(self, num_transitions: int = 64, step: float = 0.1, noise: float = 0.02, seed: int = 0,
                  steps_per_epoch: int = 1000) -> None:
@@ -93,7 +94,7 @@ class RandomWalkDataModule(LightningDataModule):
         """The first ``min(n, len)`` transitions (all of them by default): the toy's
         studies measure on the whole trajectory."""
         n = len(self.data.obs) if n is None else min(int(n), len(self.data.obs))
-        return Transitions(*(t[:n].clone() for t in self.data))
+        return self.data.map(lambda t: t[:n].clone())
 
 
 class RandomWalkQ(QLearningModule):
@@ -116,13 +117,16 @@ class RandomWalkQ(QLearningModule):
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"RandomWalkQ: optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         self.gamma = float(gamma)
-        self.net = mlp(4, 1, hidden=hidden, activation=activation, norm=norm)
         self.register_buffer("directions", compass_directions())
+        self.build_for(RandomWalkDataModule.spec)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(self.net.parameters(), lr=self.hparams.lr)
-        return torch.optim.Adam(self.net.parameters(), lr=self.hparams.lr)
+    def build(self, spec: DataSpec) -> None:
+        hp = self.hparams
+        self.net = mlp(4, 1, hidden=hp.hidden, activation=hp.activation, norm=hp.norm)
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        cls = torch.optim.SGD if self.hparams.optimizer == "sgd" else torch.optim.Adam
+        return {"critic": cls(self.net.parameters(), lr=self.hparams.lr)}
 
     # ------------------------------------------------------------ probe protocol
     def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
@@ -143,12 +147,12 @@ class RandomWalkQ(QLearningModule):
     # --------------------------------------------------------------- the update
     def td_target(self, batch: Transitions) -> Tensor:
         with torch.no_grad():
-            return batch.rew + self.gamma * (1.0 - batch.done) * self.all_q(batch.next_obs).max(dim=1).values
+            return td_target(batch, self.all_q(batch.next_obs).max(dim=1).values, self.gamma)
 
-    def training_step(self, batch: Transitions, batch_idx: int) -> None:
-        self.updates += 1
+    def update(self, batch: Transitions) -> Tensor:
         y = self.td_target(batch)
-        loss = (self.q_value(batch.obs, batch.act) - y).pow(2).mean()
-        self.optimize(self.optimizers(), loss)
+        critic = td_loss(self.q_value(batch.obs, batch.act), y)
+        self.step("critic", critic.loss)
         if self.logging_now():
-            self.log_scalars({"train/critic_loss": loss.detach()})
+            self.log_scalars({"train/critic_loss": critic.loss.detach()})
+        return critic.td_abs

@@ -1,9 +1,14 @@
-"""What every Q-learning module shares: update counting, targets, gradient sync,
-cheap logging and evaluation episodes. Algorithms own only their losses.
+"""What every Q-learning module shares (DESIGN.md section 8): reading the data's spec,
+the update counter, optimisers by name, target updates inside the update, gradient
+sync, logging at the update count, RNG state in checkpoints, evaluation episodes.
+An algorithm owns only its networks (:meth:`build`), its losses (:meth:`update`) and
+its two policies (:meth:`act`, :meth:`explore`).
 """
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -13,51 +18,139 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from lit_qlearn.data.types import DataSpec, Transitions, data_spec
+from lit_qlearn.probe import publish
 from lit_qlearn.targets import TargetUpdate, make_target
 
-__all__ = ["QLearningModule"]
+__all__ = ["QLearningModule", "check_gamma"]
 
 
 def _no_op() -> None:
     return None
 
 
+def check_gamma(who: str, gamma: Any) -> float:
+    """``gamma`` as a float, or a ValueError naming ``who`` unless it is a number in [0, 1)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        raise ValueError(f"{who}: gamma must be a number in [0, 1), got {gamma!r}")
+    return float(gamma)
+
+
 class QLearningModule(LightningModule):
     """Base class of lit_qlearn's algorithms.
 
-    * **Update counting.** ``self.updates`` counts gradient updates (training
-      steps) and drives every cadence (targets, actor delay, evaluation); it is
-      saved in checkpoints. Lightning's ``global_step`` counts optimiser steps,
-      which with a critic and a delayed actor would not be the number of updates,
-      so only the critic's step is counted (:meth:`optimize`) and
-      ``Trainer(max_steps=n)`` means n updates.
-    * **Targets.** Subclasses create target networks with :meth:`add_target`;
-      :meth:`target_pairs` lists them and ``self.target_update`` (a
-      :class:`~lit_qlearn.targets.TargetUpdate` built from the module's
-      hyperparameters) moves them after each update, unless an
-      :class:`~lit_qlearn.callbacks.EMATarget` callback has taken over.
+    A subclass implements
+
+    * :meth:`build` ``(spec)``: create its networks for the data's
+      :class:`~lit_qlearn.data.DataSpec` (observation shape, action space), called
+      once, from the constructor when the sizes are given or from :meth:`setup`
+      when they are read from the DataModule; :attr:`action_kinds` says which kinds
+      of action space it supports, checked before ``build``;
+    * :meth:`build_optimizers` ``() -> {name: optimizer}``: ``"critic"``,
+      ``"actor"``, and any others (temperature, Lagrange multipliers);
+    * :meth:`update` ``(batch) -> |TD error| (B,) or None``: the training step,
+      targets, losses and :meth:`step` calls top to bottom. The base counts the
+      update first (``self.updates`` is 1 during the first), applies the target
+      rule after it, hands the returned per-sample |TD error| to a prioritised
+      replay buffer, and evaluates on schedule;
+    * :meth:`act` (evaluation policy) and optionally :meth:`explore` (the
+      behaviour policy an :class:`~lit_qlearn.data.OnlineDataModule` rolls).
+
+    What the base guarantees:
+
+    * **One step axis.** ``self.updates`` counts updates; only the counted
+      optimiser's steps (``"critic"``, else the first) enter ``global_step``, so
+      ``Trainer(max_steps=n)`` means n updates, and every scalar, the module's,
+      the callbacks' and evaluation's, is written at ``global_step`` = updates.
+    * **Targets inside the update.** Target networks made with :meth:`add_target`
+      are moved by ``self.target_update`` (or an
+      :class:`~lit_qlearn.callbacks.EMATarget` callback's rule) at the end of the
+      update, before any callback or checkpoint sees the step.
+    * **Exact resume.** Checkpoints hold the update count, the data spec (so
+      ``load_from_checkpoint`` needs no DataModule), and the torch, numpy and
+      Python RNG states of every rank, restored when a fit resumes.
     * **Multi-device.** Under DDP, gradients are averaged across ranks with one
-      flat all-reduce per optimiser step (:meth:`optimize`), instead of DDP's
-      reducer, which expects every parameter in every backward pass and so breaks
-      with a critic step and an actor step per batch.
-    * **Logging.** Metrics are computed and logged only on the Trainer's logging
-      steps (:meth:`logging_now`), so logging costs nothing in between.
+      flat all-reduce per optimiser step, instead of DDP's reducer, which expects
+      every parameter in every backward pass; logged scalars are rank means.
     * **Evaluation.** Every ``eval_every`` updates, ``eval_episodes`` episodes in
-      the DataModule's gymnasium environment, logged as ``eval/return`` and
-      ``eval/normalized_score``.
+      the data's environment on rank zero: ``eval/return``, ``eval/normalized_score``.
     """
+
+    #: Kinds of action space the algorithm supports: "continuous", "discrete".
+    action_kinds: tuple[str, ...] = ("continuous", "discrete")
+    eval_every: int = 0
+    eval_episodes: int = 10
 
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.updates = 0
+        self.spec: DataSpec | None = None
         self.target_update: TargetUpdate | None = None
         self._target_pairs: list[tuple[nn.Module, nn.Module]] = []
+        self._optimizer_names: list[str] = []
         self._ddp: Any = None
         self._direct_steps = False
         self._eval_env: Any = None
         self.env_id: str | None = None
         self.ref_scores: tuple[float, float] | None = None
+
+    # ------------------------------------------------------------------ the data
+    def build(self, spec: DataSpec) -> None:
+        """Create the networks for ``spec`` (observation shape, action space)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build(spec)")
+
+    def check_spec(self, spec: DataSpec) -> None:
+        """Raise a ValueError unless the algorithm supports the data's action space."""
+        kind = "discrete" if spec.discrete else "continuous"
+        if kind not in self.action_kinds:
+            raise ValueError(
+                f"{type(self).__name__} needs {' or '.join(self.action_kinds)} actions, "
+                f"the data has {spec.describe_actions()}"
+            )
+
+    def build_for(self, spec: DataSpec) -> None:
+        """Check ``spec``, then build the networks and the normalisation buffers for it."""
+        self.check_spec(spec)
+        self.spec = spec
+        # The data's state normalisation; act() and explore() apply it to raw env states.
+        shape = spec.obs_shape if len(spec.obs_shape) == 1 else ()
+        self.register_buffer("obs_mean", torch.zeros(shape))
+        self.register_buffer("obs_std", torch.ones(shape))
+        self._target_pairs.clear()
+        self.build(spec)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None:
+            if self.spec is None:
+                raise ValueError(
+                    f"{type(self).__name__}: the network sizes were not given and the Trainer has no "
+                    "DataModule to read them from"
+                )
+            return
+        spec = data_spec(dm)
+        if self.spec is None:
+            self.build_for(spec)
+        elif spec != self.spec:
+            self.check_spec(spec)
+            raise ValueError(
+                f"{type(self).__name__} was built for observations {self.spec.obs_shape} and actions "
+                f"{self.spec.describe_actions()}, but {type(dm).__name__} serves observations {spec.obs_shape} "
+                f"and actions {spec.describe_actions()}"
+            )
+        self.spec = spec
+        if spec.obs_mean is not None and self.obs_mean.dim() == 1:
+            self.obs_mean.copy_(torch.as_tensor(spec.obs_mean, dtype=torch.float32))
+            self.obs_std.copy_(torch.as_tensor(spec.obs_std, dtype=torch.float32))
+        self.env_id, self.ref_scores = spec.env_id, spec.ref_scores
+
+    def normalize(self, obs: np.ndarray | Tensor) -> Tensor:
+        """Raw environment states ``(..., *obs_shape)`` as the float tensor the networks see."""
+        x = torch.as_tensor(np.asarray(obs) if not isinstance(obs, Tensor) else obs, device=self.device)
+        if x.dtype == torch.uint8:  # images are fed as stored; the encoder scales them
+            return x
+        return (x.float() - self.obs_mean) / self.obs_std
 
     # ------------------------------------------------------------------ targets
     def add_target(self, online: nn.Module) -> nn.Module:
@@ -70,13 +163,56 @@ class QLearningModule(LightningModule):
         """The ``(online, target)`` pairs that target-update rules act on."""
         return list(self._target_pairs)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.target_update is not None:
+    # --------------------------------------------------------------- the update
+    def update(self, batch: Any) -> Tensor | None:
+        """One update on ``batch``; return the per-sample |TD error| ``(B,)`` (or None)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update(batch)")
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.updates += 1
+        td_abs = self.update(batch)
+        if self.target_update is not None and self._target_pairs:
             self.target_update.step(self._target_pairs, self.updates)
+        if td_abs is not None and isinstance(batch, Transitions) and batch.index is not None:
+            update_priorities = getattr(self.trainer.datamodule, "update_priorities", None)
+            if update_priorities is not None:
+                update_priorities(batch.index, td_abs)
         if self.eval_every and self.updates % self.eval_every == 0:
             self.log_evaluation()
+        if self.logging_now():
+            rollout = getattr(self.trainer.datamodule, "rollout_metrics", None)
+            if rollout is not None:
+                self.log_scalars(rollout(), reduce=False)
 
     # ------------------------------------------------------------ optimisation
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The algorithm's optimisers by name (``"critic"`` first when there is one)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_optimizers()")
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        optimizers = self.build_optimizers()
+        self._optimizer_names = list(optimizers)
+        return list(optimizers.values())
+
+    @property
+    def counted_optimizer(self) -> str:
+        """The optimiser whose steps ``global_step`` counts: one per update."""
+        return "critic" if "critic" in self._optimizer_names else self._optimizer_names[0]
+
+    def optimizer(self, name: str) -> Any:
+        """The (Lightning-wrapped) optimiser called ``name``."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        try:
+            return optimizers[self._optimizer_names.index(name)]
+        except ValueError:
+            raise KeyError(f"{type(self).__name__} has optimisers {self._optimizer_names}, not {name!r}") from None
+
+    def step(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
+        """One step of the optimiser ``name`` on ``loss`` (see :meth:`optimize`)."""
+        self.optimize(self.optimizer(name), loss, count_step=name == self.counted_optimizer,
+                      max_grad_norm=max_grad_norm)
+
     def on_fit_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -106,12 +242,13 @@ class QLearningModule(LightningModule):
             return False
         return not any(is_overridden(h, cb, Callback) for cb in self.trainer.callbacks for h in self._STEP_HOOKS)
 
-    def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True) -> None:
-        """One optimiser step on ``loss``: zero grads, backward, average across ranks, step.
+    def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True,
+                 max_grad_norm: float | None = None) -> None:
+        """One optimiser step on ``loss``: zero grads, backward, average across ranks,
+        clip the global gradient norm to ``max_grad_norm`` (if given), step.
 
-        ``count_step=False`` keeps the step out of Lightning's ``global_step``:
-        algorithms pass it for every optimiser but the critic's, so that
-        ``global_step`` (and ``Trainer(max_steps=...)``) counts updates.
+        ``count_step=False`` keeps the step out of Lightning's ``global_step``
+        (:meth:`step` passes it for every optimiser but the counted one).
         """
         raw = getattr(optimizer, "optimizer", optimizer)
         direct = self._direct_steps and hasattr(optimizer, "_on_after_step")
@@ -135,6 +272,8 @@ class QLearningModule(LightningModule):
             flat /= dist.get_world_size()
             for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_([p for group in raw.param_groups for p in group["params"]], max_grad_norm)
         if direct:
             # Lightning counts a LightningOptimizer's steps through these two hooks.
             if count_step:
@@ -153,17 +292,17 @@ class QLearningModule(LightningModule):
                 optimizer._on_before_step, optimizer._on_after_step = hooks
 
     @staticmethod
-    def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    def adam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Adam:
         """Adam with the fused kernel where the parameters' device has one.
 
         Mathematically the same update as ``torch.optim.Adam``'s default, about 4x
-        faster on CPU for a 256x256 twin critic (measured: 0.17 vs 0.73 ms per step).
+        faster on CPU for a 256x256 twin critic (benchmarks/results/throughput.json).
         """
         params = list(params)
         try:
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
         except (RuntimeError, ValueError):  # device or dtype without a fused kernel
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps)
 
     # ------------------------------------------------------------------ logging
     def logging_now(self) -> bool:
@@ -173,38 +312,57 @@ class QLearningModule(LightningModule):
             return False
         return self.updates % max(1, trainer.log_every_n_steps) == 0
 
-    def log_scalars(self, metrics: dict[str, Tensor | float], rank_zero_only: bool = False, **kwargs: Any) -> None:
-        """Log step scalars; under DDP they are averaged over the ranks' batches (only
-        on logging steps, so the all-reduce costs nothing in between)."""
-        sync = not rank_zero_only and self.trainer.world_size > 1
-        for name, value in metrics.items():
-            self.log(name, value, on_step=True, on_epoch=False, prog_bar=False, sync_dist=sync,
-                     rank_zero_only=rank_zero_only, **kwargs)
+    def log_scalars(self, metrics: dict[str, Tensor | float], reduce: bool = True) -> None:
+        """Write ``metrics`` at the update count to every logger and to
+        ``trainer.callback_metrics``. Under DDP, ``reduce=True`` averages them over the
+        ranks (one all-reduce; call on logging steps only, on every rank)."""
+        names = list(metrics)
+        if not names:
+            return
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=self.device).detach()
+                              for k in names])
+        if reduce and self.trainer.world_size > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        publish(self.trainer, dict(zip(names, values.cpu().tolist())), self.updates)
 
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_qlearn_updates"] = self.updates
-        # Lets `lit_qlearn.data.collect` rebuild the policy from a checkpoint alone.
+        # Lets `load_from_checkpoint` and `lit_qlearn.data.collect` rebuild the module alone.
         checkpoint["lit_qlearn_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.spec is not None:
+            checkpoint["lit_qlearn_spec"] = self.spec.to_dict()
+        state = _rng_state()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            states: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint["lit_qlearn_rng"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.updates = int(checkpoint.get("lit_qlearn_updates", 0))
+        if self.spec is None and "lit_qlearn_spec" in checkpoint:
+            self.build_for(DataSpec.from_dict(checkpoint["lit_qlearn_spec"]))
+        states = checkpoint.get("lit_qlearn_rng")
+        # Only a resumed fit takes the random state back; loading weights leaves it alone.
+        if states and self._trainer is not None and self.trainer.state.fn == "fit":
+            rank = self.trainer.global_rank
+            _set_rng_state(states[rank if rank < len(states) else 0])
 
-    # ---------------------------------------------------------------- evaluation
-    eval_every: int = 0
-    eval_episodes: int = 10
-
+    # ---------------------------------------------------------------- policies
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """The evaluation policy on raw (unnormalised) observations ``(ds,)`` or ``(B, ds)``."""
+        """The evaluation policy on raw (unnormalised) observations ``(*obs_shape)`` or ``(B, *obs_shape)``."""
         raise NotImplementedError
 
-    def _make_eval_env(self) -> Any:
-        import gymnasium as gym
+    def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
+        """The behaviour policy an online DataModule rolls, batched ``(E, *obs_shape) -> (E, ...)``;
+        ``env_step`` is the number of environment steps taken so far (for schedules).
+        Default: :meth:`act`."""
+        return self.act(obs)
 
-        if self._eval_env is None:
-            self._eval_env = gym.make(self.env_id)
-        return self._eval_env
-
+    # ---------------------------------------------------------------- evaluation
     def teardown(self, stage: str) -> None:
         if self._eval_env is not None:
             self._eval_env.close()
@@ -212,29 +370,26 @@ class QLearningModule(LightningModule):
 
     @torch.no_grad()
     def evaluate(self, episodes: int | None = None, seed: int = 10_000) -> dict[str, float]:
-        """Run ``episodes`` evaluation episodes; return mean ``return`` and ``normalized_score``."""
+        """Run ``episodes`` evaluation episodes; return mean ``return``, ``length`` and ``normalized_score``."""
+        from lit_qlearn.data.rollout import run_episodes
+
         if self.env_id is None:
             raise RuntimeError(
                 f"{type(self).__name__}.evaluate: no environment id; the DataModule has no env_id "
                 "(pass env_id= to the DataModule)"
             )
-        env = self._make_eval_env()
+        if self._eval_env is None:
+            from lit_qlearn.data.rollout import make_vector_env
+
+            self._eval_env = make_vector_env(self.env_id)
         episodes = self.eval_episodes if episodes is None else episodes
         was_training = self.training
         self.eval()
         try:
-            returns = []
-            for k in range(episodes):
-                obs, _ = env.reset(seed=seed + k)
-                total, done = 0.0, False
-                while not done:
-                    obs, reward, terminated, truncated, _ = env.step(self.act(obs))
-                    total += float(reward)
-                    done = terminated or truncated
-                returns.append(total)
+            returns, lengths = run_episodes(self._eval_env, self.act, episodes, seed=seed)
         finally:
             self.train(was_training)
-        result = {"return": float(np.mean(returns))}
+        result = {"return": float(np.mean(returns)), "length": float(np.mean(lengths))}
         result["normalized_score"] = self.normalized_score(result["return"])
         return result
 
@@ -246,11 +401,31 @@ class QLearningModule(LightningModule):
         return 100.0 * (ret - lo) / (hi - lo)
 
     def log_evaluation(self) -> None:
-        """Evaluate on rank zero and log ``eval/return`` and ``eval/normalized_score``."""
+        """Evaluate on rank zero and log ``eval/return`` and ``eval/normalized_score`` at the update."""
         if self.env_id is None or self.trainer.global_rank != 0:
             return
         result = self.evaluate()
-        metrics = {"eval/return": result["return"]}
+        metrics = {"eval/return": result["return"], "eval/length": result["length"]}
         if not math.isnan(result["normalized_score"]):
             metrics["eval/normalized_score"] = result["normalized_score"]
-        self.log_scalars(metrics, rank_zero_only=True)
+        publish(self.trainer, metrics, self.updates)
+
+
+def _rng_state() -> dict[str, Any]:
+    # numpy's state as (name, key tensor, pos, has_gauss, gauss): checkpoints stay
+    # loadable with torch.load(weights_only=True)
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

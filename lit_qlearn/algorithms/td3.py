@@ -9,41 +9,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_qlearn.algorithms.base import QLearningModule
-from lit_qlearn.data.types import Transitions
+from lit_qlearn.algorithms.base import QLearningModule, check_gamma
+from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import Actor, Critic
 from lit_qlearn.ntk import parameter_norm
 from lit_qlearn.targets import TargetUpdate
+from lit_qlearn.td import td_loss, td_target
 
 __all__ = ["TD3", "TD3BC"]
 
 
 class TD3(QLearningModule):
-    """Twin delayed DDPG. Offline, without a behaviour-cloning term, it is the
-    divergence baseline of Yue et al. (2023); :class:`TD3BC` adds the BC term.
-
-    Network sizes can be given, or left ``None`` to be read from the DataModule
-    (``observation_dim``, ``action_dim``, ``action_low``, ``action_high``) at setup.
+    """Twin delayed DDPG (Fujimoto et al. 2018). Offline, without a behaviour-cloning
+    term, it is the divergence baseline of Yue et al. (2023); :class:`TD3BC` adds the
+    BC term. The network sizes are read from the DataModule at setup unless
+    ``obs_dim`` and ``act_dim`` are given.
 
     Args:
-        gamma: discount factor.
-        critic_hidden / critic_activation / critic_norm / critic_norm_layers /
-        critic_norm_affine / critic_weight_norm / critic_dropout: the critic's
-            :func:`~lit_qlearn.networks.mlp` options; ``critic_norm="layer"`` is
-            the LayerNorm remedy of DESIGN.md 5.6.
-        num_q: number of critics (the target takes their minimum).
-        actor_hidden / actor_activation: the actor's ``mlp`` options.
-        actor_lr / critic_lr: Adam learning rates.
+        obs_dim: observation size; None reads it from the DataModule.
+        act_dim: action size; None reads it from the DataModule.
+        action_low: lower action bound(s), used with ``obs_dim`` / ``act_dim``.
+        action_high: upper action bound(s), used with ``obs_dim`` / ``act_dim``.
+        gamma: discount factor in [0, 1).
+        critic_hidden: hidden widths of each critic.
+        critic_activation: critic activation, one of relu, tanh, sin, elu, mish.
+        critic_norm: None, "layer" (the LayerNorm remedy of DESIGN.md 5.6) or "batch".
+        critic_norm_layers: indices of the hidden layers that get the norm (None: all).
+        critic_norm_affine: learnable gain and bias in the critic's norm layers.
+        critic_weight_norm: weight-normalise the critic's output layer.
+        critic_dropout: dropout rate after each hidden activation of the critic.
+        num_q: number of critics; the target takes their minimum.
+        actor_hidden: hidden widths of the actor.
+        actor_activation: actor activation.
+        actor_lr: actor Adam learning rate.
+        critic_lr: critic Adam learning rate.
         critic_weight_decay: Adam (L2) weight decay of the critic.
-        policy_noise / noise_clip: target policy smoothing, in units of the action half-range.
-        policy_freq: actor updated every ``policy_freq`` critic updates.
-        target_tau / target_every: default target rule, Polyak with ``tau`` every
-            ``target_every`` updates (``None``: ``policy_freq``, as in TD3). An
-            :class:`~lit_qlearn.callbacks.EMATarget` callback overrides it.
-        bc_alpha: ``None`` for pure TD3; else TD3+BC's alpha: the actor minimises
-            ``-lambda * Q(s, pi(s)) + (pi(s) - a)^2`` with ``lambda = alpha / mean|Q|``.
-        eval_every / eval_episodes: evaluation cadence in updates (0 disables) and episodes.
+        policy_noise: std of the target policy smoothing noise, in units of the action half-range.
+        noise_clip: clip of that noise, in the same units.
+        policy_freq: the actor (and, by default, the targets) update every ``policy_freq`` critic updates.
+        target_tau: Polyak rate of the default target rule (an EMATarget callback overrides it).
+        target_every: updates between target moves (None: ``policy_freq``, as in TD3).
+        exploration_noise: std of the Gaussian noise :meth:`explore` adds online, in half-ranges.
+        bc_alpha: None for pure TD3; else TD3+BC's alpha (actor loss -lambda Q + (pi - a)^2, lambda = alpha / mean|Q|).
+        eval_every: evaluation cadence in updates (0 disables).
+        eval_episodes: episodes per evaluation.
     """
+
+    action_kinds = ("continuous",)
 
     def __init__(
         self,
@@ -70,88 +82,47 @@ class TD3(QLearningModule):
         policy_freq: int = 2,
         target_tau: float = 0.005,
         target_every: int | None = None,
+        exploration_noise: float = 0.1,
         bc_alpha: float | None = None,
         eval_every: int = 5000,
         eval_episodes: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"{type(self).__name__}: gamma must be in [0, 1), got {gamma}")
-        if policy_freq < 1:
-            raise ValueError(f"{type(self).__name__}: policy_freq must be >= 1, got {policy_freq}")
-        self.gamma = float(gamma)
-        self.eval_every = int(eval_every)
-        self.eval_episodes = int(eval_episodes)
+        who = type(self).__name__
+        if isinstance(policy_freq, bool) or not isinstance(policy_freq, int) or policy_freq < 1:
+            raise ValueError(f"{who}: policy_freq must be an integer >= 1, got {policy_freq!r}")
+        self.gamma = check_gamma(who, gamma)
+        self.critic_options = dict(hidden=critic_hidden, activation=critic_activation, norm=critic_norm,
+                                   norm_layers=critic_norm_layers, norm_affine=critic_norm_affine,
+                                   weight_norm_output=critic_weight_norm, dropout=critic_dropout)
+        self.actor_options = dict(hidden=actor_hidden, activation=actor_activation)
+        self.num_q, self.policy_freq, self.bc_alpha = int(num_q), policy_freq, bc_alpha
+        self.policy_noise, self.noise_clip = float(policy_noise), float(noise_clip)
+        self.exploration_noise = float(exploration_noise)
+        self.actor_lr, self.critic_lr, self.critic_weight_decay = actor_lr, critic_lr, critic_weight_decay
+        self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
         self.target_update = TargetUpdate(target_tau, policy_freq if target_every is None else target_every)
         self.actor: Actor | None = None
         self.critic: Critic | None = None
         self._last: dict[str, Tensor] = {}
         if obs_dim is not None and act_dim is not None:
-            self._build(obs_dim, act_dim, action_low, action_high)
+            self.build_for(DataSpec.continuous(obs_dim, act_dim, action_low, action_high))
 
     # ---------------------------------------------------------------- networks
-    def _build(self, obs_dim: int, act_dim: int, low: Any, high: Any) -> None:
-        hp = self.hparams
-        self.critic = Critic(
-            obs_dim,
-            act_dim,
-            num_q=hp.num_q,
-            hidden=hp.critic_hidden,
-            activation=hp.critic_activation,
-            norm=hp.critic_norm,
-            norm_layers=hp.critic_norm_layers,
-            norm_affine=hp.critic_norm_affine,
-            weight_norm_output=hp.critic_weight_norm,
-            dropout=hp.critic_dropout,
-        )
-        self.actor = Actor(obs_dim, act_dim, low, high, hidden=hp.actor_hidden, activation=hp.actor_activation)
-        self._target_pairs.clear()
-        self._add_targets()
-        # State normalisation of the data, applied by act() in evaluation and collection.
-        self.register_buffer("obs_mean", torch.zeros(obs_dim))
-        self.register_buffer("obs_std", torch.ones(obs_dim))
+    def build(self, spec: DataSpec) -> None:
+        self.critic = Critic(spec.obs_dim, spec.action_dim, num_q=self.num_q, **self.critic_options)
+        self.actor = Actor(spec.obs_dim, spec.action_dim, spec.action_low, spec.action_high, **self.actor_options)
+        self.add_targets()
 
-    def _add_targets(self) -> None:
+    def add_targets(self) -> None:
+        """Target copies of the critic and the actor (TD3's ``Q'`` and ``mu'``)."""
         self.critic_target = self.add_target(self.critic)
         self.actor_target = self.add_target(self.actor)
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
-            if self.critic is None:
-                raise ValueError(
-                    f"{type(self).__name__}: obs_dim and act_dim were not given and the Trainer has no "
-                    "DataModule to read them from"
-                )
-            return
-        dims = {name: getattr(dm, name, None) for name in ("observation_dim", "action_dim")}
-        if any(v is None for v in dims.values()):
-            raise ValueError(f"{type(dm).__name__} must provide observation_dim and action_dim, got {dims}")
-        if self.critic is None:
-            low = np.asarray(dm.action_low, dtype=np.float32).tolist()
-            high = np.asarray(dm.action_high, dtype=np.float32).tolist()
-            self.hparams.update(
-                obs_dim=int(dims["observation_dim"]), act_dim=int(dims["action_dim"]), action_low=low, action_high=high
-            )
-            self._build(self.hparams.obs_dim, self.hparams.act_dim, low, high)
-        elif (self.hparams.obs_dim, self.hparams.act_dim) != (dims["observation_dim"], dims["action_dim"]):
-            raise ValueError(
-                f"{type(self).__name__} was built for obs_dim={self.hparams.obs_dim}, act_dim={self.hparams.act_dim} "
-                f"but {type(dm).__name__} serves observation_dim={dims['observation_dim']}, "
-                f"action_dim={dims['action_dim']}"
-            )
-        if getattr(dm, "obs_mean", None) is not None:
-            self.obs_mean.copy_(torch.as_tensor(np.asarray(dm.obs_mean), dtype=torch.float32))
-            self.obs_std.copy_(torch.as_tensor(np.asarray(dm.obs_std), dtype=torch.float32))
-        self.env_id = getattr(dm, "env_id", None)
-        self.ref_scores = getattr(dm, "ref_scores", None)
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
-        critic_opt = self.adam(self.critic.parameters(), lr=hp.critic_lr, weight_decay=hp.critic_weight_decay)
-        actor_opt = self.adam(self.actor.parameters(), lr=hp.actor_lr)
-        return [critic_opt, actor_opt]
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"critic": self.adam(self.critic.parameters(), lr=self.critic_lr, weight_decay=self.critic_weight_decay),
+                "actor": self.adam(self.actor.parameters(), lr=self.actor_lr)}
 
     # ------------------------------------------------------------ probe protocol
     def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
@@ -170,51 +141,58 @@ class TD3(QLearningModule):
         :class:`~lit_qlearn.callbacks.PreQNLineSearch`)."""
         return [self.critic.q_function(i) for i in range(self.critic.num_q)]
 
+    # ---------------------------------------------------------------- policies
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
-        return self.actor((x - self.obs_mean) / self.obs_std).cpu().numpy()
+        return self.actor(self.normalize(obs)).cpu().numpy()
+
+    @torch.no_grad()
+    def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
+        """``mu(s)`` plus Gaussian noise of std ``exploration_noise`` half-ranges, clipped to the bounds."""
+        actor = self.actor
+        a = actor(self.normalize(obs))
+        a = a + torch.randn_like(a) * self.exploration_noise * actor.action_scale
+        return torch.clamp(a, actor.action_low, actor.action_high).cpu().numpy()
 
     # --------------------------------------------------------------- the update
-    def td_target(self, batch: Transitions) -> Tensor:
-        """``y = r + gamma (1 - done) min_i Q'_i(s', clip(mu'(s') + clipped noise))``, shape ``(B,)``."""
-        hp = self.hparams
+    def next_value(self, batch: Transitions) -> Tensor:
+        """TD3's ``V(s') = min_i Q'_i(s', clip(mu'(s') + clipped noise))``, shape ``(B,)``."""
         actor = self.actor_target
-        noise = (torch.randn_like(batch.act) * hp.policy_noise).clamp(-hp.noise_clip, hp.noise_clip)
-        next_act = actor(batch.next_obs) + noise * actor.action_scale
-        next_act = torch.clamp(next_act, actor.action_low, actor.action_high)
-        target_q = self.critic_target(batch.next_obs, next_act).min(dim=0).values
-        return batch.rew + self.gamma * (1.0 - batch.done) * target_q
+        noise = (torch.randn_like(batch.act) * self.policy_noise).clamp(-self.noise_clip, self.noise_clip)
+        next_act = torch.clamp(actor(batch.next_obs) + noise * actor.action_scale, actor.action_low, actor.action_high)
+        return self.critic_target(batch.next_obs, next_act).min(dim=0).values
+
+    def td_target(self, batch: Transitions) -> Tensor:
+        """The TD target :func:`~lit_qlearn.td.td_target` with :meth:`next_value`, shape ``(B,)``."""
+        with torch.no_grad():
+            return td_target(batch, self.next_value(batch), self.gamma)
 
     def actor_loss(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> Tensor:
         """``-Q(s, pi(s))``, plus TD3+BC's normalised BC term when ``bc_alpha`` is set."""
-        alpha = self.hparams.bc_alpha
-        if alpha is None:
+        if self.bc_alpha is None:
             return -q_pi.mean()
-        lmbda = alpha / q_pi.abs().mean().detach()
+        lmbda = self.bc_alpha / q_pi.abs().mean().detach()
         return -lmbda * q_pi.mean() + F.mse_loss(pi, batch.act)
 
-    def training_step(self, batch: Transitions, batch_idx: int) -> None:
-        self.updates += 1
-        critic_opt, actor_opt = self.optimizers()
-        with torch.no_grad():
-            y = self.td_target(batch)
+    def update(self, batch: Transitions) -> Tensor:
+        y = self.td_target(batch)
         q = self.critic(batch.obs, batch.act)  # (num_q, B)
-        critic_loss = (q - y).pow(2).mean(dim=1).sum()
-        self.optimize(critic_opt, critic_loss)
-        if self.updates % self.hparams.policy_freq == 0:
-            self.actor_update(batch, actor_opt, count_step=False)
+        critic = td_loss(q, y, batch.weight)
+        self.step("critic", critic.loss)
+        if self.updates % self.policy_freq == 0:
+            self.actor_update(batch)
         if self.logging_now():
-            self.log_update(batch, critic_loss.detach(), q[0].detach())
+            self.log_update(batch, critic.loss.detach(), q[0].detach())
+        return critic.td_abs
 
-    def actor_update(self, batch: Transitions, actor_opt: Any, count_step: bool = False) -> None:
+    def actor_update(self, batch: Transitions) -> None:
         """One actor step on :meth:`actor_loss` (the critic gets no gradients)."""
         self.critic.requires_grad_(False)
         try:
             pi = self.actor(batch.obs)
             q_pi = self.q_value(batch.obs, pi)
             actor_loss = self.actor_loss(batch, pi, q_pi)
-            self.optimize(actor_opt, actor_loss, count_step=count_step)
+            self.step("actor", actor_loss)
         finally:
             self.critic.requires_grad_(True)
         self._last = {"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()}
@@ -230,14 +208,18 @@ class TD3(QLearningModule):
         with torch.no_grad():
             metrics["params/critic_norm"] = parameter_norm(self.critic.parameters())
         metrics.update(extra or {})
-        self.log_scalars(metrics, batch_size=batch.obs.shape[0])
+        self.log_scalars(metrics)
 
 
 class TD3BC(TD3):
     """TD3+BC (Fujimoto & Gu 2021): TD3 whose actor also clones the data's actions.
 
     Defaults are the paper's: alpha 2.5, policy noise 0.2, noise clip 0.5, actor
-    every 2 updates, Adam 3e-4, gamma 0.99 (batch 256 is the DataModule's).
+    every 2 updates, Adam 3e-4, gamma 0.99 (batch 256 is the DataModule's); the
+    other arguments are :class:`TD3`'s.
+
+    Args:
+        bc_alpha: alpha of the actor loss -lambda Q(s, pi(s)) + (pi(s) - a)^2, lambda = alpha / mean|Q|.
     """
 
     def __init__(self, *args: Any, bc_alpha: float = 2.5, **kwargs: Any) -> None:

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_qlearn.data.d4rl import DatasetError, one_line, write_d4rl
+from lit_qlearn.data.rollout import Rollout, make_env, make_vector_env
 
 __all__ = [
     "REF_SCORES",
@@ -86,14 +87,6 @@ def normalized_score(returns: float | np.ndarray, ref: tuple[float, float]) -> f
     return 100.0 * (np.asarray(returns, dtype=np.float64) - lo) / (hi - lo)
 
 
-def make_env(env_id: str, **kwargs: Any) -> gym.Env:
-    """``gymnasium.make`` with a :class:`DatasetError` naming ``env_id`` on failure."""
-    try:
-        return gym.make(env_id, **kwargs)
-    except Exception as e:  # gymnasium raises several error types for unknown / broken ids
-        raise DatasetError(f"env_id {env_id!r} cannot be made: {type(e).__name__}: {one_line(e)}") from e
-
-
 # ------------------------------------------------------------------------- policies
 
 
@@ -143,14 +136,6 @@ def load_policy(policy: str | os.PathLike | Policy, env: gym.Env) -> tuple[Polic
     raise DatasetError(f"policy {os.fspath(policy)!r} is not 'random', a callable, or a .ckpt file")
 
 
-def _as_action(action: Any, space: gym.Space) -> Any:
-    if isinstance(space, gym.spaces.Discrete):
-        return int(np.asarray(action).reshape(()))
-    # clip like the env's own actuators do, so the stored action is the one applied
-    a = np.asarray(action, dtype=space.dtype).reshape(space.shape)
-    return np.clip(a, space.low, space.high)
-
-
 # ----------------------------------------------------------------------- collection
 
 
@@ -180,13 +165,15 @@ def collect(
     """
     if steps < 2:
         raise DatasetError(f"steps must be >= 2 to give one transition, got {steps}")
-    env = make_env(env_id, **({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+    limits = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+    envs = make_vector_env(env_id, 1, **limits)
     try:
-        act, description = load_policy(policy, env)
-        space = env.action_space
-        env.action_space.seed(seed)
-        obs, _ = env.reset(seed=seed)
-        obs_dim = int(np.prod(env.observation_space.shape))
+        act, description = load_policy(policy, envs.envs[0])
+        space = envs.single_action_space
+        rollout = Rollout(envs, seed=seed)
+        rollout.reset()
+        batch_act = None if description == "random" else (lambda obs: np.asarray(act(obs[0].copy()))[None])
+        obs_dim = int(np.prod(envs.single_observation_space.shape))
         discrete = isinstance(space, gym.spaces.Discrete)
         observations = np.empty((steps, obs_dim), np.float32)
         next_observations = np.empty((steps, obs_dim), np.float32)
@@ -194,22 +181,17 @@ def collect(
         rewards = np.empty(steps, np.float64)
         terminals = np.zeros(steps, bool)
         timeouts = np.zeros(steps, bool)
-        returns, episode_return = [], 0.0
         for t in range(steps):
-            observations[t] = np.ravel(obs)
-            action = _as_action(act(observations[t].copy()), space)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            actions[t], rewards[t], next_observations[t] = action, reward, np.ravel(obs)
-            terminals[t], timeouts[t] = terminated, truncated and not terminated
-            episode_return += float(reward)
-            if terminated or truncated:
-                returns.append(episode_return)
-                episode_return = 0.0
-                obs, _ = env.reset()
+            step = rollout.step(batch_act)
+            observations[t], next_observations[t] = np.ravel(step.obs[0]), np.ravel(step.next_obs[0])
+            actions[t], rewards[t] = step.act[0], step.rew[0]
+            terminals[t], timeouts[t] = step.terminated[0], step.truncated[0] and not step.terminated[0]
+        returns = [r for r, _ in rollout.episodes]
         timeouts[-1] |= not terminals[-1]
-        limit = env.spec.max_episode_steps if env.spec is not None else None
+        spec = envs.envs[0].spec
+        limit = spec.max_episode_steps if spec is not None else None
     finally:
-        env.close()
+        envs.close()
 
     mean_return = float(np.mean(returns)) if returns else float("nan")
     metadata: dict[str, Any] = {

@@ -21,7 +21,7 @@ from lit_qlearn.data.collect import (
 )
 from lit_qlearn.data.d4rl import DatasetError, read_d4rl, read_d4rl_metadata, resolve_dataset_path
 from lit_qlearn.data.minari import read_minari, read_minari_metadata
-from lit_qlearn.data.types import Transitions
+from lit_qlearn.data.types import DataSpec, Transitions
 
 __all__ = ["OfflineDataModule", "REWARD_TRANSFORMS", "subset_indices", "trajectory_returns", "transform_rewards"]
 
@@ -306,6 +306,16 @@ class OfflineDataModule(L.LightningDataModule):
         self._buffer = torch.from_numpy(np.ascontiguousarray(np.concatenate(columns, axis=1), dtype=np.float32))
         self._loaded = True
 
+    @property
+    def spec(self) -> DataSpec:
+        """What the algorithms read at setup: shapes, action space, normalisation, env, scores."""
+        self._require()
+        extra = dict(obs_mean=tuple(map(float, self.obs_mean)), obs_std=tuple(map(float, self.obs_std)),
+                     env_id=self.env_id, ref_scores=self.ref_scores)
+        if self.discrete:
+            return DataSpec((self.observation_dim,), num_actions=self.action_dim, **extra)
+        return DataSpec.continuous(self.observation_dim, self.action_dim, self.action_low, self.action_high, **extra)
+
     def _require(self) -> None:
         if not self._loaded:
             self.setup("fit")
@@ -322,9 +332,9 @@ class OfflineDataModule(L.LightningDataModule):
 
     def _columns(self, rows: Tensor) -> Transitions:
         """Split buffer rows ``(B, 2 ds + da + 2)`` into a Transitions of column views."""
-        obs, act, rew, next_obs, done = rows.split(self._split, dim=1)
+        obs, act, rew, next_obs, terminated = rows.split(self._split, dim=1)
         act = act.squeeze(1).long() if self.discrete else act
-        return Transitions(obs, act, rew.squeeze(1), next_obs, done.squeeze(1))
+        return Transitions(obs, act, rew.squeeze(1), next_obs, terminated.squeeze(1))
 
     def _gather(self, idx: Tensor) -> Transitions:
         return self._columns(self._buffer.index_select(0, idx))
@@ -332,7 +342,7 @@ class OfflineDataModule(L.LightningDataModule):
     @property
     def data(self) -> Transitions:
         """All kept transitions: obs, next_obs ``(M, ds)`` normalised, act ``(M, da)``
-        (``(M,)`` int64 if discrete), rew, done ``(M,)``: float32 column views of the one
+        (``(M,)`` int64 if discrete), rew, terminated ``(M,)``: float32 column views of the one
         contiguous buffer the batches are gathered from (no copy; do not write to them)."""
         self._require()
         return self._columns(self._buffer)
@@ -362,7 +372,7 @@ class OfflineDataModule(L.LightningDataModule):
         if isinstance(batch, Transitions):
             if batch.obs.device == device:
                 return batch
-            return Transitions(*(t.to(device, non_blocking=True) for t in batch))
+            return batch.map(lambda t: t.to(device, non_blocking=True))
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def probe_batch(self, n: int | None = None, seed: int = 0) -> Transitions:

@@ -14,7 +14,7 @@ from lit_qlearn.data import OfflineDataModule
 class FirstBatch(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
-            self.batch = [t.clone() for t in batch]
+            self.batch = [t.clone() for t in batch[:5]]
 
 
 def run(cls, callbacks, dataset):

@@ -86,8 +86,10 @@ def test_bad_arguments_are_named():
         preconditioned_step(net, (obs, act), delta, shrink=1.5)
     with pytest.raises(ValueError, match="31 TD errors"):
         preconditioned_step(net, (obs, act), delta[:31])
-    with pytest.raises(ValueError, match="policy_freq is fixed"):
-        PreQN(obs_dim=5, act_dim=1, policy_freq=2)
+    # What PreQN fixes or has not (target networks, a critic optimiser) is not an argument at all.
+    for option in ("policy_freq", "critic_lr", "target_tau", "num_q"):
+        with pytest.raises(TypeError, match=option):
+            PreQN(obs_dim=5, act_dim=1, **{option: 2})
     with pytest.raises(ValueError, match="ntk_method"):
         PreQN(obs_dim=5, act_dim=1, ntk_method="magic")
     with pytest.raises(ValueError, match="max_shrinks"):

@@ -1,0 +1,176 @@
+"""DQN (Mnih et al. 2015) with double Q-learning (van Hasselt et al. 2016) and the
+dueling head (Wang et al. 2016). n-step returns and prioritised replay are options of
+the :class:`~lit_qlearn.data.OnlineDataModule`, not subclasses: a batch carries its
+``discount`` and importance ``weight``, and :meth:`DQN.update` returns the |TD error|
+that the prioritised buffer takes as new priorities."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lit_qlearn.algorithms.base import QLearningModule, check_gamma
+from lit_qlearn.data.types import DataSpec, Transitions
+from lit_qlearn.networks import DiscreteQNetwork
+from lit_qlearn.ntk import DiscreteQ, parameter_norm
+from lit_qlearn.targets import TargetUpdate
+from lit_qlearn.td import TD_LOSSES, td_loss, td_target
+
+__all__ = ["DQN"]
+
+
+class DQN(QLearningModule):
+    """Deep Q-network for discrete actions, on vector or image observations.
+
+    ``V(s') = Q'(s', argmax_a Q(s', a))`` with ``double=True``, else
+    ``max_a Q'(s', a)``; the target network follows the one
+    :class:`~lit_qlearn.targets.TargetUpdate` rule (a hard copy every
+    ``target_every`` updates by default, Polyak with ``target_tau < 1``). Exploration
+    is epsilon-greedy with epsilon falling linearly from ``epsilon_start`` to
+    ``epsilon_end`` over ``epsilon_steps`` environment steps. Defaults follow
+    Stable-Baselines3's DQN (Huber loss, Adam 1e-4, gradient norm clipped at 10,
+    epsilon 1 -> 0.05), with double Q-learning on.
+
+    Args:
+        obs_shape: observation shape; None reads it from the DataModule.
+        num_actions: number of actions; None reads it from the DataModule.
+        gamma: discount factor in [0, 1).
+        hidden: hidden widths of the Q-head (after the convolutional encoder for images).
+        activation: activation of the head, one of relu, tanh, sin, elu, mish.
+        norm: None, "layer" (LayerNorm, DESIGN.md 5.6) or "batch" in the head.
+        norm_layers: indices of the hidden layers that get the norm (None: all).
+        norm_affine: learnable gain and bias in the norm layers.
+        weight_norm: weight-normalise the head's output layer.
+        dropout: dropout rate after each hidden activation.
+        dueling: the dueling head Q = V + A - mean A.
+        double: double Q-learning: the online network picks the next action, the target network values it.
+        loss: "huber" (smooth L1, threshold 1) or "mse".
+        lr: Adam learning rate.
+        adam_eps: Adam epsilon.
+        max_grad_norm: clip the gradient's global norm (None: no clipping).
+        target_tau: 1 for hard copies, < 1 for Polyak averaging.
+        target_every: updates between target moves.
+        epsilon_start: exploration epsilon at the first environment step.
+        epsilon_end: exploration epsilon after ``epsilon_steps``.
+        epsilon_steps: environment steps over which epsilon falls linearly.
+        eval_every: evaluation cadence in updates (0 disables).
+        eval_episodes: episodes per evaluation.
+    """
+
+    action_kinds = ("discrete",)
+
+    def __init__(
+        self,
+        obs_shape: Sequence[int] | None = None,
+        num_actions: int | None = None,
+        gamma: float = 0.99,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        norm: str | None = None,
+        norm_layers: Sequence[int] | None = None,
+        norm_affine: bool = True,
+        weight_norm: bool = False,
+        dropout: float = 0.0,
+        dueling: bool = False,
+        double: bool = True,
+        loss: str = "huber",
+        lr: float = 1e-4,
+        adam_eps: float = 1e-8,
+        max_grad_norm: float | None = 10.0,
+        target_tau: float = 1.0,
+        target_every: int = 1000,
+        epsilon_start: float = 1.0,
+        epsilon_end: float = 0.05,
+        epsilon_steps: int = 10_000,
+        eval_every: int = 0,
+        eval_episodes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in TD_LOSSES:
+            raise ValueError(f"DQN: loss must be one of {TD_LOSSES}, got {loss!r}")
+        for name, value in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"DQN: {name} must be in [0, 1], got {value!r}")
+        if isinstance(epsilon_steps, bool) or not isinstance(epsilon_steps, int) or epsilon_steps < 1:
+            raise ValueError(f"DQN: epsilon_steps must be an integer >= 1, got {epsilon_steps!r}")
+        self.gamma = check_gamma("DQN", gamma)
+        self.net_options = dict(hidden=hidden, activation=activation, norm=norm, norm_layers=norm_layers,
+                                norm_affine=norm_affine, weight_norm_output=weight_norm, dropout=dropout)
+        self.dueling, self.double, self.loss = bool(dueling), bool(double), loss
+        self.lr, self.adam_eps, self.max_grad_norm = lr, adam_eps, max_grad_norm
+        self.epsilon_start, self.epsilon_end, self.epsilon_steps = epsilon_start, epsilon_end, epsilon_steps
+        self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
+        self.target_update = TargetUpdate(target_tau, target_every)
+        self.q_net: DiscreteQNetwork | None = None
+        if obs_shape is not None and num_actions is not None:
+            self.build_for(DataSpec(tuple(obs_shape), num_actions=int(num_actions)))
+
+    # ---------------------------------------------------------------- networks
+    def build(self, spec: DataSpec) -> None:
+        self.q_net = DiscreteQNetwork(spec.obs_shape, spec.num_actions, dueling=self.dueling, **self.net_options)
+        self.q_target = self.add_target(self.q_net)
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"critic": self.adam(self.q_net.parameters(), lr=self.lr, eps=self.adam_eps)}
+
+    # ------------------------------------------------------------ probe protocol
+    def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
+        """``Q(s, a)`` of the chosen actions ``(N,)`` (int64), shape ``(N,)``."""
+        return self.q_net(obs).gather(1, act.long().reshape(-1, 1)).squeeze(1)
+
+    def greedy_action(self, obs: Tensor) -> Tensor:
+        """``argmax_a Q(s, a)`` ``(N,)``: the action the bootstrap target uses."""
+        return self.q_net(obs).argmax(dim=1)
+
+    def q_network(self) -> nn.Module:
+        return DiscreteQ(self.q_net)
+
+    # ---------------------------------------------------------------- policies
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.greedy_action(self._batched(obs)).cpu().numpy().reshape(np.shape(obs)[:-len(self.spec.obs_shape)])
+
+    def _batched(self, obs: np.ndarray) -> Tensor:
+        x = self.normalize(obs)
+        return x.reshape(-1, *self.spec.obs_shape)
+
+    def epsilon(self, env_step: int) -> float:
+        """Linear schedule from ``epsilon_start`` to ``epsilon_end`` over ``epsilon_steps`` env steps."""
+        fraction = min(1.0, env_step / self.epsilon_steps)
+        return self.epsilon_start + fraction * (self.epsilon_end - self.epsilon_start)
+
+    @torch.no_grad()
+    def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
+        """Epsilon-greedy on a batch of states ``(E, *obs_shape) -> (E,)``."""
+        greedy = self.greedy_action(self._batched(obs))
+        random_actions = torch.randint(self.spec.num_actions, greedy.shape, device=greedy.device)
+        explore = torch.rand(greedy.shape, device=greedy.device) < self.epsilon(env_step)
+        return torch.where(explore, random_actions, greedy).cpu().numpy()
+
+    # --------------------------------------------------------------- the update
+    def next_value(self, batch: Transitions) -> Tensor:
+        """``V(s')``: the target network at the online argmax (double) or its max, ``(B,)``."""
+        target_q = self.q_target(batch.next_obs)
+        if self.double:
+            return target_q.gather(1, self.greedy_action(batch.next_obs).unsqueeze(1)).squeeze(1)
+        return target_q.max(dim=1).values
+
+    def td_target(self, batch: Transitions) -> Tensor:
+        """The TD target :func:`~lit_qlearn.td.td_target` with :meth:`next_value`, shape ``(B,)``."""
+        with torch.no_grad():
+            return td_target(batch, self.next_value(batch), self.gamma)
+
+    def update(self, batch: Transitions) -> Tensor:
+        y = self.td_target(batch)
+        q = self.q_value(batch.obs, batch.act)
+        critic = td_loss(q, y, batch.weight, kind=self.loss)
+        self.step("critic", critic.loss, max_grad_norm=self.max_grad_norm)
+        if self.logging_now():
+            with torch.no_grad():
+                self.log_scalars({"train/critic_loss": critic.loss.detach(), "q/data_mean": q.detach().mean(),
+                                  "train/td_abs_mean": critic.td_abs.mean(),
+                                  "params/critic_norm": parameter_norm(self.q_net.parameters())})
+        return critic.td_abs

@@ -1,0 +1,318 @@
+"""Online replay: :class:`OnlineDataModule` steps gymnasium environments with the
+module's behaviour policy into a replay buffer and serves minibatches from it."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_qlearn.data.collect import reference_scores
+from lit_qlearn.data.d4rl import DatasetError
+from lit_qlearn.data.replay import PrioritizedReplayBuffer, ReplayBuffer
+from lit_qlearn.data.rollout import Rollout, make_vector_env
+from lit_qlearn.data.types import DataSpec, Transitions
+
+__all__ = ["OnlineDataModule"]
+
+
+class _Stream(IterableDataset):
+    """``steps_per_epoch`` batches per epoch from the DataModule's one continuing stream."""
+
+    def __init__(self, dm: OnlineDataModule) -> None:
+        self.dm = dm
+
+    def __len__(self) -> int:
+        return self.dm.hparams.steps_per_epoch
+
+    def __iter__(self) -> Iterator[Transitions]:
+        for _ in range(len(self)):
+            yield self.dm.next_batch()
+
+
+def _identity(batch: Transitions) -> Transitions:
+    return batch
+
+
+class OnlineDataModule(L.LightningDataModule):
+    """Replay over gymnasium environments, for DQN, DDPG, TD3, SAC and any module with
+    ``explore(obs, env_step)``.
+
+    Before every training phase the environments are stepped ``train_freq`` times
+    (counted over all sub-environments) with the module's ``explore`` policy, then
+    ``gradient_steps`` batches are served: ``train_freq=1, gradient_steps=1`` is one
+    environment step per update; ``train_freq=256, gradient_steps=128`` is the
+    rl-baselines3-zoo CartPole schedule. The first ``learning_starts`` environment
+    steps are taken at setup with uniformly random actions, so the buffer (and
+    :meth:`probe_batch`, and with it every monitor) is ready when training starts.
+
+    ``terminated`` and ``truncated`` are kept apart (a truncated step bootstraps
+    from its final state), gymnasium's autoreset is handled by
+    :class:`~lit_qlearn.data.rollout.Rollout`, and n-step returns are assembled at
+    insertion (``n_step``; each batch carries its ``discount`` gamma^k). Under DDP
+    each rank steps its own environments (seeds ``seed + 1000 * rank``) into its own
+    buffer; :meth:`probe_batch` serves rank zero's probe set to every rank.
+
+    Args:
+        env_id: gymnasium environment id.
+        num_envs: sub-environments stepped together (per rank).
+        capacity: replay buffer size in transitions (per rank).
+        learning_starts: random-action environment steps before the first update.
+        batch_size: transitions per batch.
+        n_step: n of the n-step returns (1: one-step TD).
+        prioritized: proportional prioritised replay (Schaul et al. 2016).
+        alpha: priority exponent of prioritised replay.
+        beta: initial importance-sampling exponent, annealed linearly to 1.
+        beta_steps: updates over which beta reaches 1 (None: the Trainer's max_steps).
+        train_freq: environment steps (over all sub-environments) per training phase.
+        gradient_steps: updates per training phase.
+        buffer_device: where the buffer lives: "cpu" or "module" (the training device).
+        save_buffer: put the buffer and the environments' state into checkpoints (exact resume; can be large).
+        max_episode_steps: override of the environment's time limit.
+        seed: seed of the environments, the random prefill and the batch sampler.
+        steps_per_epoch: batches per Lightning epoch (use Trainer(max_steps=...) to stop).
+        probe_size: default n of :meth:`probe_batch`.
+    """
+
+    def __init__(
+        self,
+        env_id: str = "CartPole-v1",
+        num_envs: int = 1,
+        capacity: int = 100_000,
+        learning_starts: int = 1000,
+        batch_size: int = 256,
+        n_step: int = 1,
+        prioritized: bool = False,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        beta_steps: int | None = None,
+        train_freq: int = 1,
+        gradient_steps: int = 1,
+        buffer_device: str = "cpu",
+        save_buffer: bool = True,
+        max_episode_steps: int | None = None,
+        seed: int = 0,
+        steps_per_epoch: int = 1000,
+        probe_size: int = 2560,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("num_envs", num_envs, 1), ("capacity", capacity, 1),
+                                 ("learning_starts", learning_starts, 1), ("batch_size", batch_size, 1),
+                                 ("n_step", n_step, 1), ("train_freq", train_freq, 1),
+                                 ("gradient_steps", gradient_steps, 1), ("steps_per_epoch", steps_per_epoch, 1),
+                                 ("probe_size", probe_size, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise DatasetError(f"OnlineDataModule: {name} must be an integer >= {low}, got {value!r}")
+        if learning_starts < batch_size:
+            raise DatasetError(f"OnlineDataModule: learning_starts ({learning_starts}) must be at least "
+                               f"batch_size ({batch_size}), so that the first batch can be drawn")
+        if not 0.0 <= beta <= 1.0:
+            raise DatasetError(f"OnlineDataModule: beta must be in [0, 1], got {beta!r}")
+        if buffer_device not in ("cpu", "module"):
+            raise DatasetError(f"OnlineDataModule: buffer_device must be 'cpu' or 'module', got {buffer_device!r}")
+        self.save_hyperparameters()
+        self.env_id = env_id
+        self.rollout: Rollout | None = None
+        self.buffer: ReplayBuffer | None = None
+        self._spec: DataSpec | None = None
+        self._since_phase = 0  # batches served since the last collection phase
+        self._episodes: list[tuple[float, int]] = []
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._spec = self._read_spec()
+
+    # ----------------------------------------------------------------- the spec
+    def _read_spec(self) -> DataSpec:
+        from lit_qlearn.data.rollout import make_env
+
+        env = make_env(self.env_id)
+        obs_space, act_space = env.observation_space, env.action_space
+        env.close()
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise DatasetError(f"OnlineDataModule: env {self.env_id!r} has observation space {obs_space}; "
+                               "a Box is supported")
+        extra = dict(obs_dtype=str(obs_space.dtype), env_id=self.env_id, ref_scores=reference_scores(self.env_id))
+        if isinstance(act_space, gym.spaces.Discrete):
+            if act_space.start != 0:
+                raise DatasetError(f"OnlineDataModule: env {self.env_id!r} has {act_space}; actions must start at 0")
+            return DataSpec(tuple(obs_space.shape), num_actions=int(act_space.n), **extra)
+        if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
+            return DataSpec(tuple(obs_space.shape), action_low=tuple(map(float, act_space.low)),
+                            action_high=tuple(map(float, act_space.high)), **extra)
+        raise DatasetError(f"OnlineDataModule: env {self.env_id!r} has action space {act_space}; "
+                           "Discrete or a 1-D Box is supported")
+
+    @property
+    def spec(self) -> DataSpec:
+        return self._spec
+
+    # ------------------------------------------------------------------ set-up
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_rank if trainer is not None else 0
+
+    def _module(self) -> Any:
+        trainer = getattr(self, "trainer", None)
+        return trainer.lightning_module if trainer is not None else None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.buffer is not None or stage not in (None, "fit"):
+            return
+        hp = self.hparams
+        module = self._module()
+        # n-step returns discount with the algorithm's own gamma
+        gamma = getattr(module, "gamma", None)
+        if gamma is None:
+            raise DatasetError("OnlineDataModule needs the module's gamma for its n-step returns; "
+                               f"{type(module).__name__} has none")
+        rank_seed = hp.seed + 1000 * self._rank()
+        kwargs = {"max_episode_steps": hp.max_episode_steps} if hp.max_episode_steps else {}
+        self.rollout = Rollout(make_vector_env(self.env_id, hp.num_envs, **kwargs), seed=rank_seed)
+        spec = self._spec
+        obs_dtype = torch.uint8 if spec.obs_dtype == "uint8" else torch.float32
+        act = dict(act_shape=(), act_dtype=torch.int64) if spec.discrete else dict(act_shape=(spec.action_dim,))
+        device = self.trainer.strategy.root_device if hp.buffer_device == "module" else torch.device("cpu")
+        options = dict(obs_dtype=obs_dtype, device=device, num_envs=hp.num_envs, n_step=hp.n_step, gamma=gamma, **act)
+        if hp.prioritized:
+            self.buffer = PrioritizedReplayBuffer(hp.capacity, spec.obs_shape, alpha=hp.alpha, **options)
+        else:
+            self.buffer = ReplayBuffer(hp.capacity, spec.obs_shape, **options)
+        self._generator = torch.Generator(device=device).manual_seed(rank_seed)
+        if self._pending_state is not None:  # a checkpoint was loaded before setup
+            self._restore(self._pending_state)
+            self._pending_state = None
+        else:
+            self.rollout.reset()
+            while self.rollout.env_steps < hp.learning_starts:
+                self._add(self.rollout.step())  # uniformly random actions
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
+
+    # ---------------------------------------------------------------- stepping
+    def _add(self, step: Any) -> None:
+        if not step.valid.all():  # only NEXT_STEP autoreset makes invalid rows; our envs reset in the step
+            raise RuntimeError("OnlineDataModule: a vector environment with NEXT_STEP autoreset is not supported")
+        self.buffer.add(step.obs, step.act, step.rew, step.next_obs, step.terminated, step.truncated)
+        self._episodes.extend(self.rollout.episodes)
+        self.rollout.episodes.clear()
+
+    @torch.no_grad()
+    def collect(self, env_steps: int) -> None:
+        """Step the environments ``env_steps`` times (rounded up to whole vector steps)
+        with the module's ``explore(obs, env_step)``."""
+        module = self._module()
+        explore = getattr(module, "explore", None)
+        if not callable(explore):
+            raise TypeError(f"OnlineDataModule needs the module's explore(obs, env_step) -> actions; "
+                            f"{type(module).__name__} has none")
+        for _ in range(math.ceil(env_steps / self.hparams.num_envs)):
+            self._add(self.rollout.step(lambda obs: explore(obs, self.rollout.env_steps)))
+
+    def next_batch(self) -> Transitions:
+        """The next minibatch; a collection phase first when one is due."""
+        hp = self.hparams
+        if self._since_phase % hp.gradient_steps == 0:
+            self.collect(hp.train_freq)
+            self._since_phase = 0
+        self._since_phase += 1
+        if isinstance(self.buffer, PrioritizedReplayBuffer):
+            return self.buffer.sample(hp.batch_size, beta=self.beta, generator=self._generator)
+        return self.buffer.sample(hp.batch_size, generator=self._generator)
+
+    @property
+    def beta(self) -> float:
+        """The importance-sampling exponent now: ``beta`` annealed linearly to 1 over ``beta_steps`` updates."""
+        hp = self.hparams
+        trainer = getattr(self, "trainer", None)
+        steps = hp.beta_steps or (trainer.max_steps if trainer is not None and trainer.max_steps > 0 else 100_000)
+        done = trainer.global_step if trainer is not None else 0
+        return hp.beta + (1.0 - hp.beta) * min(1.0, done / steps)
+
+    def update_priorities(self, index: Tensor, td_abs: Tensor) -> None:
+        """New priorities ``(|TD error| + eps)^alpha`` of the sampled slots (prioritised replay only)."""
+        if isinstance(self.buffer, PrioritizedReplayBuffer):
+            self.buffer.update_priorities(index, td_abs)
+
+    def rollout_metrics(self) -> dict[str, float]:
+        """``rollout/env_steps`` (this rank's) and the mean return and length of the
+        episodes finished since the last call."""
+        metrics = {"rollout/env_steps": float(self.rollout.env_steps)}
+        if self._episodes:
+            metrics["rollout/episode_return"] = float(np.mean([r for r, _ in self._episodes]))
+            metrics["rollout/episode_length"] = float(np.mean([n for _, n in self._episodes]))
+            self._episodes = []
+        return metrics
+
+    # ----------------------------------------------------------------- batches
+    def train_dataloader(self) -> DataLoader:
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        return DataLoader(_Stream(self), batch_size=None, num_workers=0, collate_fn=_identity)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, Transitions):
+            return batch if batch.obs.device == device else batch.map(lambda t: t.to(device, non_blocking=True))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def probe_batch(self, n: int | None = None, seed: int = 0) -> Transitions:
+        """A fixed probe set of ``min(n, len(buffer))`` distinct buffered transitions drawn
+        with a generator seeded by ``seed``; under DDP every rank gets rank zero's."""
+        if self.buffer is None or len(self.buffer) == 0:
+            raise DatasetError("OnlineDataModule.probe_batch: the buffer is empty (call setup('fit') first)")
+        n = self.hparams.probe_size if n is None else n
+        perm = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(seed))[:n]
+        probe = self.buffer._gather(perm.to(self.buffer.device)).map(lambda t: t.cpu())
+        probe = probe._replace(index=None, weight=None)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            probe = trainer.strategy.broadcast(probe, src=0)
+        return probe
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return {}
+        state: dict[str, Any] = {"since_phase": self._since_phase, "generator": self._generator.get_state(),
+                                 "env_steps": self.rollout.env_steps}
+        if self.hparams.save_buffer:
+            import cloudpickle
+
+            state["buffer"] = self.buffer.state_dict()
+            # The environments' own state (physics and RNG), so a resumed run steps on identically.
+            blob = cloudpickle.dumps((self.rollout.envs, self.rollout.obs, self.rollout._return, self.rollout._length))
+            state["envs"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.buffer is None:
+            self._pending_state = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        import pickle
+
+        self._since_phase = int(state["since_phase"])
+        self._generator.set_state(state["generator"])
+        if "buffer" not in state:
+            warnings.warn("OnlineDataModule: the checkpoint holds no replay buffer (save_buffer=False); "
+                          "resuming with a buffer refilled by random actions", stacklevel=2)
+            self.rollout.reset()
+            while len(self.buffer) < self.hparams.learning_starts:
+                self._add(self.rollout.step())
+            return
+        self.buffer.load_state_dict(state["buffer"])
+        envs, obs, ret, length = pickle.loads(state["envs"].numpy().tobytes())
+        self.rollout.envs.close()
+        self.rollout.envs, self.rollout.obs, self.rollout._return, self.rollout._length = envs, obs, ret, length
+        self.rollout.env_steps = int(state["env_steps"])

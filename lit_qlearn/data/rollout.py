@@ -1,0 +1,142 @@
+"""The one environment loop: evaluation, :func:`~lit_qlearn.data.collect` and
+:class:`~lit_qlearn.data.OnlineDataModule` all step environments through :class:`Rollout`.
+
+It keeps ``terminated`` (the bootstrap is cut) apart from ``truncated`` (a time
+limit: the transition bootstraps from its final state), and handles gymnasium 1.x
+vector autoreset once, in both modes:
+
+* ``SAME_STEP`` (what :class:`Rollout` asks for when it makes the environments):
+  a finished sub-environment is reset inside the same ``step``; the true final
+  observation is ``info["final_obs"]``, so every step yields a transition;
+* ``NEXT_STEP`` (gymnasium's default, for vector environments the user brings):
+  the step after an episode ends only resets that sub-environment; it is not a
+  transition and is marked invalid.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from lit_qlearn.data.d4rl import DatasetError, one_line
+
+__all__ = ["make_env", "make_vector_env", "Rollout", "Step", "run_episodes"]
+
+BatchPolicy = Callable[[np.ndarray], np.ndarray]
+
+
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gymnasium.make`` with a :class:`DatasetError` naming ``env_id`` on failure."""
+    try:
+        return gym.make(env_id, **kwargs)
+    except Exception as e:  # gymnasium raises several error types for unknown / broken ids
+        raise DatasetError(f"env_id {env_id!r} cannot be made: {type(e).__name__}: {one_line(e)}") from e
+
+
+def make_vector_env(env_id: str, num_envs: int = 1, **kwargs: Any) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``env_id`` stepped in this process, autoreset in the same step."""
+    make_env(env_id, **kwargs).close()  # a bad id fails here, with its name
+    return gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **kwargs) for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+@dataclass
+class Step:
+    """One vector step: rows are sub-environments ``(E, ...)``; ``valid`` marks the
+    rows that are transitions (False only for NEXT_STEP reset steps)."""
+
+    obs: np.ndarray
+    act: np.ndarray
+    rew: np.ndarray
+    next_obs: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    valid: np.ndarray
+
+
+class Rollout:
+    """Steps a vector environment with a batched policy ``obs (E, *obs_shape) -> act (E, ...)``.
+
+    Keeps the current observations, counts ``env_steps`` (transitions, over all
+    sub-environments) and records finished episodes' returns and lengths in
+    ``episodes`` (a list of ``(return, length)``, drained by the caller).
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, seed: int | None = None) -> None:
+        self.envs = envs
+        self.num_envs = envs.num_envs
+        mode = envs.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
+        if mode == gym.vector.AutoresetMode.DISABLED:
+            raise ValueError("Rollout: the vector environment has autoreset disabled; use SAME_STEP or NEXT_STEP")
+        self.same_step = mode == gym.vector.AutoresetMode.SAME_STEP
+        self.seed = seed
+        self.env_steps = 0
+        self.episodes: list[tuple[float, int]] = []
+        self.obs: np.ndarray | None = None
+        self._resetting = np.zeros(self.num_envs, dtype=bool)
+        self._return = np.zeros(self.num_envs)
+        self._length = np.zeros(self.num_envs, dtype=np.int64)
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        seed = self.seed if seed is None else seed
+        self.obs, _ = self.envs.reset(seed=seed)
+        if seed is not None:
+            self.envs.action_space.seed(seed)
+        self._resetting[:] = False
+        self._return[:] = 0.0
+        self._length[:] = 0
+        return self.obs
+
+    def step(self, policy: BatchPolicy | None = None, actions: np.ndarray | None = None) -> Step:
+        """One step of every sub-environment with ``policy(obs)`` (or the given ``actions``;
+        neither: the action space's random sample)."""
+        if self.obs is None:
+            self.reset()
+        obs = self.obs
+        if actions is None:
+            actions = policy(obs) if policy is not None else self.envs.action_space.sample()
+        actions = _clip(np.asarray(actions), self.envs.single_action_space).reshape(self.envs.action_space.shape)
+        next_obs, rew, terminated, truncated, info = self.envs.step(actions)
+        valid = ~self._resetting
+        final = next_obs
+        done = terminated | truncated
+        if self.same_step and done.any():
+            final = next_obs.copy()
+            final_obs = info["final_obs"]
+            for i in np.flatnonzero(done):
+                final[i] = final_obs[i]
+        step = Step(obs, actions, np.asarray(rew, dtype=np.float32), final, terminated.astype(bool),
+                    truncated.astype(bool), valid)
+        self._return += np.where(valid, rew, 0.0)
+        self._length += valid
+        for i in np.flatnonzero(done & valid):
+            self.episodes.append((float(self._return[i]), int(self._length[i])))
+            self._return[i], self._length[i] = 0.0, 0
+        self.env_steps += int(valid.sum())
+        self._resetting = done & ~np.asarray(self.same_step)
+        self.obs = next_obs
+        return step
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def _clip(actions: np.ndarray, space: gym.Space) -> np.ndarray:
+    # Clip like the env's actuators do, so a stored action is the one applied.
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(actions.astype(space.dtype), space.low, space.high)
+    return actions
+
+
+def run_episodes(env: gym.vector.VectorEnv, policy: BatchPolicy, episodes: int, seed: int = 0) -> tuple[list, list]:
+    """Roll ``policy`` until ``episodes`` episodes have finished (the first ones to finish
+    over the sub-environments, from a reset seeded with ``seed``); ``(returns, lengths)``."""
+    rollout = Rollout(env, seed=seed)
+    rollout.reset()
+    while len(rollout.episodes) < episodes:
+        rollout.step(policy)
+    done = rollout.episodes[:episodes]
+    return [r for r, _ in done], [n for _, n in done]
