@@ -25,9 +25,12 @@ class EMATarget(Callback):
     error at set-up or fit start, before the first update.
 
     Attached to a ``Trainer`` it takes precedence over the module's own default
-    rule (its hyperparameters), which is restored when fitting ends. The update
-    count is saved in checkpoints, so a resumed run keeps the cadence; the target
-    weights themselves are part of the module's ``state_dict``.
+    rule (its hyperparameters), which is restored when fitting ends. A module with a
+    ``target_update`` attribute (every lit_qlearn algorithm) applies the rule itself,
+    at the end of each update and at its own update count, so a checkpoint never
+    holds a target one step stale; for any other module the callback moves the
+    targets after each training batch and keeps its own count, saved in checkpoints.
+    The target weights themselves are part of the module's ``state_dict``.
     """
 
     def __init__(self, tau: float = 0.005, every: int = 1) -> None:
@@ -37,6 +40,7 @@ class EMATarget(Callback):
             raise ValueError(f"EMATarget: {err}") from None
         self.updates = 0
         self._module_rule: Any = None
+        self._applied_by_module = False
 
     @classmethod
     def hard(cls, every: int) -> EMATarget:
@@ -62,9 +66,11 @@ class EMATarget(Callback):
                 f"EMATarget needs {type(pl_module).__name__}.target_pairs() -> [(online, target), ...]; "
                 "the module declares no target networks"
             )
-        if hasattr(pl_module, "target_update"):
-            # The Trainer's instance takes precedence over the module's default rule.
-            self._module_rule, pl_module.target_update = pl_module.target_update, None
+        self._applied_by_module = hasattr(pl_module, "target_update")
+        if self._applied_by_module:
+            # The Trainer's rule takes precedence over the module's default; the module
+            # applies it inside its update (QLearningModule.training_step).
+            self._module_rule, pl_module.target_update = pl_module.target_update, self.rule
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Checked here, not in setup: callbacks' setup runs before the module's, which may
@@ -78,10 +84,12 @@ class EMATarget(Callback):
             )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if hasattr(pl_module, "target_update") and pl_module.target_update is None:
+        if getattr(self, "_applied_by_module", False) and pl_module.target_update is self.rule:
             pl_module.target_update = self._module_rule
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if getattr(self, "_applied_by_module", False):
+            return
         self.updates += 1
         self.rule.step(pl_module.target_pairs(), self.updates)
 
