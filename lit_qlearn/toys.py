@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+import gymnasium as gym
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
@@ -30,7 +32,7 @@ from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import StateActionQ, mlp
 from lit_qlearn.td import td_loss, td_target
 
-__all__ = ["compass_directions", "random_walk", "RandomWalkDataModule", "RandomWalkQ"]
+__all__ = ["compass_directions", "random_walk", "RandomWalkDataModule", "RandomWalkQ", "ChainEnv"]
 
 
 def compass_directions() -> Tensor:
@@ -156,3 +158,49 @@ class RandomWalkQ(QLearningModule):
         if self.logging_now():
             self.log_scalars({"train/critic_loss": critic.loss.detach()})
         return critic.td_abs
+
+
+class ChainEnv(gym.Env):
+    """A discrete chain MDP with a known Q*, as a gymnasium environment
+    (``gymnasium.make("lit_qlearn.toys:Chain-v0")``).
+
+    States ``0 .. n-1`` (one-hot observations), action 1 moves right, action 0 left
+    (state 0 stays). Moving right from the last state pays 1 and terminates; every
+    other step pays 0. Episodes start in a uniformly random state and are truncated
+    after ``max_episode_steps`` (8 by default), so many transitions are truncated,
+    and a learner that cut the bootstrap there would be biased low. Closed form
+    (:meth:`optimal_q`): ``Q*(s, right) = gamma^(n-1-s)``,
+    ``Q*(s, left) = gamma * Q*(max(s-1, 0), right)``.
+    """
+
+    metadata: dict = {"render_modes": []}
+
+    def __init__(self, num_states: int = 5) -> None:
+        self.num_states = int(num_states)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (self.num_states,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.state = 0
+
+    def _obs(self) -> np.ndarray:
+        return np.eye(self.num_states, dtype=np.float32)[self.state]
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.state = int(self.np_random.integers(self.num_states))
+        return self._obs(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if int(action) == 1 and self.state == self.num_states - 1:
+            return self._obs(), 1.0, True, False, {}
+        self.state = min(self.state + 1, self.num_states - 1) if int(action) == 1 else max(self.state - 1, 0)
+        return self._obs(), 0.0, False, False, {}
+
+    @staticmethod
+    def optimal_q(gamma: float, num_states: int = 5) -> np.ndarray:
+        """``Q*(s, a)`` as an ``(num_states, 2)`` array (columns: left, right)."""
+        right = gamma ** (num_states - 1 - np.arange(num_states))
+        left = gamma * right[np.maximum(np.arange(num_states) - 1, 0)]
+        return np.stack([left, right], axis=1)
+
+
+gym.register("Chain-v0", entry_point=ChainEnv, max_episode_steps=8)

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# The test networks are small: one intra-op thread is faster than two, and a DDP test's two
+# processes (or anything else on the machine) do not fight over the cores.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHAIN_STATES = 5
 

@@ -381,7 +381,7 @@ class QLearningModule(LightningModule):
         if self._eval_env is None:
             from lit_qlearn.data.rollout import make_vector_env
 
-            self._eval_env = make_vector_env(self.env_id)
+            self._eval_env = make_vector_env(self.env_id, 1, self.spec.env_wrapper if self.spec else None)
         episodes = self.eval_episodes if episodes is None else episodes
         was_training = self.training
         self.eval()

@@ -76,6 +76,7 @@ class OnlineDataModule(L.LightningDataModule):
         buffer_device: where the buffer lives: "cpu" or "module" (the training device).
         save_buffer: put the buffer and the environments' state into checkpoints (exact resume; can be large).
         max_episode_steps: override of the environment's time limit.
+        env_wrapper: None, or "atari" (Nature-DQN preprocessing and a 4-frame stack, see make_env).
         seed: seed of the environments, the random prefill and the batch sampler.
         steps_per_epoch: batches per Lightning epoch (use Trainer(max_steps=...) to stop).
         probe_size: default n of :meth:`probe_batch`.
@@ -98,6 +99,7 @@ class OnlineDataModule(L.LightningDataModule):
         buffer_device: str = "cpu",
         save_buffer: bool = True,
         max_episode_steps: int | None = None,
+        env_wrapper: str | None = None,
         seed: int = 0,
         steps_per_epoch: int = 1000,
         probe_size: int = 2560,
@@ -132,13 +134,14 @@ class OnlineDataModule(L.LightningDataModule):
     def _read_spec(self) -> DataSpec:
         from lit_qlearn.data.rollout import make_env
 
-        env = make_env(self.env_id)
+        env = make_env(self.env_id, self.hparams.env_wrapper)
         obs_space, act_space = env.observation_space, env.action_space
         env.close()
         if not isinstance(obs_space, gym.spaces.Box):
             raise DatasetError(f"OnlineDataModule: env {self.env_id!r} has observation space {obs_space}; "
                                "a Box is supported")
-        extra = dict(obs_dtype=str(obs_space.dtype), env_id=self.env_id, ref_scores=reference_scores(self.env_id))
+        extra = dict(obs_dtype=str(obs_space.dtype), env_id=self.env_id, env_wrapper=self.hparams.env_wrapper,
+                     ref_scores=reference_scores(self.env_id))
         if isinstance(act_space, gym.spaces.Discrete):
             if act_space.start != 0:
                 raise DatasetError(f"OnlineDataModule: env {self.env_id!r} has {act_space}; actions must start at 0")
@@ -174,7 +177,7 @@ class OnlineDataModule(L.LightningDataModule):
                                f"{type(module).__name__} has none")
         rank_seed = hp.seed + 1000 * self._rank()
         kwargs = {"max_episode_steps": hp.max_episode_steps} if hp.max_episode_steps else {}
-        self.rollout = Rollout(make_vector_env(self.env_id, hp.num_envs, **kwargs), seed=rank_seed)
+        self.rollout = Rollout(make_vector_env(self.env_id, hp.num_envs, hp.env_wrapper, **kwargs), seed=rank_seed)
         spec = self._spec
         obs_dtype = torch.uint8 if spec.obs_dtype == "uint8" else torch.float32
         act = dict(act_shape=(), act_dtype=torch.int64) if spec.discrete else dict(act_shape=(spec.action_dim,))

@@ -28,18 +28,40 @@ __all__ = ["make_env", "make_vector_env", "Rollout", "Step", "run_episodes"]
 BatchPolicy = Callable[[np.ndarray], np.ndarray]
 
 
-def make_env(env_id: str, **kwargs: Any) -> gym.Env:
-    """``gymnasium.make`` with a :class:`DatasetError` naming ``env_id`` on failure."""
+WRAPPERS = (None, "atari")
+
+
+def make_env(env_id: str, wrapper: str | None = None, **kwargs: Any) -> gym.Env:
+    """``gymnasium.make`` with a :class:`DatasetError` naming ``env_id`` on failure.
+
+    ``wrapper="atari"``: gymnasium's Atari preprocessing as in the Nature DQN (no-op
+    starts, frame skip 4 with max-pooling, 84x84 grey frames, terminal on life loss
+    off) and a stack of the last 4 frames, giving uint8 observations ``(4, 84, 84)``;
+    ALE environments need ``ale-py`` (the ``atari`` extra), which ships the games.
+    """
+    if wrapper not in WRAPPERS:
+        raise DatasetError(f"env wrapper must be one of {WRAPPERS}, got {wrapper!r}")
+    if wrapper == "atari":
+        try:
+            import ale_py
+        except ImportError as e:
+            raise DatasetError(f"env_id {env_id!r} with wrapper='atari' needs ale-py: pip install 'lit-qlearn[atari]'") from e
+        gym.register_envs(ale_py)
+        kwargs = {"frameskip": 1, "repeat_action_probability": 0.0, **kwargs}
     try:
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
     except Exception as e:  # gymnasium raises several error types for unknown / broken ids
         raise DatasetError(f"env_id {env_id!r} cannot be made: {type(e).__name__}: {one_line(e)}") from e
+    if wrapper == "atari":
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+        env = gym.wrappers.FrameStackObservation(env, 4)
+    return env
 
 
-def make_vector_env(env_id: str, num_envs: int = 1, **kwargs: Any) -> gym.vector.VectorEnv:
-    """``num_envs`` copies of ``env_id`` stepped in this process, autoreset in the same step."""
-    make_env(env_id, **kwargs).close()  # a bad id fails here, with its name
-    return gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **kwargs) for _ in range(num_envs)],
+def make_vector_env(env_id: str, num_envs: int = 1, wrapper: str | None = None, **kwargs: Any) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of :func:`make_env` stepped in this process, autoreset in the same step."""
+    make_env(env_id, wrapper, **kwargs).close()  # a bad id fails here, with its name
+    return gym.vector.SyncVectorEnv([lambda: make_env(env_id, wrapper, **kwargs) for _ in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 

@@ -65,6 +65,7 @@ class DataSpec:
     obs_mean: tuple[float, ...] | None = field(default=None, compare=False)
     obs_std: tuple[float, ...] | None = field(default=None, compare=False)
     env_id: str | None = field(default=None, compare=False)
+    env_wrapper: str | None = field(default=None, compare=False)  # see lit_qlearn.data.rollout.make_env
     ref_scores: tuple[float, float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
