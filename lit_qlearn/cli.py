@@ -1,35 +1,40 @@
 """The ``lit-qlearn`` command.
 
 * ``lit-qlearn fit --config configs/td3bc_hopper.yaml`` — LightningCLI: any
-  algorithm of :mod:`lit_qlearn.algorithms` over an
-  :class:`~lit_qlearn.data.OfflineDataModule` (``--help`` lists every option).
+  algorithm of :mod:`lit_qlearn.algorithms` over any DataModule
+  (:class:`~lit_qlearn.data.OfflineDataModule`, :class:`~lit_qlearn.data.OnlineDataModule`);
+  ``--help`` lists every option, ``--model.help lit_qlearn.algorithms.TD3`` an algorithm's.
 * ``lit-qlearn collect ENV_ID PATH --policy random --steps N --seed S`` — roll a
   policy in a gymnasium environment and write a D4RL-format HDF5 file.
-* ``lit-qlearn demo`` — generate the embedded default dataset if absent, train
-  TD3+BC briefly on it, print the evaluation and where the TensorBoard logs are.
+* ``lit-qlearn demo`` — generate the embedded default dataset if absent, train TD3
+  without target averaging with a plain and a LayerNorm critic under SEEMMonitor,
+  NTKGramCallback and CrashPredictor, print the comparison and draw it
+  (:mod:`lit_qlearn.demo`; ``--algo td3bc``: train TD3+BC and evaluate it).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "demo", "collect_main", "fit_main"]
 
 
 def fit_main(args: Sequence[str]) -> None:
+    from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningCLI
 
     from lit_qlearn.algorithms import QLearningModule
-    from lit_qlearn.data import OfflineDataModule
 
     LightningCLI(
         QLearningModule,
-        OfflineDataModule,
+        LightningDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         args=["fit", *args],
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
     )
 
 
@@ -47,58 +52,49 @@ def collect_main(args: Sequence[str]) -> None:
     print(f"wrote {path}")
 
 
-def demo(args: Sequence[str] = ()) -> dict[str, float]:
-    """Train TD3+BC on the embedded default dataset and print the evaluation."""
-    parser = argparse.ArgumentParser(prog="lit-qlearn demo", description=demo.__doc__)
-    parser.add_argument("--dataset", default="default", help="dataset path or name (default: generated Hopper-v5 data)")
-    parser.add_argument("--steps", type=int, default=3000, help="gradient updates")
-    parser.add_argument("--layernorm", action="store_true", help="LayerNorm in the critic")
-    parser.add_argument("--episodes", type=int, default=5, help="evaluation episodes")
-    parser.add_argument("--logdir", default="lightning_logs", help="TensorBoard log directory")
-    parser.add_argument("--seed", type=int, default=0)
-    ns = parser.parse_args(list(args))
+def demo(args: Sequence[str] = ()) -> Any:
+    """``lit-qlearn demo``: the logic lives in :mod:`lit_qlearn.demo`; a bad dataset or
+    option is one line on stderr and exit status 2, not a traceback."""
+    from lit_qlearn.data import DatasetError
+    from lit_qlearn.demo import main as demo_main
 
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
+    try:
+        return demo_main(args)
+    except (DatasetError, FileNotFoundError, ValueError) as err:
+        message = " ".join(str(err).split())
+        print(f"lit-qlearn demo: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
-    from lit_qlearn.algorithms import TD3BC
-    from lit_qlearn.data import OfflineDataModule
 
-    L.seed_everything(ns.seed, verbose=False)
-    dm = OfflineDataModule(ns.dataset, seed=ns.seed)
-    dm.prepare_data()  # generates the default dataset on first use (~20 s), outside the timing
-    dm.setup("fit")
-    model = TD3BC(critic_norm="layer" if ns.layernorm else None, eval_every=0)
-    logger = TensorBoardLogger(ns.logdir, name="demo")
-    trainer = L.Trainer(
-        max_steps=ns.steps,
-        logger=logger,
-        log_every_n_steps=50,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, dm)
-    seconds = time.perf_counter() - start
-    result = model.evaluate(ns.episodes)
-    print(
-        f"TD3+BC on {dm.env_id} ({dm.num_transitions} transitions): {model.updates} updates in {seconds:.1f} s "
-        f"({model.updates / seconds:.0f} updates/s)"
-    )
-    print(f"evaluation over {ns.episodes} episodes: return {result['return']:.1f}, "
-          f"normalized score {result['normalized_score']:.1f}")
-    print(f"TensorBoard: tensorboard --logdir {logger.log_dir}")
-    return result
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input can cause: reported in one line, not a traceback."""
+    from jsonargparse import ArgumentError
+
+    from lit_qlearn.data import DatasetError
+    from lit_qlearn.probe import ProbeProtocolError
+
+    return DatasetError, ProbeProtocolError, ArgumentError, FileNotFoundError, ValueError, TypeError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run a command; a user error prints ``lit-qlearn CMD: error: ...`` (one line) and
+    exits with status 2 (``LIT_QLEARN_TRACEBACK=1`` shows the traceback instead)."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"fit": fit_main, "collect": collect_main, "demo": demo}
     if not argv or argv[0] not in commands:
-        print(__doc__.strip(), file=sys.stderr)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    commands[argv[0]](argv[1:])
+        wanted_help = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip(), file=sys.stdout if wanted_help else sys.stderr)
+        raise SystemExit(0 if wanted_help else 2)
+    try:
+        commands[argv[0]](argv[1:])
+    except _user_errors() as err:
+        if os.environ.get("LIT_QLEARN_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split())
+        print(f"lit-qlearn {argv[0]}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ def test_collect_command_writes_a_d4rl_file(hopper):
 
 def test_fit_command_with_an_example_config(hopper, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(ROOT / "configs/td3_no_ema_layernorm.yaml"), "--data.dataset", str(hopper),
-          "--data.batch_size", "32", "--trainer.max_steps", "6", "--model.init_args.eval_every", "0",
+    main(["fit", "--config", str(ROOT / "configs/td3_no_ema_layernorm.yaml"), "--data.init_args.dataset", str(hopper),
+          "--data.init_args.batch_size", "32", "--trainer.max_steps", "6", "--model.init_args.eval_every", "0",
           "--trainer.enable_progress_bar", "false"])
     logs = list((tmp_path / "lightning_logs" / "td3_no_ema").glob("version_*"))
     assert len(logs) == 1
@@ -51,3 +51,45 @@ def test_unknown_command_exits_with_usage(capsys):
         main(["train"])
     assert exc.value.code == 2
     assert "lit-qlearn fit" in capsys.readouterr().err
+
+
+def test_fit_online_dqn_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs/dqn_cartpole.yaml"), "--trainer.max_steps", "4",
+          "--data.init_args.learning_starts", "64", "--model.init_args.eval_every", "0",
+          "--trainer.enable_progress_bar", "false"])
+    (log,) = (tmp_path / "lightning_logs" / "dqn_cartpole").glob("version_*")
+    assert "lit_qlearn.data.OnlineDataModule" in (log / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["fit", "--model", "lit_qlearn.algorithms.TD3", "--data", "lit_qlearn.data.OnlineDataModule",
+      "--trainer.max_steps", "1", "--trainer.logger", "false"],
+     "TD3 needs continuous actions, the data has Discrete(2)"),
+    (["fit", "--model", "lit_qlearn.algorithms.DQN", "--data", "lit_qlearn.data.OfflineDataModule",
+      "--data.init_args.dataset", "/nonexistent/file.hdf5"], "/nonexistent/file.hdf5"),
+    (["fit", "--model", "lit_qlearn.algorithms.TD3", "--model.init_args.gamma", "1.5", "--data",
+      "lit_qlearn.data.OfflineDataModule"], "gamma"),
+    (["fit", "--model.nonsense", "3"], "nonsense"),
+    (["collect", "NoSuchEnv-v0", "x.hdf5", "--steps", "10"], "NoSuchEnv-v0"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, expected, capsys, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "lit_qlearn.cli", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_goes_to_stdout():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lit_qlearn.cli", "--help"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0 and "lit-qlearn fit" in proc.stdout and not proc.stderr.strip()

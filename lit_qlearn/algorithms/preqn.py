@@ -80,7 +80,9 @@ class PreQN(TD3):
                          actor_hidden=actor_hidden, actor_activation=actor_activation, actor_lr=actor_lr,
                          policy_noise=0.0, policy_freq=1, exploration_noise=exploration_noise,
                          eval_every=eval_every, eval_episodes=eval_episodes)
-        # PreQN's own arguments only: TD3's fixed ones are not options of PreQN.
+        # PreQN's own arguments only (what load_from_checkpoint passes back): TD3's fixed
+        # ones are not options of PreQN.
+        self.hparams.clear()
         self.save_hyperparameters()
         self.preqn = dict(lr=preqn_lr, cos_threshold=cos_threshold, shrink=shrink, max_shrinks=max_shrinks,
                           rcond=rcond, method=ntk_method)

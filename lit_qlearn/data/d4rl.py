@@ -132,6 +132,9 @@ def validate_arrays(arrays: Mapping[str, Any], source: str) -> None:
         if arrays.get(key) is None:
             raise DatasetError(f"{source}: required key {key!r} is missing (expected a {shape} array)")
     n = len(arrays["observations"])
+    if n == 0:
+        raise DatasetError(f"{source}: holds no rows (key 'observations' has length 0; expected at least one "
+                           "transition)")
     for key, (shape, ranks) in {**REQUIRED_KEYS, **OPTIONAL_KEYS}.items():
         x = arrays.get(key)
         if x is None:

@@ -364,7 +364,9 @@ class OfflineDataModule(L.LightningDataModule):
             hp = self.hparams
             self._batches = _RandomBatches(self._gather, self.num_transitions, hp.batch_size, hp.steps_per_epoch,
                                            hp.seed, lambda: self.trainer)
-        return _ResumableLoader(self._batches, batch_size=None, num_workers=0, collate_fn=_identity)
+        # its own generator: making the iterator then draws nothing from the global RNG (exact resume)
+        return _ResumableLoader(self._batches, batch_size=None, num_workers=0, collate_fn=_identity,
+                                generator=torch.Generator())
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Batches are Transitions of five tensors: move them directly rather than walk

@@ -258,7 +258,9 @@ class OnlineDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------- batches
     def train_dataloader(self) -> DataLoader:
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-        return DataLoader(_Stream(self), batch_size=None, num_workers=0, collate_fn=_identity)
+        # its own generator: making the iterator then draws nothing from the global RNG (exact resume)
+        return DataLoader(_Stream(self), batch_size=None, num_workers=0, collate_fn=_identity,
+                          generator=torch.Generator())
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, Transitions):

@@ -183,3 +183,14 @@ def test_all_rows_timeouts_leaves_no_transitions(arrays, h5_file):
     a["timeouts"][:] = True
     with pytest.raises(DatasetError, match="no transitions left"):
         read_d4rl(h5_file("t.hdf5", a))
+
+
+def test_a_dataset_with_zero_rows_is_a_dataset_error(tmp_path):
+    import h5py
+
+    path = tmp_path / "empty.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"] = np.zeros((0, 3), np.float32), np.zeros((0, 2), np.float32)
+        f["rewards"], f["terminals"], f["timeouts"] = np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, bool)
+    with pytest.raises(DatasetError, match="empty.hdf5: holds no rows"):
+        read_d4rl(path)

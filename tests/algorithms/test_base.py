@@ -1,0 +1,224 @@
+"""The contract every algorithm shares (DESIGN.md section 8), and the TD target / loss."""
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_qlearn.algorithms import DQN, TD3, TD3BC, PreQN
+from lit_qlearn.callbacks import EMATarget, SEEMMonitor
+from lit_qlearn.data import DataSpec, OfflineDataModule, OnlineDataModule, Transitions
+from lit_qlearn.probe import ProbeProtocolError, bootstrap_target, check_probe_module
+from lit_qlearn.td import td_loss, td_target
+from tests.conftest import CHAIN_STATES
+
+
+def fit(module, dm, steps, ckpt_path=None, **kwargs):
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu")
+    options.update(kwargs)
+    trainer = L.Trainer(max_steps=steps, **options)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def batch_of(n=5, discount=None, weight=None):
+    g = torch.Generator().manual_seed(0)
+    return Transitions(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g), torch.randn(n, generator=g),
+                       torch.randn(n, 3, generator=g), torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0])[:n], discount, weight)
+
+
+# ---------------------------------------------------------------- the TD target and loss
+def test_td_target_by_hand():
+    b = batch_of()
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    expected = [b.rew[i].item() + 0.9 * (1 - b.terminated[i].item()) * v[i].item() for i in range(5)]
+    torch.testing.assert_close(td_target(b, v, 0.9), torch.tensor(expected))
+    # n-step: the per-sample discount gamma^k replaces gamma; a terminated sample never bootstraps
+    nstep = b._replace(discount=torch.tensor([0.9, 0.81, 0.729, 1.0, 0.5]))
+    expected = [b.rew[i].item() + [0.9, 0.81, 0.729, 1.0, 0.5][i] * (1 - b.terminated[i].item()) * v[i].item()
+                for i in range(5)]
+    torch.testing.assert_close(td_target(nstep, v, 0.9), torch.tensor(expected))
+
+
+def test_td_loss_weights_members_and_huber_by_hand():
+    y = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    q = torch.tensor([[0.5, 1.0, 4.0, 3.0], [1.0, 0.0, 2.0, 2.0]])  # two critic members
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    out = td_loss(q, y, w)
+    member = [(w * (q[i] - y) ** 2).mean() for i in range(2)]
+    torch.testing.assert_close(out.loss, member[0] + member[1])
+    torch.testing.assert_close(out.td_abs, ((q - y).abs()).mean(0))
+    huber = td_loss(q[0], y, kind="huber")
+    # smooth L1 with threshold 1: 0.5 d^2 for |d| < 1, |d| - 0.5 beyond
+    torch.testing.assert_close(huber.loss, torch.tensor([0.125, 0.0, 1.5, 0.0]).mean())
+    torch.testing.assert_close(huber.td_abs, torch.tensor([0.5, 0.0, 2.0, 0.0]))
+    assert not out.td_abs.requires_grad
+
+
+def test_probe_bootstrap_is_the_one_td_target(tiny_td3bc):
+    module, _ = tiny_td3bc()
+    b = Transitions(torch.eye(CHAIN_STATES), torch.zeros(CHAIN_STATES, 1), torch.ones(CHAIN_STATES),
+                    torch.eye(CHAIN_STATES).roll(1, 0), torch.tensor([0.0, 0, 0, 0, 1]),
+                    discount=torch.full((CHAIN_STATES,), 0.5))
+    with torch.no_grad():
+        v = module.q_value(b.next_obs, module.actor(b.next_obs))
+    torch.testing.assert_close(bootstrap_target(module, b), 1 + 0.5 * (1 - b.terminated) * v)
+
+
+# ------------------------------------------------------------------------- the data spec
+def test_spec_is_read_once_and_checked(tiny_td3bc, chain_file):
+    _, dm = tiny_td3bc()
+    module = TD3(eval_every=0, critic_hidden=(8,), actor_hidden=(8,))
+    fit(module, dm, 1)
+    assert module.spec == DataSpec.continuous(CHAIN_STATES, 1, -1.0, 1.0)
+    assert module.spec.describe_actions() == "Box(-1.0, 1.0, (1,))"
+    # normalisation comes from the data's spec
+    dm2 = OfflineDataModule(str(chain_file), normalize_states=True)
+    module2 = TD3(eval_every=0, critic_hidden=(8,), actor_hidden=(8,))
+    fit(module2, dm2, 1)
+    np.testing.assert_allclose(module2.obs_mean.numpy(), dm2.obs_mean)
+    np.testing.assert_allclose(module2.obs_std.numpy(), dm2.obs_std)
+
+
+def test_checkpoint_rebuilds_any_algorithm_without_sizes(tmp_path):
+    L.seed_everything(0, verbose=False)
+    module = DQN(eval_every=0, hidden=(8,))
+    trainer = fit(module, OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=64, batch_size=32), 3)
+    trainer.save_checkpoint(tmp_path / "dqn.ckpt")
+    loaded = DQN.load_from_checkpoint(tmp_path / "dqn.ckpt")
+    assert loaded.spec == module.spec and loaded.updates == 3
+    obs = np.eye(5, dtype=np.float32)
+    np.testing.assert_array_equal(loaded.act(obs), module.act(obs))
+
+
+# --------------------------------------------------------------- update and step counting
+def test_updates_and_global_step_agree_for_every_algorithm(tiny_td3bc):
+    _, dm = tiny_td3bc()
+    for module in (TD3BC(eval_every=0, critic_hidden=(8,), actor_hidden=(8,), policy_freq=3),
+                   PreQN(eval_every=0, critic_hidden=(8,), actor_hidden=(8,))):
+        trainer = fit(module, dm, 6)
+        assert module.updates == trainer.global_step == 6
+    assert module.counted_optimizer == "actor"  # PreQN's critic has no optimiser
+    with pytest.raises(KeyError, match="not 'critic'"):
+        module.optimizer("critic")
+
+
+def test_no_silently_ignored_arguments():
+    for option in ("critic_lr", "target_tau", "target_every", "policy_noise", "critic_weight_decay"):
+        with pytest.raises(TypeError, match=option):
+            PreQN(obs_dim=3, act_dim=1, **{option: 0.3})
+    module = PreQN(obs_dim=3, act_dim=1)
+    assert "critic_lr" not in module.hparams and "num_q" not in module.hparams
+    loaded_cls_kwargs = dict(module.hparams)
+    PreQN(**loaded_cls_kwargs)  # what load_from_checkpoint does
+
+
+def test_ema_target_on_a_module_without_targets_says_so(tiny_td3bc):
+    _, dm = tiny_td3bc()
+    with pytest.raises(ValueError, match="no target"):
+        fit(PreQN(eval_every=0, critic_hidden=(8,), actor_hidden=(8,)), dm, 1, callbacks=[EMATarget()])
+
+
+# ------------------------------------------------------------------------- exact resume
+def _resume_equals_uninterrupted(make, tmp_path, steps=20, cut=10, callbacks=()):
+    L.seed_everything(0, verbose=False)
+    module, dm = make()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=cut, save_top_k=-1, filename="{step}")
+    fit(module, dm, steps, callbacks=[ckpt, *[c() for c in callbacks]], enable_checkpointing=True)
+    straight = [p.detach().clone() for p in module.state_dict().values()]
+
+    L.seed_everything(12345, verbose=False)  # a different global RNG: the checkpoint must restore it
+    module2, dm2 = make()
+    fit(module2, dm2, steps, ckpt_path=tmp_path / f"step={cut}.ckpt", callbacks=[c() for c in callbacks])
+    resumed = [p.detach() for p in module2.state_dict().values()]
+    assert module2.updates == steps
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    return module2
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_td3_resumed_mid_run_is_bit_identical(tiny_td3bc, tmp_path, ema):
+    def make():
+        _, dm = tiny_td3bc()
+        return TD3(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(16,), actor_hidden=(16,), eval_every=0,
+                   policy_noise=0.2), dm
+
+    _resume_equals_uninterrupted(make, tmp_path, callbacks=[lambda: EMATarget(tau=0.3)] if ema else [])
+
+
+def test_checkpoint_target_is_not_one_step_stale(tiny_td3bc, tmp_path):
+    _, dm = tiny_td3bc()
+    module = TD3(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(16,), actor_hidden=(16,), eval_every=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    fit(module, dm, 4, callbacks=[ckpt, EMATarget.no_ema()], enable_checkpointing=True)
+    state = torch.load(tmp_path / "step=4.ckpt", weights_only=True)["state_dict"]
+    for name, value in state.items():
+        if name.startswith("critic_target."):  # target = current network after update 4
+            assert torch.equal(value, state[name.replace("critic_target.", "critic.")])
+
+
+def test_online_dqn_resumed_mid_run_is_bit_identical(tmp_path):
+    def make():
+        dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=64, batch_size=32, capacity=200,
+                              prioritized=True, n_step=2)
+        return DQN(gamma=0.9, hidden=(16,), target_every=3, epsilon_steps=30), dm
+
+    module = _resume_equals_uninterrupted(make, tmp_path, steps=30, cut=15, callbacks=[lambda: SEEMMonitor(
+        every_n_steps=10, probe_size=32)])
+    assert module.trainer.datamodule.rollout.env_steps == 64 + 30
+
+
+# ---------------------------------------------------------------- the probe protocol checked
+class _Column(torch.nn.Module):
+    gamma = 0.9
+
+    def __init__(self, shape_bug=False, gamma=0.9):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+        self.shape_bug, self.gamma = shape_bug, gamma
+
+    def q_value(self, obs, act):
+        out = self.net(torch.cat([obs, act], -1))
+        return out if self.shape_bug else out.squeeze(-1)
+
+    def greedy_action(self, obs):
+        return torch.zeros(obs.shape[0], 1)
+
+    def q_network(self):
+        return self.net  # takes one input, not (obs, act)
+
+
+def test_probe_protocol_is_checked_not_trusted():
+    probe = Transitions(torch.randn(8, 3), torch.randn(8, 1), torch.zeros(8), torch.randn(8, 3), torch.zeros(8))
+    with pytest.raises(ProbeProtocolError, match=r"q_value\(obs, act\) must return a Tensor of shape \(N,\) = "
+                                                 r"\(4,\), got \(4, 1\)"):
+        check_probe_module(_Column(shape_bug=True), probe=probe)
+    with pytest.raises(ProbeProtocolError, match=r"q_network\(\)\(obs, act\) failed"):
+        check_probe_module(_Column(), probe=probe)
+    for bad in (torch.tensor(0.9), "0.9", 1.5):
+        with pytest.raises(ProbeProtocolError, match=r"gamma must be a number in \[0, 1\), got"):
+            check_probe_module(_Column(gamma=bad))
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_help_documents_every_argument(capsys):
+    from lit_qlearn.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "lit_qlearn.algorithms.DQN"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    import inspect
+
+    for name in inspect.signature(DQN.__init__).parameters:
+        if name == "self":
+            continue
+        line = next(line for line in out.splitlines() if f"--model.init_args.{name} " in line or
+                    f"--model.{name} " in line or f"--{name} " in line)
+        assert line
+    # every argument has its own help text, not the bare type
+    assert "double Q-learning" in out and "epsilon at the first environment step" in out
