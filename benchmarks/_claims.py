@@ -3,6 +3,7 @@
 measurement, a JSON beside a PNG under benchmarks/results/, and a summary table."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -15,6 +16,22 @@ import torch
 from _common import git_info
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """The benchmark's command line, described by its docstring's first line."""
+    return argparse.ArgumentParser(description=doc.split("\n")[0])
+
+
+def save_figure(fig: Any, path: Path, title: str | None = None, dpi: int = 100) -> None:
+    """Title, lay out, write ``path`` and close ``fig`` (a matplotlib figure)."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def claim(text: str, published: Any, measured: Any, holds: bool) -> dict[str, Any]:

@@ -35,7 +35,6 @@ Claims (per init), with ``holds`` computed as stated:
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import RESULTS, claim, environment, write_result  # noqa: E402
+from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, row_ratio  # noqa: E402
 
@@ -154,14 +153,11 @@ def plot(tables: dict, widths: list[int], depths: list[int], width_at: int, dept
             ax.set_ylabel("mean K_ii" if key == "diag_mean" else "mean row ratio")
             ax.set_title(f"{init} init, {'depth' if axis == 'width' else 'width'} {fixed}")
             ax.legend(fontsize=8)
-    fig.suptitle("NTK at initialisation on 1000 Ant-v5 random-policy (s, a), seed means")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, "NTK at initialisation on 1000 Ant-v5 random-policy (s, a), seed means")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--widths", default="32,64,128,256,512,1024")
     parser.add_argument("--depths", default="1,2,3,4")

@@ -24,7 +24,6 @@ points at distance >= E/2 from x0. Claims (``holds`` computed as stated):
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import RESULTS, claim, environment, write_result  # noqa: E402
+from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram  # noqa: E402
 
@@ -79,14 +78,11 @@ def plot(maps: dict[str, np.ndarray], extent: float, ring_ratio: dict[str, list[
     axes[2].set_ylabel("mean |k(x0, x)| / k(x0, x0) on the ring")
     axes[2].set_title("coupling to x0 against distance")
     axes[2].legend()
-    fig.suptitle("NTK at initialisation, 2 hidden layers of width 10,000, x0 = (0.1, 0.2) (red star)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, "NTK at initialisation, 2 hidden layers of width 10,000, x0 = (0.1, 0.2) (red star)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--grid", type=int, default=101, help="points per axis of the heat-map grid")
     parser.add_argument("--extent", type=float, default=10.0, help="the grid covers [-extent, extent]^2")
     parser.add_argument("--width", type=int, default=10_000)

@@ -25,7 +25,6 @@ biases trained the same way: the law then holds only as far as the biases are ne
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import RESULTS, claim, environment, write_result  # noqa: E402
+from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram  # noqa: E402
 from lit_qlearn.toys import compass_directions, random_walk  # noqa: E402
@@ -135,13 +134,11 @@ def plot(histories: dict[str, list[float]], measured: dict[str, dict], path: Pat
     b.set_ylabel("|measured factor / Lemma 1's factor - 1|")
     b.set_title("Lemma 1 (L = 3)")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--q-limit", type=float, default=1e4, help="stop training when mean |Q| exceeds this")
     parser.add_argument("--max-steps", type=int, default=20_000)

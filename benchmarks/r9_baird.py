@@ -33,7 +33,6 @@ error under the target policy, ``max_s |gamma v(7) - v(s)|``, below 1e-3 at the 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from _claims import RESULTS, claim, environment, write_result  # noqa: E402
+from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
 
 GAMMA, ALPHA = 0.99, 0.01
 W0 = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0, 1.0)
@@ -163,15 +162,12 @@ def plot(runs: dict, steps: int, path: Path) -> None:
     axes[2].set_ylabel("max_s |gamma v(7) - v(s)|")
     axes[2].set_title("TD error under the target policy (expected updates)")
     axes[2].legend(fontsize=8)
-    fig.suptitle("Baird's counterexample, gamma = 0.99, alpha = 0.01, w0 = (1,1,1,1,1,1,10,1); "
-                 "NaN/inf ends a line")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, "Baird's counterexample, gamma = 0.99, alpha = 0.01, w0 = (1,1,1,1,1,1,10,1); "
+                "NaN/inf ends a line", dpi=110)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--seeds", type=int, default=5, help="trajectories of the sampled rule")
     args = parser.parse_args()

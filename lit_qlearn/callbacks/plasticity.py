@@ -28,8 +28,8 @@ class PlasticityMonitor(ProbeCallback):
     al. 2021), ``plasticity/weight_norm`` (``||theta||_2`` of the critic) and
     ``plasticity/preact_mean/<layer>`` / ``plasticity/preact_scale/<layer>`` (mean and
     std of each hidden layer's pre-activation); ``<layer>`` is the activation module's
-    name in ``q_network()``. One forward pass of the probe per measurement, plus an
-    SVD of the ``(probe_size, width)`` features; its cost on a TD3+BC run is in
+    name in ``q_network()``. One forward pass of the probe per measurement, plus the
+    singular values of the ``(probe_size, width)`` features; its cost on a TD3+BC run is in
     ``benchmarks/results/plasticity_cost.json``.
 
     Args:
