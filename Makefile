@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# TD3 without target averaging, plain vs LayerNorm critic, under the divergence callbacks (README: The demo).
 demo: install
 	$(VENV)/bin/lit-qlearn demo
 

@@ -53,17 +53,11 @@ def collect_main(args: Sequence[str]) -> None:
 
 
 def demo(args: Sequence[str] = ()) -> Any:
-    """``lit-qlearn demo``: the logic lives in :mod:`lit_qlearn.demo`; a bad dataset or
-    option is one line on stderr and exit status 2, not a traceback."""
-    from lit_qlearn.data import DatasetError
+    """``lit-qlearn demo``: the logic lives in :mod:`lit_qlearn.demo` (user errors are
+    reported by :func:`main`)."""
     from lit_qlearn.demo import main as demo_main
 
-    try:
-        return demo_main(args)
-    except (DatasetError, FileNotFoundError, ValueError) as err:
-        message = " ".join(str(err).split())
-        print(f"lit-qlearn demo: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return demo_main(args)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

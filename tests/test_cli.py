@@ -39,11 +39,12 @@ def test_fit_command_with_an_example_config(hopper, tmp_path, monkeypatch):
 
 
 def test_demo_trains_and_evaluates(hopper, tmp_path, capsys):
-    result = demo(["--dataset", str(hopper), "--steps", "20", "--episodes", "1", "--logdir", str(tmp_path)])
+    result = demo(["--algo", "td3bc", "--dataset", str(hopper), "--steps", "20", "--episodes", "1", "--logdir",
+                   str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert "20 updates" in out and "normalized score" in out
     assert math.isfinite(result["return"]) and math.isfinite(result["normalized_score"])
-    assert list(tmp_path.glob("demo/version_0/events.out.tfevents.*"))
+    assert list(tmp_path.glob("demo/td3bc/version_0/events.out.tfevents.*"))
 
 
 def test_unknown_command_exits_with_usage(capsys):

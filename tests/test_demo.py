@@ -1,0 +1,101 @@
+"""The demo on a tiny run: its table's numbers are the runs' and agree with independent
+computations on the data and the kept checkpoint."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_qlearn.cli import main
+from lit_qlearn.data import collect, read_d4rl
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``lit-qlearn demo`` on 1000 random Hopper steps with 64x64 networks: (runs, stdout, root)."""
+    root = tmp_path_factory.mktemp("demo")
+    path = collect("Hopper-v5", "random", steps=1000, path=root / "hopper.hdf5", seed=1)
+    lines = []
+    from lit_qlearn.demo import divergence_demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest, and immune to a busy machine
+    try:
+        runs = divergence_demo(str(path), fraction=1.0, steps=400, every=20, probe_size=128, hidden=(64, 64),
+                               logdir=root / "logs", progress=False, out=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return runs, "\n".join(lines), root, path
+
+
+def table_row(text, label):
+    """The two cells (plain, LayerNorm) of a table row."""
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(label)]
+    return re.split(r"\s{2,}", line[len(label):].strip())
+
+
+def test_plain_critic_leaves_the_bound_and_layernorm_stays_within(demo_run):
+    runs, text, _, path = demo_run
+    plain, layer = runs["plain"], runs["layernorm"]
+    rewards = read_d4rl(path)["rewards"]
+    bound = np.abs(rewards).max() / (1 - 0.99)  # computed here from the file
+    assert plain.bound == pytest.approx(bound, rel=1e-6) and layer.bound == pytest.approx(bound, rel=1e-6)
+    assert float(table_row(text, "Bellman bound max|r|/(1-gamma)")[0]) == pytest.approx(bound, rel=1e-3)
+    # Plain: stopped by the predictor once max |Q| passed the bound; LayerNorm: the whole run, within it.
+    assert plain.stopped_step is not None and plain.updates == plain.stopped_step < 400
+    # (max |Q| over the probe's (s, a) and its bootstrap points (s', mu(s')), where it blows up first)
+    assert plain.q_bound_ratio[-1] > 1 and max(plain.q_bound_ratio[:-1]) <= 1
+    assert plain.q_data_max > 10 * layer.q_data_max
+    assert layer.stopped_step is None and layer.updates == 400 and layer.q_data_max < bound
+    assert max(layer.q_bound_ratio) < 1
+    assert max(plain.seem) > 0.1 > max(layer.seem)  # self-excitation only in the plain critic
+    assert table_row(text, "stopped by CrashPredictor") == [f"update {plain.stopped_step} (Q beyond the bound)", "no"]
+    cells = table_row(text, "Q on the data: max |Q|")
+    assert [float(c) for c in cells] == pytest.approx([plain.q_data_max, layer.q_data_max], rel=1e-3)
+
+
+def test_the_kept_checkpoint_is_healthy_and_the_logs_agree(demo_run):
+    runs, text, root, path = demo_run
+    plain = runs["plain"]
+    assert plain.checkpoint_step == plain.stopped_step - 20  # the measurement before the stop
+    from lit_qlearn.algorithms import TD3
+    from lit_qlearn.data import OfflineDataModule
+
+    kept = TD3.load_from_checkpoint(plain.checkpoint_path, map_location="cpu")
+    data = OfflineDataModule(str(path)).data  # the same normalisation as the demo's
+    with torch.no_grad():
+        q = kept.q_value(data.obs, data.act).double()
+    assert q.mean().item() == pytest.approx(plain.checkpoint_q_mean, rel=1e-5)
+    assert q.abs().max().item() == pytest.approx(plain.checkpoint_q_max, rel=1e-5)
+    assert q.abs().max().item() <= plain.bound  # healthy: within the Bellman bound on the data
+    assert float(table_row(text, "  its Q on the data: max |Q|")[0]) == pytest.approx(plain.checkpoint_q_max, rel=1e-3)
+    assert plain.checkpoint_path in text
+    # TensorBoard holds the same curves as the table and the figure.
+    events = EventAccumulator(plain.log_dir)
+    events.Reload()
+    ratios = events.Scalars("crash/q_bound_ratio")
+    assert ratios[-1].step == plain.stopped_step and ratios[-1].value == pytest.approx(plain.q_bound_ratio[-1])
+    assert [e.step for e in events.Scalars("seem/max_eig_normalized")] == plain.steps
+    assert (root / "logs" / "demo" / "version_0" / "demo.png").stat().st_size > 10_000
+    assert f"tensorboard --logdir {root / 'logs' / 'demo' / 'version_0'}" in text
+
+
+def test_cli_errors_are_one_line_with_status_2(capsys, tmp_path):
+    for argv, needle in [(["demo", "--steps", "0"], "--steps: must be an integer >= 1"),
+                         (["demo", "--algo", "sac"], "--algo: invalid choice"),
+                         (["demo", "--fraction", "2"], "--fraction: must be in (0, 1]"),
+                         (["demo", "--dataset", str(tmp_path / "missing.hdf5"), "--no-progress"], "missing.hdf5")]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, argv
+        assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_help_goes_to_stdout(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    out = capsys.readouterr()
+    assert exc.value.code == 0 and "--algo" in out.out and "td3bc" in out.out and not out.err
