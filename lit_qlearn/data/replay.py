@@ -157,6 +157,10 @@ class ReplayBuffer:
         next_obs = self._as_step(next_obs, "next_obs", self.obs_shape, obs_dtype)
         terminated = self._as_step(terminated, "terminated", (), torch.bool)
         truncated = self._as_step(truncated, "truncated", (), torch.bool)
+        if self.n_step == 1:  # one-step TD: every step is a row as it comes, nothing pending
+            self._write({"obs": obs, "act": act, "rew": rew, "next_obs": next_obs,
+                         "terminated": terminated.float(), "discount": self._gamma_pow[torch.ones_like(rew, dtype=torch.long)]})
+            return
 
         p, n = self._pending, self.n_step
         envs = torch.arange(self.num_envs, device=self.device)

@@ -1,0 +1,141 @@
+import math
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lit_qlearn.data import DatasetError, OnlineDataModule, Rollout, make_vector_env, run_episodes
+from lit_qlearn.toys import ChainEnv
+
+CHAIN = "lit_qlearn.toys:Chain-v0"
+
+
+def right(obs):
+    return np.ones(len(obs), dtype=np.int64)
+
+
+@pytest.mark.parametrize("mode", ["same", "next"])
+def test_rollout_handles_both_autoreset_modes(mode):
+    autoreset = gym.vector.AutoresetMode.SAME_STEP if mode == "same" else gym.vector.AutoresetMode.NEXT_STEP
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(CHAIN) for _ in range(2)], autoreset_mode=autoreset)
+    rollout = Rollout(envs, seed=0)
+    rollout.reset()
+    starts = rollout.obs.argmax(1).copy()
+    steps = [rollout.step(right) for _ in range(12)]
+    valid = np.array([s.valid for s in steps])  # (T, E)
+    for e in range(2):
+        # always moving right: the episode ends after (4 - start) + 1 steps with reward 1, terminated
+        first_end = next(t for t, s in enumerate(steps) if s.terminated[e])
+        assert first_end == 4 - starts[e]
+        assert steps[first_end].rew[e] == 1.0 and not steps[first_end].truncated[e]
+        # the stored next state of the terminal step is the final state, never a reset one
+        assert steps[first_end].next_obs[e].argmax() == 4
+        # NEXT_STEP: the step after an episode end only resets: not a transition
+        assert valid[first_end + 1, e] == (mode == "same")
+    assert rollout.env_steps == valid.sum()
+    assert all(ret == 1.0 for ret, _ in rollout.episodes)
+    assert rollout.episodes[0][1] == min(5 - starts)  # the first to finish: the env nearest the goal
+    assert all(1 <= n <= 5 for _, n in rollout.episodes)
+
+
+def test_truncation_keeps_the_final_state_and_is_not_terminal():
+    envs = make_vector_env(CHAIN)
+    rollout = Rollout(envs, seed=3)
+    rollout.reset()
+    left = lambda obs: np.zeros(len(obs), dtype=np.int64)  # noqa: E731 - never reaches the goal
+    steps = [rollout.step(left) for _ in range(8)]
+    assert steps[-1].truncated[0] and not steps[-1].terminated[0]
+    assert steps[-1].next_obs[0].argmax() == 0  # the state it was cut in, not the reset state
+    assert rollout.episodes == [(0.0, 8)]
+
+
+def test_run_episodes_returns_the_first_finished_episodes():
+    returns, lengths = run_episodes(make_vector_env(CHAIN), right, 3, seed=0)
+    assert returns == [1.0, 1.0, 1.0] and all(1 <= n <= 5 for n in lengths)
+
+
+def _fitted(steps=6, **kwargs):
+    import lightning as L
+
+    from lit_qlearn.algorithms import DQN
+
+    options = dict(learning_starts=40, batch_size=8, capacity=500)
+    options.update(kwargs)
+    dm = OnlineDataModule(CHAIN, **options)
+    module = DQN(gamma=0.9, hidden=(8,))
+    L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, dm)
+    return dm, module
+
+
+@pytest.mark.parametrize("train_freq, gradient_steps, num_envs", [(1, 1, 1), (4, 1, 1), (6, 3, 2), (1, 4, 2)])
+def test_environment_steps_per_update(train_freq, gradient_steps, num_envs):
+    dm, module = _fitted(steps=12, train_freq=train_freq, gradient_steps=gradient_steps, num_envs=num_envs)
+    phases = math.ceil(12 / gradient_steps)
+    per_phase = math.ceil(train_freq / num_envs) * num_envs  # whole vector steps
+    assert dm.rollout.env_steps == 40 + phases * per_phase
+    assert len(dm.buffer) == dm.rollout.env_steps
+
+
+def test_rollout_metrics_average_the_finished_episodes():
+    dm, _ = _fitted(steps=1)
+    dm._episodes = [(1.0, 3), (0.0, 8)]
+    metrics = dm.rollout_metrics()
+    assert metrics == {"rollout/env_steps": float(dm.rollout.env_steps), "rollout/episode_return": 0.5,
+                       "rollout/episode_length": 5.5}
+    assert "rollout/episode_return" not in dm.rollout_metrics()  # drained
+
+
+def test_probe_batch_is_fixed_and_distinct():
+    dm, _ = _fitted(steps=1)
+    a, b = dm.probe_batch(30, seed=1), dm.probe_batch(30, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a[:6], b[:6]))
+    assert a.index is None and a.weight is None and a.discount is not None
+    assert not torch.equal(a.obs, dm.probe_batch(30, seed=2).obs)
+    assert dm.probe_batch(10_000).obs.shape[0] == len(dm.buffer)
+    with pytest.raises(DatasetError, match="empty"):
+        OnlineDataModule(CHAIN).probe_batch(4)
+
+
+def test_prioritized_replay_gets_each_updates_td_errors():
+    import lightning as L
+
+    from lit_qlearn.algorithms import DQN
+
+    dm = OnlineDataModule(CHAIN, learning_starts=40, batch_size=8, capacity=500, prioritized=True, beta=0.4,
+                          beta_steps=10)
+    module = DQN(gamma=0.9, hidden=(8,), loss="mse")
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():  # the TD errors the update is about to see
+                seen.append((batch.index.clone(), (pl_module.td_target(batch) - pl_module.q_value(
+                    batch.obs, batch.act)).abs(), dm.beta))
+
+    L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Record()]).fit(module, dm)
+    index, td_abs, beta = seen[-1]
+    tree = dm.buffer._tree
+    # the last update's slots carry (|delta| + eps)^alpha (a slot drawn twice: the same value)
+    torch.testing.assert_close(tree.sum[index + tree.leaves], ((td_abs + dm.buffer.eps) ** 0.6).double())
+    assert [b for _, _, b in seen] == pytest.approx([0.4 + 0.6 * k / 10 for k in range(5)])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_envs": 0}, "num_envs"), ({"learning_starts": 10, "batch_size": 64}, "learning_starts"),
+    ({"beta": 2.0}, "beta"), ({"buffer_device": "gpu"}, "buffer_device"), ({"env_id": "NoSuch-v0"}, "NoSuch-v0"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(DatasetError, match=message):
+        OnlineDataModule(**{"env_id": CHAIN, **kwargs})
+
+
+def test_spec_of_discrete_and_continuous_environments():
+    chain = OnlineDataModule(CHAIN).spec
+    assert chain.discrete and chain.num_actions == 2 and chain.obs_shape == (5,)
+    pendulum = OnlineDataModule("Pendulum-v1").spec
+    assert not pendulum.discrete and pendulum.action_low == (-2.0,) and pendulum.action_high == (2.0,)
+    assert ChainEnv.optimal_q(0.5)[4, 1] == 1.0
