@@ -76,7 +76,10 @@ class RandomWalkDataModule(LightningDataModule):
     steps as a single-device one.
 
     Args:
-        num_transitions / step / noise / seed: see :func:`random_walk`.
+        num_transitions: transitions in the trajectory (see :func:`random_walk`).
+        step: length of each move.
+        noise: upper end of the uniform noise added to each coordinate of a move.
+        seed: seed of the trajectory.
         steps_per_epoch: batches per epoch (use ``Trainer(max_steps=...)`` to stop).
     """
 
@@ -101,13 +104,13 @@ class RandomWalkDataModule(LightningDataModule):
 
 class RandomWalkQ(QLearningModule):
     """Q-learning on the random-walk toy: full-batch SGD (or Adam) on the squared TD
-    error against ``r + gamma (1 - done) max_d Q(s', d)`` of the current network.
+    error against ``r + gamma (1 - terminated) max_d Q(s', d)`` of the current network.
 
     Args:
         gamma: discount factor (0.99 diverges; 0.95 and below converge).
         hidden: hidden widths of the ReLU MLP (``(64,)``: the 2-layer network of the paper).
-        activation / norm: :func:`~lit_qlearn.networks.mlp` options (``norm="layer"``
-            is the LayerNorm remedy).
+        activation: activation of the MLP, one of relu, tanh, sin, elu, mish.
+        norm: None or "layer" (the LayerNorm remedy) or "batch".
         lr: learning rate.
         optimizer: ``"sgd"`` (finite crash step) or ``"adam"`` (polynomial growth, section 5.4).
     """

@@ -220,6 +220,11 @@ class QLearningModule(LightningModule):
         # Kept out of nn.Module registration: the wrapper contains this module.
         self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
         self._direct_steps = self._nothing_listens_to_steps()
+        if self._target_pairs and self.target_update is None:
+            raise ValueError(
+                f"{type(self).__name__} has target networks (add_target) but no rule to move them: set "
+                "self.target_update = lit_qlearn.targets.TargetUpdate(tau, every) or attach an EMATarget callback"
+            )
 
     # Hooks that Lightning's backward / optimiser-step wrappers exist to call.
     _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")

@@ -222,3 +222,11 @@ def test_cli_help_documents_every_argument(capsys):
         assert line
     # every argument has its own help text, not the bare type
     assert "double Q-learning" in out and "epsilon at the first environment step" in out
+
+
+def test_target_networks_without_a_rule_are_an_error_at_fit_start(tiny_td3bc):
+    _, dm = tiny_td3bc()
+    module = TD3(eval_every=0, critic_hidden=(8,), actor_hidden=(8,))
+    module.target_update = None
+    with pytest.raises(ValueError, match="has target networks .* but no rule"):
+        fit(module, dm, 1)
