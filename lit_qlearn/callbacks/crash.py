@@ -323,8 +323,8 @@ class CrashPredictor(ProbeCallback):
             if self.bound is not None:
                 metrics["crash/q_bound_ratio"] = q_max / self.bound
                 if q_max > self.bound:
-                    reasons.append(f"max |Q| on the probe set is {q_max:.4g}, beyond the Bellman bound "
-                                   f"max|r|/(1-gamma) = {self.bound:.4g}")
+                    source = "q_bound" if self.q_bound is not None else "the Bellman bound max|r|/(1-gamma)"
+                    reasons.append(f"max |Q| on the probe set is {q_max:.4g}, beyond {source} = {self.bound:.4g}")
         else:  # the crash has happened: nothing finite to fit
             reasons.append("the critic is non-finite on the probe set")
         # Every rank takes the same decision at the same step (EarlyStopping's reduction).
