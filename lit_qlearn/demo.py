@@ -239,11 +239,14 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 
 
 def _forecast(run: CriticRun) -> str:
+    def when(step: float) -> str:  # a far extrapolation is only an order of magnitude
+        return f"{step:.0f}" if step < 1e7 else f"~{step:.1g}"
+
     f = run.forecast
     if "crash/predicted_step" in f:
-        return f"crash at update {f['crash/predicted_step']:.0f}"
+        return f"crash at update {when(f['crash/predicted_step'])}"
     if "crash/threshold_step" in f:
-        return f"||u|| > 1e6 at update {f['crash/threshold_step']:.0f}"
+        return f"||u|| > 1e6 at update {when(f['crash/threshold_step'])}"
     return "none"
 
 
