@@ -91,21 +91,13 @@ class CriticRun:
 # ------------------------------------------------------------------------------ data
 
 
-def ensure_data(dataset: str, out: Callable[[str], None] = print) -> None:
-    """Generate the default dataset first if it is needed and absent, with a progress bar
-    when the generator reports its steps (``progress=`` of ``ensure_default_dataset``)."""
-    import inspect
-
+def ensure_data(dataset: str) -> None:
+    """Generate the default dataset first if it is needed and absent, with a progress bar."""
     from lit_qlearn.data import default_dataset_path, ensure_default_dataset
 
     if dataset != "default" or default_dataset_path().is_file():
         return
     steps = 100_000
-    if "progress" not in inspect.signature(ensure_default_dataset).parameters:
-        out(f"generating the default dataset ({steps} random-policy Hopper-v5 steps, about half a minute) "
-            f"at {default_dataset_path()}")
-        ensure_default_dataset(steps)
-        return
     from tqdm.auto import tqdm
 
     with tqdm(total=steps, desc="default Hopper-v5 data", unit="step") as bar:
@@ -215,7 +207,7 @@ def divergence_demo(dataset: str = "default", fraction: float = 0.05, steps: int
     from lit_qlearn.data import OfflineDataModule
 
     _quiet()
-    ensure_data(dataset, out)
+    ensure_data(dataset)
     dm = OfflineDataModule(dataset, fraction=fraction, seed=seed, steps_per_epoch=steps)
     dm.setup("fit")
     root = Path(TensorBoardLogger(logdir, name="demo").log_dir)  # the next free version_<k>
@@ -333,7 +325,7 @@ def td3bc_demo(dataset: str = "default", steps: int = 3000, layernorm: bool = Fa
     from lit_qlearn.data import OfflineDataModule
 
     _quiet()
-    ensure_data(dataset, out)
+    ensure_data(dataset)
     L.seed_everything(seed, verbose=False)
     dm = OfflineDataModule(dataset, seed=seed, steps_per_epoch=steps)
     dm.setup("fit")

@@ -1,6 +1,5 @@
 """The demo on a tiny run: its table's numbers are the runs' and agree with independent
 computations on the data and the kept checkpoint."""
-import math
 import re
 
 import numpy as np

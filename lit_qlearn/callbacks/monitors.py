@@ -96,6 +96,12 @@ class ProbeCallback(Callback):
         if self.probe is None and self.probe_source == "datamodule":
             probe = trainer.datamodule.probe_batch(self.probe_size, seed=self.probe_seed)
             self.probe = probe.map(lambda t: t.detach().cpu().clone())
+        if self.probe is not None:  # the protocol run on real rows: shapes, q_network()(obs, act)
+            self._check_on_probe(pl_module)
+
+    def _check_on_probe(self, pl_module: LightningModule) -> None:
+        with _measurement(pl_module):
+            check_probe_module(pl_module, type(self).__name__, self.probe.map(lambda t: t[:4].to(pl_module.device)))
 
     def _collect_from_batch(self, trainer: Trainer, batch: Any) -> None:
         if not isinstance(batch, Transitions):
@@ -108,6 +114,7 @@ class ProbeCallback(Callback):
             probe = Transitions.cat(self._pending).map(lambda t: t[: self.probe_size].clone())
             self.probe = trainer.strategy.broadcast(probe, src=0)  # every rank probes rank zero's batches
             self._pending = []
+            self._check_on_probe(trainer.lightning_module)
 
     # ----------------------------------------------------------- measuring
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

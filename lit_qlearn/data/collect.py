@@ -146,8 +146,12 @@ def collect(
     path: str | os.PathLike | None = None,
     seed: int = 0,
     max_episode_steps: int | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> pathlib.Path:
     """Roll ``policy`` in ``env_id`` for ``steps`` steps and write a D4RL-format file.
+
+    ``progress``, if given, is called with the number of steps done since its last
+    call (every 1000 steps and at the end), e.g. a ``tqdm`` bar's ``update``.
 
     ``policy``: ``"random"``, a callable ``obs (ds,) float32 -> action (da,)``, or a path
     to a checkpoint of a lit_qlearn algorithm (see :func:`load_policy`). Seeded: the
@@ -186,6 +190,10 @@ def collect(
             observations[t], next_observations[t] = np.ravel(step.obs[0]), np.ravel(step.next_obs[0])
             actions[t], rewards[t] = step.act[0], step.rew[0]
             terminals[t], timeouts[t] = step.terminated[0], step.truncated[0] and not step.terminated[0]
+            if progress is not None and (t + 1) % 1000 == 0:
+                progress(1000)
+        if progress is not None and steps % 1000:
+            progress(steps % 1000)
         returns = [r for r, _ in rollout.episodes]
         timeouts[-1] |= not terminals[-1]
         spec = envs.envs[0].spec
@@ -236,12 +244,13 @@ def default_dataset_path() -> pathlib.Path:
     return _data_dir() / "hopper-random-v5.hdf5"
 
 
-def ensure_default_dataset(steps: int = 100_000, seed: int = 0) -> pathlib.Path:
+def ensure_default_dataset(steps: int = 100_000, seed: int = 0,
+                           progress: Callable[[int], Any] | None = None) -> pathlib.Path:
     """Return :func:`default_dataset_path`, first generating it with
     ``collect("Hopper-v5", "random", steps, seed=seed)`` if it is absent (about 20 s for
     100k steps on 2 CPU cores). An existing file is reused whatever its size."""
     path = default_dataset_path()
     if not path.is_file():
         rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} random-policy Hopper-v5 steps) at {path}")
-        collect("Hopper-v5", "random", steps=steps, path=path, seed=seed)
+        collect("Hopper-v5", "random", steps=steps, path=path, seed=seed, progress=progress)
     return path

@@ -1,11 +1,9 @@
 """The contract every algorithm shares (DESIGN.md section 8), and the TD target / loss."""
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_qlearn.algorithms import DQN, TD3, TD3BC, PreQN
@@ -230,3 +228,24 @@ def test_target_networks_without_a_rule_are_an_error_at_fit_start(tiny_td3bc):
     module.target_update = None
     with pytest.raises(ValueError, match="has target networks .* but no rule"):
         fit(module, dm, 1)
+
+
+def test_a_monitor_checks_the_protocol_on_the_probe_at_fit_start(tiny_td3bc):
+    _, dm = tiny_td3bc()
+    module = TD3(eval_every=0, critic_hidden=(8,), actor_hidden=(8,))
+    module.q_value = lambda obs, act: module.critic.members[0](torch.cat([obs, act], -1))  # (N, 1): a bug
+    with pytest.raises(ProbeProtocolError, match=r"q_value\(obs, act\) must return a Tensor of shape \(N,\)"):
+        fit(module, dm, 1, callbacks=[SEEMMonitor(probe_size=16)])
+
+
+def test_denormals_are_flushed_while_fitting_on_cpu(tiny_td3bc):
+    _, dm = tiny_td3bc()
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(float(torch.tensor(1e-40) * 1.0))  # a denormal float32 times one
+
+    fit(TD3(eval_every=0, critic_hidden=(8,), actor_hidden=(8,)), dm, 2, callbacks=[Probe()])
+    assert seen == [0.0, 0.0]
+    assert float(torch.tensor(1e-40) * 1.0) > 0  # the process default is back after fit

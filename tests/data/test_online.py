@@ -57,8 +57,6 @@ def test_run_episodes_returns_the_first_finished_episodes():
 
 
 def _fitted(steps=6, **kwargs):
-    import lightning as L
-
     from lit_qlearn.algorithms import DQN
 
     options = dict(learning_starts=40, batch_size=8, capacity=500)
@@ -100,8 +98,6 @@ def test_probe_batch_is_fixed_and_distinct():
 
 
 def test_prioritized_replay_gets_each_updates_td_errors():
-    import lightning as L
-
     from lit_qlearn.algorithms import DQN
 
     dm = OnlineDataModule(CHAIN, learning_starts=40, batch_size=8, capacity=500, prioritized=True, beta=0.4,
