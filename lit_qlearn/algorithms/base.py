@@ -99,6 +99,7 @@ class QLearningModule(LightningModule):
         self._eval_env: Any = None
         self.env_id: str | None = None
         self.ref_scores: tuple[float, float] | None = None
+        self._normalizes = False  # whether the data's spec carries a state normalisation
 
     # ------------------------------------------------------------------ the data
     def build(self, spec: DataSpec) -> None:
@@ -122,6 +123,7 @@ class QLearningModule(LightningModule):
         shape = spec.obs_shape if len(spec.obs_shape) == 1 else ()
         self.register_buffer("obs_mean", torch.zeros(shape))
         self.register_buffer("obs_std", torch.ones(shape))
+        self._normalizes = spec.obs_mean is not None
         self._target_pairs.clear()
         self.build(spec)
 
@@ -149,13 +151,15 @@ class QLearningModule(LightningModule):
             self.obs_mean.copy_(torch.as_tensor(spec.obs_mean, dtype=torch.float32))
             self.obs_std.copy_(torch.as_tensor(spec.obs_std, dtype=torch.float32))
         self.env_id, self.ref_scores = spec.env_id, spec.ref_scores
+        self._normalizes = spec.obs_mean is not None
 
     def normalize(self, obs: np.ndarray | Tensor) -> Tensor:
         """Raw environment states ``(..., *obs_shape)`` as the float tensor the networks see."""
         x = torch.as_tensor(np.asarray(obs) if not isinstance(obs, Tensor) else obs, device=self.device)
         if x.dtype == torch.uint8:  # images are fed as stored; the encoder scales them
             return x
-        return (x.float() - self.obs_mean) / self.obs_std
+        x = x.float()
+        return (x - self.obs_mean) / self.obs_std if self._normalizes else x
 
     # ------------------------------------------------------------------ targets
     def add_target(self, online: nn.Module) -> nn.Module:

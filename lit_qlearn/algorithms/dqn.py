@@ -145,10 +145,12 @@ class DQN(QLearningModule):
     @torch.no_grad()
     def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
         """Epsilon-greedy on a batch of states ``(E, *obs_shape) -> (E,)``."""
-        greedy = self.greedy_action(self._batched(obs))
-        random_actions = torch.randint(self.spec.num_actions, greedy.shape, device=greedy.device)
-        explore = torch.rand(greedy.shape, device=greedy.device) < self.epsilon(env_step)
-        return torch.where(explore, random_actions, greedy).cpu().numpy()
+        actions = self.greedy_action(self._batched(obs))
+        explore = torch.rand(actions.shape, device=actions.device) < self.epsilon(env_step)
+        if explore.any():
+            random_actions = torch.randint(self.spec.num_actions, actions.shape, device=actions.device)
+            actions = torch.where(explore, random_actions, actions)
+        return actions.cpu().numpy()
 
     # --------------------------------------------------------------- the update
     def next_value(self, batch: Transitions) -> Tensor:

@@ -123,11 +123,12 @@ class OnlineDataModule(L.LightningDataModule):
         self.env_id = env_id
         self.rollout: Rollout | None = None
         self.buffer: ReplayBuffer | None = None
-        self._spec: DataSpec | None = None
         self._since_phase = 0  # batches served since the last collection phase
         self._episodes: list[tuple[float, int]] = []
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
+        # read once from a throwaway env: algorithms build their networks from it at setup;
+        # the environments themselves live from setup on, across fits (a second fit continues)
         self._spec = self._read_spec()
 
     # ----------------------------------------------------------------- the spec
@@ -195,10 +196,6 @@ class OnlineDataModule(L.LightningDataModule):
             self.rollout.reset()
             while self.rollout.env_steps < hp.learning_starts:
                 self._add(self.rollout.step())  # uniformly random actions
-
-    def teardown(self, stage: str | None = None) -> None:
-        if self.rollout is not None:
-            self.rollout.close()
 
     # ---------------------------------------------------------------- stepping
     def _add(self, step: Any) -> None:
