@@ -24,16 +24,19 @@ METRICS = ("plasticity/dormant_fraction", "plasticity/feature_rank", "plasticity
 
 
 class Series(L.Callback):
-    """Every measured scalar of the callbacks, by update."""
+    """The monitors' scalars at each of their measurement steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int) -> None:
+        self.every = every
         self.rows: dict[str, list[tuple[int, float]]] = {name: [] for name in METRICS}
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         step = trainer.global_step
+        if step % self.every:
+            return
         for name in METRICS:
             value = trainer.callback_metrics.get(name)
-            if value is not None and (not self.rows[name] or self.rows[name][-1][0] != step):
+            if value is not None:
                 self.rows[name].append((step, float(value)))
 
 
@@ -45,7 +48,7 @@ def run(norm: str | None, steps: int, every: int, probe: int, seed: int) -> dict
     L.seed_everything(seed, verbose=False)
     dm = OfflineDataModule("default", fraction=0.05, seed=seed, steps_per_epoch=steps)
     module = TD3(critic_norm=norm, eval_every=0)
-    series = Series()
+    series = Series(every)
     # PlasticityMonitor before Series: Series reads what the monitors published at this step
     callbacks = [EMATarget(tau=1.0, every=1), PlasticityMonitor(every_n_steps=every, probe_size=probe),
                  SEEMMonitor(every_n_steps=every, probe_size=probe), series]
