@@ -1,0 +1,106 @@
+"""Cost of PlasticityMonitor at its defaults on a TD3+BC training run.
+
+TD3+BC (default 256x256 networks, batch 256) on ``OfflineDataModule("default")``
+(random-policy Hopper-v5 data, generated on first use), ``--updates`` updates per run,
+TensorBoard logging, CPU. The cost is measured in situ: the wall time spent inside
+the monitor's ``on_train_batch_end`` (where every measurement happens) divided by the
+rest of the same run's training time, so the machine's drift cancels; the median over
+``--repeats`` runs is the number the target (< 1%) refers to. Beside it: the median
+time of one measurement (``measure`` on the probe set, after training) and, from it
+and the measured time per update, the implied cost at other cadences — the basis for
+the default ``every_n_steps``.
+
+    python benchmarks/plasticity_cost.py [--updates 10000] [--repeats 2]
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import lit_qlearn.callbacks.plasticity
+import lit_qlearn.plasticity
+from _claims import argument_parser, environment
+from _common import TrainClock, timed_hook
+from lit_qlearn.algorithms import TD3BC
+from lit_qlearn.callbacks import PlasticityMonitor
+from lit_qlearn.data import OfflineDataModule
+
+RESULTS = Path(__file__).parent / "results"
+TARGET = 0.01
+CADENCES = (100, 250, 500, 1000, 2500, 10_000)
+
+
+def fit(updates: int, seed: int, logdir: str) -> tuple[float, PlasticityMonitor, TD3BC, OfflineDataModule, L.Trainer]:
+    L.seed_everything(seed, verbose=False)
+    dm = OfflineDataModule("default", seed=seed, steps_per_epoch=updates)
+    model = TD3BC(eval_every=0)
+    clock, monitor = TrainClock(), timed_hook(PlasticityMonitor())
+    trainer = L.Trainer(max_steps=updates, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
+                        callbacks=[clock, monitor], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(model, dm)
+    return clock.seconds, monitor, model, dm, trainer
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--updates", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    runs = []
+    with tempfile.TemporaryDirectory() as logdir:
+        for r in range(args.repeats):
+            seconds, monitor, model, dm, trainer = fit(args.updates, args.seed + r, f"{logdir}/{r}")
+            inside = monitor.hook_seconds
+            runs.append({"train_seconds": seconds, "seconds_inside_monitor": inside, "cost": inside / (seconds - inside),
+                         "measurements": args.updates // monitor.every_n_steps})
+            print(f"run {r}: {seconds:.1f} s, {inside:.3f} s inside the monitor ({100 * runs[-1]['cost']:.3f}%)",
+                  flush=True)
+        probe = monitor.probe
+        per_measure = []
+        for _ in range(11):
+            start = time.perf_counter()
+            monitor.measure(trainer, model, probe)
+            per_measure.append(time.perf_counter() - start)
+    cost = statistics.median(r["cost"] for r in runs)
+    per_update = statistics.median((r["train_seconds"] - r["seconds_inside_monitor"]) / args.updates for r in runs)
+    one = statistics.median(per_measure)
+    result = {
+        "benchmark": "PlasticityMonitor cost on TD3+BC",
+        "setting": f"TD3BC defaults (256x256, batch 256), OfflineDataModule('default'), {args.updates} updates, "
+                   f"TensorBoard, CPU, {args.repeats} runs",
+        "monitor": {"every_n_steps": monitor.every_n_steps, "probe_size": monitor.probe_size, "tau": monitor.tau,
+                    "delta": monitor.delta},
+        "definition": "cost = seconds inside PlasticityMonitor.on_train_batch_end / (run's training seconds - those)",
+        "runs": runs,
+        "cost_measured": cost,
+        "seconds_per_measurement": one,
+        "seconds_per_update_without_monitor": per_update,
+        "implied_cost_by_cadence": {str(n): one / (n * per_update) for n in CADENCES},
+        "target": {"cost_below": TARGET, "meets": cost < TARGET},
+        **environment({"plasticity_py": Path(lit_qlearn.plasticity.__file__),
+                       "callback_py": Path(lit_qlearn.callbacks.plasticity.__file__)}),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "plasticity_cost.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nPlasticityMonitor(every_n_steps={monitor.every_n_steps}, probe_size={monitor.probe_size}) on TD3+BC:")
+    print(f"  cost in situ (median of {args.repeats}): {100 * cost:.3f}%  (target < {100 * TARGET:g}%: "
+          f"{'met' if cost < TARGET else 'NOT met'})")
+    print(f"  one measurement: {1e3 * one:.1f} ms; one update: {1e3 * per_update:.2f} ms")
+    print("  implied cost by cadence: " + ", ".join(f"{n}: {100 * v:.2f}%"
+                                                   for n, v in result["implied_cost_by_cadence"].items()))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
