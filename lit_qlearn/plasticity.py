@@ -23,15 +23,13 @@ larger ones (``(N, C, ...)``, averaged over the rest).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from lit_qlearn.networks import ACTIVATIONS
-from lit_qlearn.ntk import _eval_mode, parameter_norm
+from lit_qlearn.ntk import Inputs, _as_tuple, _eval_mode, parameter_norm
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -45,8 +43,6 @@ __all__ = [
     "preactivation_stats",
     "plasticity_metrics",
 ]
-
-Inputs = Union[Tensor, Sequence[Tensor]]
 
 #: Modules whose outputs are hidden units: the package's activations plus torch's common ones.
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = tuple(dict.fromkeys((
@@ -69,10 +65,6 @@ class Activations:
     post: dict[str, Tensor] = field(default_factory=dict)
     penultimate: Tensor | None = None
     output: Tensor | None = None
-
-
-def _as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
-    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 
 
 def record_activations(model: nn.Module, inputs: Inputs) -> Activations:
