@@ -111,5 +111,6 @@ class PreQN(TD3):
         if self.logging_now():
             extra = {"preqn/cos": step.cos, "preqn/shrink_steps": float(step.shrink_steps),
                      "preqn/step_norm": step.step_norm, "preqn/accepted": float(step.accepted)}
-            self.log_update(batch, (q - y).pow(2).mean(), q, extra)
+            self._last["train/critic_loss"] = (q - y).pow(2).mean()
+            self.log_update(batch, q, extra)
         return None

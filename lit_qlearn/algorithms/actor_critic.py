@@ -1,0 +1,166 @@
+"""What the continuous-control algorithms share: an ensemble critic, an actor, their
+options, optimisers, the probe protocol and the logged scalars. TD3 (and DDPG, TD3+BC,
+PreQN) and SAC differ only in their actor, targets and losses."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lit_qlearn.algorithms.base import QLearningModule, check_gamma
+from lit_qlearn.data.types import DataSpec, Transitions
+from lit_qlearn.networks import Critic
+from lit_qlearn.ntk import parameter_norm
+from lit_qlearn.targets import TargetUpdate
+from lit_qlearn.td import td_loss
+
+__all__ = ["ActorCritic"]
+
+
+class ActorCritic(QLearningModule):
+    """Base of the actor-critics: ``num_q`` critics evaluated in one batched pass and an
+    actor built by the subclass (:meth:`make_actor`). The sizes are read from the
+    DataModule at setup unless ``obs_dim`` and ``act_dim`` are given.
+
+    Args:
+        obs_dim: observation size; None reads it from the DataModule.
+        act_dim: action size; None reads it from the DataModule.
+        action_low: lower action bound(s), used with ``obs_dim`` / ``act_dim``.
+        action_high: upper action bound(s), used with ``obs_dim`` / ``act_dim``.
+        gamma: discount factor in [0, 1).
+        critic_hidden: hidden widths of each critic.
+        critic_activation: critic activation, one of relu, tanh, sin, elu, mish.
+        critic_norm: None, "layer" (the LayerNorm remedy of DESIGN.md 5.6) or "batch".
+        critic_norm_layers: indices of the hidden layers that get the norm (None: all).
+        critic_norm_affine: learnable gain and bias in the critic's norm layers.
+        critic_weight_norm: weight-normalise the critic's output layer.
+        critic_dropout: dropout rate after each hidden activation of the critic.
+        num_q: number of critics; targets take their minimum.
+        actor_hidden: hidden widths of the actor.
+        actor_activation: actor activation.
+        actor_lr: actor Adam learning rate.
+        critic_lr: critic Adam learning rate.
+        critic_weight_decay: Adam (L2) weight decay of the critic.
+        target_tau: Polyak rate of the default target rule (an EMATarget callback overrides it).
+        target_every: updates between target moves (None: the algorithm's default).
+        eval_every: evaluation cadence in updates (0 disables).
+        eval_episodes: episodes per evaluation.
+    """
+
+    action_kinds = ("continuous",)
+
+    def __init__(
+        self,
+        obs_dim: int | None = None,
+        act_dim: int | None = None,
+        action_low: float | Sequence[float] = -1.0,
+        action_high: float | Sequence[float] = 1.0,
+        gamma: float = 0.99,
+        critic_hidden: Sequence[int] = (256, 256),
+        critic_activation: str = "relu",
+        critic_norm: str | None = None,
+        critic_norm_layers: Sequence[int] | None = None,
+        critic_norm_affine: bool = True,
+        critic_weight_norm: bool = False,
+        critic_dropout: float = 0.0,
+        num_q: int = 2,
+        actor_hidden: Sequence[int] = (256, 256),
+        actor_activation: str = "relu",
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        critic_weight_decay: float = 0.0,
+        target_tau: float = 0.005,
+        target_every: int | None = None,
+        eval_every: int = 5000,
+        eval_episodes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.gamma = check_gamma(type(self).__name__, gamma)
+        self.critic_options = dict(hidden=critic_hidden, activation=critic_activation, norm=critic_norm,
+                                   norm_layers=critic_norm_layers, norm_affine=critic_norm_affine,
+                                   weight_norm_output=critic_weight_norm, dropout=critic_dropout)
+        self.actor_options = dict(hidden=actor_hidden, activation=actor_activation)
+        self.num_q = int(num_q)
+        self.actor_lr, self.critic_lr, self.critic_weight_decay = actor_lr, critic_lr, critic_weight_decay
+        self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
+        self.target_update = TargetUpdate(target_tau, self.default_target_every() if target_every is None
+                                          else target_every)
+        self.actor: nn.Module | None = None
+        self.critic: Critic | None = None
+        self._last: dict[str, Tensor] = {}
+        self._init_spec = None if obs_dim is None or act_dim is None else DataSpec.continuous(
+            obs_dim, act_dim, action_low, action_high)
+
+    def build_now(self) -> None:
+        """Build the networks if the sizes were given (subclasses call it at the end of
+        their ``__init__``, once their own options are set)."""
+        if self._init_spec is not None:
+            self.build_for(self._init_spec)
+
+    def default_target_every(self) -> int:
+        """Updates between target moves when ``target_every`` is None."""
+        return 1
+
+    # ---------------------------------------------------------------- networks
+    def make_actor(self, spec: DataSpec) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement make_actor(spec)")
+
+    def build(self, spec: DataSpec) -> None:
+        self.critic = Critic(spec.obs_dim, spec.action_dim, num_q=self.num_q, **self.critic_options)
+        self.actor = self.make_actor(spec)
+        self.add_targets()
+
+    def add_targets(self) -> None:
+        """The critic's target copy; subclasses add the actor's where they use one."""
+        self.critic_target = self.add_target(self.critic)
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"critic": self.adam(self.critic.parameters(), lr=self.critic_lr, weight_decay=self.critic_weight_decay),
+                "actor": self.adam(self.actor.parameters(), lr=self.actor_lr)}
+
+    # ------------------------------------------------------------ probe protocol
+    def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
+        """First critic's ``Q(s, a)``, shape ``(N,)``."""
+        return self.critic.members[0](torch.cat([obs, act], dim=-1)).squeeze(-1)
+
+    def greedy_action(self, obs: Tensor) -> Tensor:
+        """The actor's deterministic action: the action the probe's bootstrap uses."""
+        return self.actor(obs)
+
+    def q_network(self) -> nn.Module:
+        return self.critic.q_function(0)
+
+    def q_networks(self) -> list[nn.Module]:
+        """Every critic member as ``(obs, act) -> (N,)`` (optional protocol member used by
+        :class:`~lit_qlearn.callbacks.PreQNLineSearch`)."""
+        return [self.critic.q_function(i) for i in range(self.critic.num_q)]
+
+    # ---------------------------------------------------------------- policies
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.actor(self.normalize(obs)).cpu().numpy()
+
+    # --------------------------------------------------------------- the update
+    def critic_update(self, batch: Transitions, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One critic step on the (weighted) TD loss against ``y``; returns ``(Q(s, a) of
+        every member (num_q, B), per-sample |TD error| (B,))``."""
+        q = self.critic(batch.obs, batch.act)
+        critic = td_loss(q, y, batch.weight)
+        self.step("critic", critic.loss)
+        self._last["train/critic_loss"] = critic.loss.detach()
+        return q.detach(), critic.td_abs
+
+    def log_update(self, batch: Transitions, q_data: Tensor, extra: dict[str, Tensor | float] | None = None) -> None:
+        """Log the update's scalars (called on logging steps only)."""
+        metrics: dict[str, Any] = {"q/data_mean": q_data.mean(), **self._last}
+        if "q/policy_mean" not in metrics:
+            with torch.no_grad():
+                metrics["q/policy_mean"] = self.q_value(batch.obs, self.greedy_action(batch.obs)).mean()
+        with torch.no_grad():
+            metrics["params/critic_norm"] = parameter_norm(self.critic.parameters())
+        metrics.update(extra or {})
+        self.log_scalars(metrics)
