@@ -7,13 +7,14 @@ and only *evaluate* an ensemble in one batched computation.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", "NatureEncoder", "ACTIVATIONS", "NORMS"]
+__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", "NatureEncoder", "SquashedGaussianActor", "ACTIVATIONS", "NORMS"]
 
 
 class Sin(nn.Module):
@@ -180,6 +181,21 @@ class StateActionQ(nn.Module):
         return self.net(torch.cat([obs, act], dim=-1)).squeeze(-1)
 
 
+def register_action_bounds(module: nn.Module, act_dim: int, low: Sequence[float] | Tensor | float,
+                           high: Sequence[float] | Tensor | float) -> None:
+    """Give a policy the buffers ``action_low``, ``action_high``, ``action_mid`` and
+    ``action_scale`` (half-range), each ``(act_dim,)``; scalar bounds broadcast."""
+    low = torch.as_tensor(low, dtype=torch.float32).expand(act_dim).clone()
+    high = torch.as_tensor(high, dtype=torch.float32).expand(act_dim).clone()
+    if not torch.all(high > low):
+        raise ValueError(f"{type(module).__name__}: action_high must exceed action_low, got low={low.tolist()}, "
+                         f"high={high.tolist()}")
+    module.register_buffer("action_low", low)
+    module.register_buffer("action_high", high)
+    module.register_buffer("action_mid", (high + low) / 2)
+    module.register_buffer("action_scale", (high - low) / 2)
+
+
 class Actor(nn.Module):
     """Deterministic policy ``obs -> a = mid + half_range * tanh(mlp(obs))`` within the action bounds."""
 
@@ -193,14 +209,7 @@ class Actor(nn.Module):
     ) -> None:
         super().__init__()
         self.net = mlp(obs_dim, act_dim, output_activation="tanh", **mlp_kwargs)
-        low = torch.as_tensor(action_low, dtype=torch.float32).expand(act_dim).clone()
-        high = torch.as_tensor(action_high, dtype=torch.float32).expand(act_dim).clone()
-        if not torch.all(high > low):
-            raise ValueError(f"Actor: action_high must exceed action_low, got low={low.tolist()}, high={high.tolist()}")
-        self.register_buffer("action_low", low)
-        self.register_buffer("action_high", high)
-        self.register_buffer("action_mid", (high + low) / 2)
-        self.register_buffer("action_scale", (high - low) / 2)
+        register_action_bounds(self, act_dim, action_low, action_high)
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.action_mid + self.action_scale * self.net(obs)
@@ -258,3 +267,47 @@ class DiscreteQNetwork(nn.Module):
         if self.value is not None:
             q = self.value(h) + q - q.mean(dim=1, keepdim=True)
         return q
+
+
+class SquashedGaussianActor(nn.Module):
+    """SAC's policy: ``u ~ N(mean(s), std(s))``, ``a = mid + half_range * tanh(u)``.
+
+    One :func:`mlp` outputs ``(mean, log_std)``; ``log_std`` is squashed into
+    ``[log_std_min, log_std_max]`` by a tanh (smooth, unlike a clamp). ``forward`` is
+    the deterministic action ``mid + half_range * tanh(mean)``.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low: Sequence[float] | Tensor | float = -1.0,
+                 action_high: Sequence[float] | Tensor | float = 1.0, log_std_min: float = -5.0,
+                 log_std_max: float = 2.0, **mlp_kwargs) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, **mlp_kwargs)
+        self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
+        register_action_bounds(self, act_dim, action_low, action_high)
+
+    def _mean_log_std(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1.0)
+        return mean, log_std
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.action_mid + self.action_scale * torch.tanh(self._mean_log_std(obs)[0])
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """A reparameterised action ``(N, da)`` and its log-density ``(N,)``."""
+        mean, log_std = self._mean_log_std(obs)
+        u = mean + log_std.exp() * torch.randn_like(mean)
+        return self.action_mid + self.action_scale * torch.tanh(u), self._log_prob(u, mean, log_std)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        """``log pi(a | s)`` ``(N,)`` of given actions strictly inside the bounds."""
+        mean, log_std = self._mean_log_std(obs)
+        y = ((action - self.action_mid) / self.action_scale).clamp(-1 + 1e-6, 1 - 1e-6)
+        return self._log_prob(torch.atanh(y), mean, log_std)
+
+    def _log_prob(self, u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+        # change of variables a = mid + scale tanh(u): log pi(a) = log N(u) - sum log(scale (1 - tanh(u)^2)),
+        # with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) (numerically stable for large |u|)
+        gaussian = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        jacobian = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u)) + torch.log(self.action_scale)
+        return (gaussian - jacobian).sum(dim=-1)

@@ -3,6 +3,7 @@ from lit_qlearn.algorithms.actor_critic import ActorCritic
 from lit_qlearn.algorithms.base import QLearningModule
 from lit_qlearn.algorithms.dqn import DQN
 from lit_qlearn.algorithms.preqn import PreQN
+from lit_qlearn.algorithms.sac import SAC
 from lit_qlearn.algorithms.td3 import DDPG, TD3, TD3BC
 
-__all__ = ["ActorCritic", "DDPG", "DQN", "PreQN", "QLearningModule", "TD3", "TD3BC"]
+__all__ = ["ActorCritic", "DDPG", "DQN", "PreQN", "QLearningModule", "SAC", "TD3", "TD3BC"]

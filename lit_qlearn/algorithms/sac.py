@@ -1,0 +1,108 @@
+"""SAC (Haarnoja et al. 2018, with the learned temperature of the second paper)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lit_qlearn.algorithms.actor_critic import ActorCritic
+from lit_qlearn.data.types import DataSpec, Transitions
+from lit_qlearn.networks import SquashedGaussianActor
+from lit_qlearn.td import td_target
+
+__all__ = ["SAC"]
+
+
+class SAC(ActorCritic):
+    """Soft actor-critic: twin critics in one batched pass with Polyak targets, a
+    tanh-squashed Gaussian actor, and the temperature alpha learned towards the target
+    entropy with its own optimiser (``"alpha"``). The other arguments (sizes, critic
+    options, learning rates, targets, evaluation) are :class:`ActorCritic`'s; the
+    defaults are the paper's (Adam 3e-4, tau 0.005, targets every update, 256x256).
+
+    ``V(s') = min_i Q'_i(s', a') - alpha log pi(a' | s')`` with ``a' ~ pi(s')``; the actor
+    minimises ``alpha log pi(a | s) - min_i Q_i(s, a)``; alpha minimises
+    ``-alpha (log pi + target_entropy)``, so it grows while the policy's entropy is below
+    the target and shrinks above it. For the probe protocol, ``greedy_action`` is the
+    deterministic action ``tanh(mean)`` (scaled to the bounds), and SEEM's bootstrap
+    uses it (the authors' convention for a stochastic actor: its mode).
+
+    Args:
+        alpha_lr: Adam learning rate of log alpha.
+        init_alpha: initial temperature.
+        learn_alpha: learn alpha (False: keep init_alpha fixed).
+        target_entropy: entropy target (None: -act_dim).
+        log_std_min: lower bound of the actor's log standard deviation.
+        log_std_max: upper bound of the actor's log standard deviation.
+    """
+
+    def __init__(self, *args: Any, alpha_lr: float = 3e-4, init_alpha: float = 1.0, learn_alpha: bool = True,
+                 target_entropy: float | None = None, log_std_min: float = -5.0, log_std_max: float = 2.0,
+                 **kwargs: Any) -> None:
+        if not init_alpha > 0:
+            raise ValueError(f"SAC: init_alpha must be > 0, got {init_alpha!r}")
+        super().__init__(*args, **kwargs)
+        self.alpha_lr, self.learn_alpha, self.target_entropy = alpha_lr, bool(learn_alpha), target_entropy
+        self.actor_options.update(log_std_min=log_std_min, log_std_max=log_std_max)
+        self.log_alpha = nn.Parameter(torch.tensor(float(np.log(init_alpha))), requires_grad=self.learn_alpha)
+        self.build_now()
+
+    # ---------------------------------------------------------------- networks
+    def make_actor(self, spec: DataSpec) -> SquashedGaussianActor:
+        if self.target_entropy is None:
+            self.target_entropy = -float(spec.action_dim)  # the paper's heuristic -|A|
+        return SquashedGaussianActor(spec.obs_dim, spec.action_dim, spec.action_low, spec.action_high,
+                                     **self.actor_options)
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = super().build_optimizers()
+        if self.learn_alpha:
+            optimizers["alpha"] = self.adam([self.log_alpha], lr=self.alpha_lr)
+        return optimizers
+
+    @property
+    def alpha(self) -> Tensor:
+        return self.log_alpha.detach().exp()
+
+    # ---------------------------------------------------------------- policies
+    @torch.no_grad()
+    def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
+        """An action sampled from the policy."""
+        return self.actor.sample(self.normalize(obs))[0].cpu().numpy()
+
+    # --------------------------------------------------------------- the update
+    def next_value(self, batch: Transitions) -> Tensor:
+        """``V(s') = min_i Q'_i(s', a') - alpha log pi(a' | s')``, ``a' ~ pi(s')``, shape ``(B,)``."""
+        next_act, next_logp = self.actor.sample(batch.next_obs)
+        return self.critic_target(batch.next_obs, next_act).min(dim=0).values - self.alpha * next_logp
+
+    def td_target(self, batch: Transitions) -> Tensor:
+        """The TD target :func:`~lit_qlearn.td.td_target` with the soft :meth:`next_value`, ``(B,)``."""
+        with torch.no_grad():
+            return td_target(batch, self.next_value(batch), self.gamma)
+
+    def temperature_loss(self, logp: Tensor) -> Tensor:
+        """``-log_alpha (log pi + target_entropy)`` averaged over the batch: its gradient in
+        log alpha is ``-(E[log pi] + H*) = entropy - H*``, so descent raises alpha while the
+        policy's entropy is below the target; the fixed point is entropy = target."""
+        return -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+
+    def update(self, batch: Transitions) -> Tensor:
+        q, td_abs = self.critic_update(batch, self.td_target(batch))
+        # actor: alpha log pi(a|s) - min_i Q_i(s, a), a ~ pi(s) reparameterised; the critic gets no gradient
+        self.critic.requires_grad_(False)
+        try:
+            pi, logp = self.actor.sample(batch.obs)
+            q_pi = self.critic(batch.obs, pi).min(dim=0).values
+            actor_loss = (self.alpha * logp - q_pi).mean()
+            self.step("actor", actor_loss)
+        finally:
+            self.critic.requires_grad_(True)
+        if self.learn_alpha:
+            self.step("alpha", self.temperature_loss(logp))
+        if self.logging_now():
+            self._last.update({"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()})
+            self.log_update(batch, q[0], {"train/alpha": self.alpha, "train/entropy": -logp.detach().mean()})
+        return td_abs
