@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.td import td_target
+from lit_qlearn.td import check_gamma, td_target
 
 __all__ = [
     "QProbe",
@@ -83,8 +83,11 @@ def check_probe_module(module: Any, who: str = "this callback", probe: Transitio
     gamma = getattr(module, "gamma", None)
     if gamma is None:
         problems.append(f"gamma is missing ({PROBE_MEMBERS['gamma']})")
-    elif isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
-        problems.append(f"gamma must be a number in [0, 1), got {type(gamma).__name__} {gamma!r}")
+    else:
+        try:
+            check_gamma("gamma", gamma)
+        except ValueError as err:
+            problems.append(str(err).removeprefix("gamma: "))
     for name, what in PROBE_MEMBERS.items():
         if name != "gamma" and not callable(getattr(module, name, None)):
             problems.append(f"{name} is missing ({what})")

@@ -9,9 +9,16 @@ from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 
-__all__ = ["td_target", "td_loss", "TDLoss", "TD_LOSSES"]
+__all__ = ["td_target", "td_loss", "TDLoss", "TD_LOSSES", "check_gamma"]
 
 TD_LOSSES = ("mse", "huber")
+
+
+def check_gamma(who: str, gamma: object) -> float:
+    """``gamma`` as a float, or a ValueError naming ``who`` unless it is a number in [0, 1)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
+        raise ValueError(f"{who}: gamma must be a number in [0, 1), got {type(gamma).__name__} {gamma!r}")
+    return float(gamma)
 
 
 def td_target(batch: Transitions, next_value: Tensor, gamma: float) -> Tensor:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_qlearn.algorithms.base import QLearningModule
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import StateActionQ, mlp
-from lit_qlearn.td import td_loss, td_target
+from lit_qlearn.td import td_loss
 
 __all__ = ["compass_directions", "random_walk", "RandomWalkDataModule", "RandomWalkQ", "ChainEnv"]
 
@@ -150,9 +150,9 @@ class RandomWalkQ(QLearningModule):
         return StateActionQ(self.net)
 
     # --------------------------------------------------------------- the update
-    def td_target(self, batch: Transitions) -> Tensor:
-        with torch.no_grad():
-            return td_target(batch, self.all_q(batch.next_obs).max(dim=1).values, self.gamma)
+    def next_value(self, batch: Transitions) -> Tensor:
+        """``V(s') = max_d Q(s', d)`` of the current network."""
+        return self.all_q(batch.next_obs).max(dim=1).values
 
     def update(self, batch: Transitions) -> Tensor:
         y = self.td_target(batch)

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_qlearn.algorithms.base import QLearningModule, check_gamma
+from lit_qlearn.algorithms.base import QLearningModule
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import Critic
 from lit_qlearn.ntk import parameter_norm
 from lit_qlearn.targets import TargetUpdate
-from lit_qlearn.td import td_loss
+from lit_qlearn.td import check_gamma, td_loss
 
 __all__ = ["ActorCritic"]
 

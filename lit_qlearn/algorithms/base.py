@@ -21,19 +21,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lit_qlearn.data.types import DataSpec, Transitions, data_spec
 from lit_qlearn.probe import publish
 from lit_qlearn.targets import TargetUpdate, make_target
+from lit_qlearn.td import td_target
 
-__all__ = ["QLearningModule", "check_gamma"]
+__all__ = ["QLearningModule"]
 
 
 def _no_op() -> None:
     return None
-
-
-def check_gamma(who: str, gamma: Any) -> float:
-    """``gamma`` as a float, or a ValueError naming ``who`` unless it is a number in [0, 1)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < 1.0:
-        raise ValueError(f"{who}: gamma must be a number in [0, 1), got {gamma!r}")
-    return float(gamma)
 
 
 class QLearningModule(LightningModule):
@@ -83,6 +77,8 @@ class QLearningModule(LightningModule):
     #: x86 arithmetic is ~10x slower: measured here, a fused Adam step of a 256x256
     #: DQN took 0.53 ms with denormals and 0.05 ms without, a third of the update.
     flush_denormal: bool = True
+    #: Whether :meth:`update` applies ``batch.weight`` and returns |TD error| (prioritised replay).
+    supports_weights: bool = True
     eval_every: int = 0
     eval_episodes: int = 10
 
@@ -141,11 +137,17 @@ class QLearningModule(LightningModule):
             self.build_for(spec)
         elif spec != self.spec:
             self.check_spec(spec)
+            differ = ", ".join(f"{name}={getattr(self.spec, name)!r} vs {getattr(spec, name)!r}"
+                               for name in ("obs_shape", "obs_dtype", "num_actions", "action_low", "action_high")
+                               if getattr(self.spec, name) != getattr(spec, name))
             raise ValueError(
                 f"{type(self).__name__} was built for observations {self.spec.obs_shape} and actions "
                 f"{self.spec.describe_actions()}, but {type(dm).__name__} serves observations {spec.obs_shape} "
-                f"and actions {spec.describe_actions()}"
+                f"and actions {spec.describe_actions()} (module vs data: {differ})"
             )
+        if getattr(dm, "weighted", False) and not self.supports_weights:
+            raise ValueError(f"{type(self).__name__} does not use importance weights, but {type(dm).__name__} "
+                             "serves prioritised batches (prioritized=True)")
         self.spec = spec
         if spec.obs_mean is not None and self.obs_mean.dim() == 1:
             self.obs_mean.copy_(torch.as_tensor(spec.obs_mean, dtype=torch.float32))
@@ -173,6 +175,16 @@ class QLearningModule(LightningModule):
         return list(self._target_pairs)
 
     # --------------------------------------------------------------- the update
+    def next_value(self, batch: Transitions) -> Tensor:
+        """The algorithm's bootstrap value ``V(s')`` ``(B,)`` (called without gradient)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement next_value(batch)")
+
+    def td_target(self, batch: Transitions) -> Tensor:
+        """``y = r + discount (1 - terminated) V(s')`` (:func:`lit_qlearn.td.td_target`) with
+        :meth:`next_value`, shape ``(B,)``, no gradient."""
+        with torch.no_grad():
+            return td_target(batch, self.next_value(batch), self.gamma)
+
     def update(self, batch: Any) -> Tensor | None:
         """One update on ``batch``; return the per-sample |TD error| ``(B,)`` (or None)."""
         raise NotImplementedError(f"{type(self).__name__} must implement update(batch)")
@@ -191,7 +203,7 @@ class QLearningModule(LightningModule):
         if self.logging_now():
             rollout = getattr(self.trainer.datamodule, "rollout_metrics", None)
             if rollout is not None:
-                self.log_scalars(rollout(), reduce=False)
+                self.log_rollout(rollout())
 
     # ------------------------------------------------------------ optimisation
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -340,6 +352,22 @@ class QLearningModule(LightningModule):
         if reduce and self.trainer.world_size > 1:
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
         publish(self.trainer, dict(zip(names, values.cpu().tolist())), self.updates)
+
+    def log_rollout(self, counts: dict[str, float]) -> None:
+        """Publish the environment statistics of every rank: ``rollout/env_steps`` (their
+        sum) and the mean return and length of the episodes finished since the last
+        log, over all ranks. ``counts`` has ``env_steps``, ``episodes``, ``return_sum``,
+        ``length_sum`` (the same keys on every rank, so the reduction is one all-reduce)."""
+        names = ("env_steps", "episodes", "return_sum", "length_sum")
+        totals = torch.tensor([float(counts[k]) for k in names], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        env_steps, episodes, return_sum, length_sum = totals.tolist()
+        metrics = {"rollout/env_steps": env_steps}
+        if episodes > 0:
+            metrics.update({"rollout/episode_return": return_sum / episodes,
+                            "rollout/episode_length": length_sum / episodes})
+        publish(self.trainer, metrics, self.updates)
 
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

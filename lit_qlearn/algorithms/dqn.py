@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_qlearn.algorithms.base import QLearningModule, check_gamma
+from lit_qlearn.algorithms.base import QLearningModule
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import DiscreteQNetwork
 from lit_qlearn.ntk import DiscreteQ, parameter_norm
 from lit_qlearn.targets import TargetUpdate
-from lit_qlearn.td import TD_LOSSES, td_loss, td_target
+from lit_qlearn.td import TD_LOSSES, check_gamma, td_loss
 
 __all__ = ["DQN"]
 
@@ -36,6 +36,7 @@ class DQN(QLearningModule):
     Args:
         obs_shape: observation shape; None reads it from the DataModule.
         num_actions: number of actions; None reads it from the DataModule.
+        obs_dtype: dtype of the observations given with ``obs_shape`` ("uint8" for Atari frames).
         gamma: discount factor in [0, 1).
         hidden: hidden widths of the Q-head (after the convolutional encoder for images).
         activation: activation of the head, one of relu, tanh, sin, elu, mish.
@@ -65,6 +66,7 @@ class DQN(QLearningModule):
         self,
         obs_shape: Sequence[int] | None = None,
         num_actions: int | None = None,
+        obs_dtype: str = "float32",
         gamma: float = 0.99,
         hidden: Sequence[int] = (256, 256),
         activation: str = "relu",
@@ -106,7 +108,7 @@ class DQN(QLearningModule):
         self.target_update = TargetUpdate(target_tau, target_every)
         self.q_net: DiscreteQNetwork | None = None
         if obs_shape is not None and num_actions is not None:
-            self.build_for(DataSpec(tuple(obs_shape), num_actions=int(num_actions)))
+            self.build_for(DataSpec(tuple(obs_shape), num_actions=int(num_actions), obs_dtype=obs_dtype))
 
     # ---------------------------------------------------------------- networks
     def build(self, spec: DataSpec) -> None:
@@ -145,12 +147,12 @@ class DQN(QLearningModule):
     @torch.no_grad()
     def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
         """Epsilon-greedy on a batch of states ``(E, *obs_shape) -> (E,)``."""
-        actions = self.greedy_action(self._batched(obs))
-        explore = torch.rand(actions.shape, device=actions.device) < self.epsilon(env_step)
-        if explore.any():
-            random_actions = torch.randint(self.spec.num_actions, actions.shape, device=actions.device)
-            actions = torch.where(explore, random_actions, actions)
-        return actions.cpu().numpy()
+        x = self._batched(obs)
+        explore = torch.rand(x.shape[0], device=x.device) < self.epsilon(env_step)
+        random_actions = torch.randint(self.spec.num_actions, (x.shape[0],), device=x.device)
+        if explore.all():  # no greedy action needed (every step before epsilon falls)
+            return random_actions.cpu().numpy()
+        return torch.where(explore, random_actions, self.greedy_action(x)).cpu().numpy()
 
     # --------------------------------------------------------------- the update
     def next_value(self, batch: Transitions) -> Tensor:
@@ -159,11 +161,6 @@ class DQN(QLearningModule):
         if self.double:
             return target_q.gather(1, self.greedy_action(batch.next_obs).unsqueeze(1)).squeeze(1)
         return target_q.max(dim=1).values
-
-    def td_target(self, batch: Transitions) -> Tensor:
-        """The TD target :func:`~lit_qlearn.td.td_target` with :meth:`next_value`, shape ``(B,)``."""
-        with torch.no_grad():
-            return td_target(batch, self.next_value(batch), self.gamma)
 
     def update(self, batch: Transitions) -> Tensor:
         y = self.td_target(batch)

@@ -88,6 +88,8 @@ class PreQN(TD3):
                           rcond=rcond, method=ntk_method)
         self.target_update = None
 
+    supports_weights = False  # the preconditioned step solves K Z = delta for the unweighted batch
+
     def add_targets(self) -> None:
         """No target networks: the TD target uses the current critic and actor."""
 

@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from lit_qlearn.algorithms.actor_critic import ActorCritic
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import SquashedGaussianActor
-from lit_qlearn.td import td_target
 
 __all__ = ["SAC"]
 
@@ -77,11 +76,6 @@ class SAC(ActorCritic):
         """``V(s') = min_i Q'_i(s', a') - alpha log pi(a' | s')``, ``a' ~ pi(s')``, shape ``(B,)``."""
         next_act, next_logp = self.actor.sample(batch.next_obs)
         return self.critic_target(batch.next_obs, next_act).min(dim=0).values - self.alpha * next_logp
-
-    def td_target(self, batch: Transitions) -> Tensor:
-        """The TD target :func:`~lit_qlearn.td.td_target` with the soft :meth:`next_value`, ``(B,)``."""
-        with torch.no_grad():
-            return td_target(batch, self.next_value(batch), self.gamma)
 
     def temperature_loss(self, logp: Tensor) -> Tensor:
         """``-log_alpha (log pi + target_entropy)`` averaged over the batch: its gradient in

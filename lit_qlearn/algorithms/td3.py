@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from lit_qlearn.algorithms.actor_critic import ActorCritic
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import Actor
-from lit_qlearn.td import td_target
 
 __all__ = ["TD3", "TD3BC", "DDPG"]
 
@@ -70,11 +69,6 @@ class TD3(ActorCritic):
             noise = (torch.randn_like(batch.act) * self.policy_noise).clamp(-self.noise_clip, self.noise_clip)
             next_act = torch.clamp(next_act + noise * actor.action_scale, actor.action_low, actor.action_high)
         return self.critic_target(batch.next_obs, next_act).min(dim=0).values
-
-    def td_target(self, batch: Transitions) -> Tensor:
-        """The TD target :func:`~lit_qlearn.td.td_target` with :meth:`next_value`, shape ``(B,)``."""
-        with torch.no_grad():
-            return td_target(batch, self.next_value(batch), self.gamma)
 
     def actor_loss(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> Tensor:
         """``-Q(s, pi(s))``, plus TD3+BC's normalised BC term when ``bc_alpha`` is set."""

@@ -159,10 +159,7 @@ class ProbeCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
         if "probe" in state_dict:
-            fields = dict(state_dict["probe"])
-            if "done" in fields:  # checkpoints written before the field was renamed
-                fields["terminated"] = fields.pop("done")
-            self.probe = Transitions(**fields)
+            self.probe = Transitions(**state_dict["probe"])
 
 
 class NTKGramCallback(ProbeCallback):

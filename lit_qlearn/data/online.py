@@ -74,7 +74,9 @@ class OnlineDataModule(L.LightningDataModule):
         train_freq: environment steps (over all sub-environments) per training phase.
         gradient_steps: updates per training phase.
         buffer_device: where the buffer lives: "cpu" or "module" (the training device).
-        save_buffer: put the buffer and the environments' state into checkpoints (exact resume; can be large).
+        save_buffer: put the buffer and the environments' state into checkpoints (can be large): a resumed
+            run then continues exactly where environments pickle (classic control, Atari, the toys);
+            MuJoCo environments do not keep their physics through pickling, so they restart from a reset.
         max_episode_steps: override of the environment's time limit.
         env_wrapper: None, or "atari" (Nature-DQN preprocessing and a 4-frame stack, see make_env).
         seed: seed of the environments, the random prefill and the batch sampler.
@@ -127,6 +129,7 @@ class OnlineDataModule(L.LightningDataModule):
         self._episodes: list[tuple[float, int]] = []
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._ready = False  # the buffer holds learning_starts steps or a checkpoint's
         # read once from a throwaway env: algorithms build their networks from it at setup;
         # the environments themselves live from setup on, across fits (a second fit continues)
         self._spec = self._read_spec()
@@ -189,13 +192,24 @@ class OnlineDataModule(L.LightningDataModule):
         else:
             self.buffer = ReplayBuffer(hp.capacity, spec.obs_shape, **options)
         self._generator = torch.Generator(device=device).manual_seed(rank_seed)
+        self._seed = rank_seed
+        self.rollout.reset()
         if self._pending_state is not None:  # a checkpoint was loaded before setup
             self._restore(self._pending_state)
             self._pending_state = None
-        else:
-            self.rollout.reset()
-            while self.rollout.env_steps < hp.learning_starts:
-                self._add(self.rollout.step())  # uniformly random actions
+
+    def prefill(self) -> None:
+        """Uniformly random actions until ``learning_starts`` environment steps are taken.
+        Runs on first use (a batch or the probe), so that a fit resumed from a checkpoint,
+        which Lightning restores after ``setup``, refills nothing."""
+        while self.rollout.env_steps < self.hparams.learning_starts:
+            self._add(self.rollout.step())
+        self._ready = True
+
+    @property
+    def weighted(self) -> bool:
+        """Whether batches carry importance weights (prioritised replay)."""
+        return bool(self.hparams.prioritized)
 
     # ---------------------------------------------------------------- stepping
     def _add(self, step: Any) -> None:
@@ -214,12 +228,20 @@ class OnlineDataModule(L.LightningDataModule):
         if not callable(explore):
             raise TypeError(f"OnlineDataModule needs the module's explore(obs, env_step) -> actions; "
                             f"{type(module).__name__} has none")
-        for _ in range(math.ceil(env_steps / self.hparams.num_envs)):
-            self._add(self.rollout.step(lambda obs: explore(obs, self.rollout.env_steps)))
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()  # the behaviour policy acts like the evaluated one (BatchNorm statistics, dropout)
+        try:
+            for _ in range(math.ceil(env_steps / self.hparams.num_envs)):
+                self._add(self.rollout.step(lambda obs: explore(obs, self.rollout.env_steps)))
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def next_batch(self) -> Transitions:
         """The next minibatch; a collection phase first when one is due."""
         hp = self.hparams
+        if not self._ready:
+            self.prefill()
         if self._since_phase % hp.gradient_steps == 0:
             self.collect(hp.train_freq)
             self._since_phase = 0
@@ -243,14 +265,15 @@ class OnlineDataModule(L.LightningDataModule):
             self.buffer.update_priorities(index, td_abs)
 
     def rollout_metrics(self) -> dict[str, float]:
-        """``rollout/env_steps`` (this rank's) and the mean return and length of the
-        episodes finished since the last call."""
-        metrics = {"rollout/env_steps": float(self.rollout.env_steps)}
-        if self._episodes:
-            metrics["rollout/episode_return"] = float(np.mean([r for r, _ in self._episodes]))
-            metrics["rollout/episode_length"] = float(np.mean([n for _, n in self._episodes]))
-            self._episodes = []
-        return metrics
+        """This rank's counts since the last call, the same keys on every rank: ``env_steps``
+        (in all), ``episodes`` finished, their ``return_sum`` and ``length_sum``; the module
+        sums them over the ranks and logs ``rollout/env_steps``, ``rollout/episode_return``
+        and ``rollout/episode_length``."""
+        counts = {"env_steps": float(self.rollout.env_steps), "episodes": float(len(self._episodes)),
+                  "return_sum": float(sum(r for r, _ in self._episodes)),
+                  "length_sum": float(sum(n for _, n in self._episodes))}
+        self._episodes = []
+        return counts
 
     # ----------------------------------------------------------------- batches
     def train_dataloader(self) -> DataLoader:
@@ -267,8 +290,10 @@ class OnlineDataModule(L.LightningDataModule):
     def probe_batch(self, n: int | None = None, seed: int = 0) -> Transitions:
         """A fixed probe set of ``min(n, len(buffer))`` distinct buffered transitions drawn
         with a generator seeded by ``seed``; under DDP every rank gets rank zero's."""
-        if self.buffer is None or len(self.buffer) == 0:
+        if self.buffer is None:
             raise DatasetError("OnlineDataModule.probe_batch: the buffer is empty (call setup('fit') first)")
+        if not self._ready:
+            self.prefill()
         n = self.hparams.probe_size if n is None else n
         perm = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(seed))[:n]
         probe = self.buffer._gather(perm.to(self.buffer.device)).map(lambda t: t.cpu())
@@ -280,41 +305,73 @@ class OnlineDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """Every rank's state (under DDP gathered, since rank zero writes the one file):
+        the sampler, the phase, the environment step count and, with ``save_buffer``, the
+        buffer and the pickled environments (where their state survives pickling)."""
         if self.buffer is None:
             return {}
         state: dict[str, Any] = {"since_phase": self._since_phase, "generator": self._generator.get_state(),
                                  "env_steps": self.rollout.env_steps}
         if self.hparams.save_buffer:
-            import cloudpickle
-
             state["buffer"] = self.buffer.state_dict()
-            # The environments' own state (physics and RNG), so a resumed run steps on identically.
-            blob = cloudpickle.dumps((self.rollout.envs, self.rollout.obs, self.rollout._return, self.rollout._length))
-            state["envs"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        return state
+            if _envs_pickle(self.rollout.envs):
+                import cloudpickle
+
+                blob = cloudpickle.dumps((self.rollout.envs, self.rollout.obs, self.rollout._return,
+                                          self.rollout._length))
+                state["envs"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            import torch.distributed as dist
+
+            ranks: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(ranks, state)
+            return {"ranks": ranks}
+        return {"ranks": [state]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        ranks = state_dict["ranks"]
+        state = ranks[self._rank()] if self._rank() < len(ranks) else None
+        if state is None:
+            raise DatasetError(f"OnlineDataModule: the checkpoint holds the replay state of {len(ranks)} rank(s); "
+                               f"rank {self._rank()} has none (resume with the same number of devices)")
         if self.buffer is None:
-            self._pending_state = state_dict
+            self._pending_state = state
         else:
-            self._restore(state_dict)
+            self._restore(state)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        import pickle
-
         self._since_phase = int(state["since_phase"])
         self._generator.set_state(state["generator"])
-        if "buffer" not in state:
-            warnings.warn("OnlineDataModule: the checkpoint holds no replay buffer (save_buffer=False); "
-                          "resuming with a buffer refilled by random actions", stacklevel=2)
-            self.rollout.reset()
-            while len(self.buffer) < self.hparams.learning_starts:
-                self._add(self.rollout.step())
-            return
-        self.buffer.load_state_dict(state["buffer"])
-        envs, obs, ret, length = pickle.loads(state["envs"].numpy().tobytes())
-        self.rollout.envs.close()
-        self.rollout.envs, self.rollout.obs, self.rollout._return, self.rollout._length = envs, obs, ret, length
+        self._ready = True
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+        if "envs" in state:
+            import pickle  # the checkpoint's own pickled environments: load only checkpoints you trust
+
+            envs, obs, ret, length = pickle.loads(state["envs"].numpy().tobytes())
+            self.rollout.envs.close()
+            self.rollout.envs, self.rollout.obs, self.rollout._return, self.rollout._length = envs, obs, ret, length
+        else:
+            # a fresh episode in every environment, seeded apart from the run's start: no
+            # pending n-step row may join the old episode to the new one
+            self.rollout.reset(seed=self._seed + int(state["env_steps"]))
+            self.buffer.drop_pending()
+            if "buffer" not in state:
+                warnings.warn("OnlineDataModule: the checkpoint holds no replay buffer (save_buffer=False); "
+                              "refilling it with random actions", stacklevel=2)
+                self.rollout.env_steps = 0
+                self.prefill()
         self.rollout.env_steps = int(state["env_steps"])
+
+
+def _envs_pickle(envs: gym.vector.VectorEnv) -> bool:
+    """Whether the environments' state survives pickling (MuJoCo's physics does not:
+    gymnasium rebuilds the simulator when a MujocoEnv is unpickled)."""
+    try:
+        from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+    except ImportError:  # mujoco not installed
+        return True
+    return not any(isinstance(getattr(env, "unwrapped", env), MujocoEnv) for env in getattr(envs, "envs", []))

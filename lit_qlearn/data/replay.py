@@ -159,7 +159,7 @@ class ReplayBuffer:
         truncated = self._as_step(truncated, "truncated", (), torch.bool)
         if self.n_step == 1:  # one-step TD: every step is a row as it comes, nothing pending
             self._write({"obs": obs, "act": act, "rew": rew, "next_obs": next_obs,
-                         "terminated": terminated.float(), "discount": self._gamma_pow[torch.ones_like(rew, dtype=torch.long)]})
+                         "terminated": terminated.float(), "discount": self._gamma_pow[1].expand(len(rew))})
             return
 
         p, n = self._pending, self.n_step
@@ -195,6 +195,12 @@ class ReplayBuffer:
         pop = full & ~ended
         p["head"] = torch.where(pop, (p["head"] + 1) % n, p["head"])
         p["length"] = torch.where(ended, 0, p["length"] - pop.long())
+
+    def drop_pending(self) -> None:
+        """Forget every environment's pending n-step steps (after the environments were
+        reset outside :meth:`add`, so that no row joins two episodes)."""
+        self._pending["head"].zero_()
+        self._pending["length"].zero_()
 
     def _write(self, rows: dict[str, Tensor]) -> Tensor:
         """Write ``K`` rows at the ring position; returns the ``(K',)`` slots written

@@ -249,3 +249,9 @@ def test_denormals_are_flushed_while_fitting_on_cpu(tiny_td3bc):
     fit(TD3(eval_every=0, critic_hidden=(8,), actor_hidden=(8,)), dm, 2, callbacks=[Probe()])
     assert seen == [0.0, 0.0]
     assert float(torch.tensor(1e-40) * 1.0) > 0  # the process default is back after fit
+
+
+def test_an_algorithm_without_importance_weights_refuses_prioritised_data():
+    dm = OnlineDataModule("Pendulum-v1", learning_starts=64, batch_size=32, prioritized=True)
+    with pytest.raises(ValueError, match="PreQN does not use importance weights"):
+        fit(PreQN(eval_every=0, critic_hidden=(8,), actor_hidden=(8,)), dm, 1)

@@ -49,16 +49,17 @@ def all_q(module):
 def test_online_dqn_learns_the_closed_form_q_of_the_chain(options):
     L.seed_everything(0, verbose=False)
     # n-step returns follow the behaviour policy for n - 1 steps (no off-policy correction), so
-    # they estimate Q* only when exploration is rare: epsilon 0.02 there, and the random prefill
-    # is overwritten (capacity 1000 < 2500 new steps); its bias is then about 2 * 0.01 * 0.1.
-    nstep = dict(epsilon_end=0.02, epsilon_steps=1000) if "n_step" in options else {}
-    module, dm = chain_dqn(**nstep), chain_data(**options, **({"capacity": 1000} if nstep else {}))
-    trainer = fit(module, dm, 2500)
-    assert module.updates == trainer.global_step == 2500
+    # they estimate Q* only when exploration is rare: epsilon 0.1 there (a random left move
+    # within the next two steps, p ~ 0.1, costs ~(1 - gamma^2) Q ~ 0.13: a bias ~ 0.013), and the
+    # random prefill is overwritten (capacity 2000 < 4000 new steps).
+    nstep = dict(epsilon_end=0.1, epsilon_steps=1000) if "n_step" in options else {}
+    module, dm = chain_dqn(**nstep), chain_data(**options, **({"capacity": 2000} if nstep else {}))
+    trainer = fit(module, dm, 4000)
+    assert module.updates == trainer.global_step == 4000
     # Q*(s, right) = 0.9^(4 - s); Q*(s, left) = 0.9 Q*(max(s-1, 0), right). Episodes are truncated
     # after 8 steps, so a target that cut the bootstrap at truncation would sit far below Q*.
     np.testing.assert_allclose(all_q(module), ChainEnv.optimal_q(GAMMA), atol=0.05)
-    assert dm.rollout.env_steps >= 500 + 2500 - options.get("num_envs", 1)
+    assert dm.rollout.env_steps >= 500 + 4000 - options.get("num_envs", 1)
 
 
 def test_truncation_is_not_termination_in_the_buffer():
@@ -209,3 +210,28 @@ def test_atari_smoke():
     assert module.spec.obs_shape == (4, 84, 84) and module.spec.obs_dtype == "uint8"
     assert dm.buffer.sample(4).obs.dtype == torch.uint8
     assert module.updates == 5 and module.act(dm.rollout.obs).shape == (1,)
+
+
+def test_batchnorm_and_dropout_q_networks_explore_in_eval_mode():
+    L.seed_everything(0, verbose=False)
+    dm = chain_data(learning_starts=64, batch_size=32)
+    module = chain_dqn(norm="batch", dropout=0.1, epsilon_start=0.0, epsilon_end=0.0)
+    seen = []
+    explore = module.explore
+
+    def recording(obs, env_step):
+        seen.append(module.q_net.training)
+        return explore(obs, env_step)
+
+    module.explore = recording
+    fit(module, dm, 5)  # one environment, so a train-mode BatchNorm would fail on a batch of one
+    assert seen and not any(seen) and module.q_net.training  # back in train mode for the updates
+
+
+def test_spec_mismatch_names_the_field_that_differs():
+    pytest.importorskip("ale_py")
+    module = DQN(obs_shape=(4, 84, 84), num_actions=6, hidden=(8,))
+    dm = OnlineDataModule("ALE/Pong-v5", env_wrapper="atari", learning_starts=64, batch_size=32, capacity=100)
+    with pytest.raises(ValueError, match=r"obs_dtype='float32' vs 'uint8'"):
+        fit(module, dm, 1)
+    fit(DQN(obs_shape=(4, 84, 84), num_actions=6, obs_dtype="uint8", hidden=(8,)), dm, 1)  # matches

@@ -77,13 +77,42 @@ def test_environment_steps_per_update(train_freq, gradient_steps, num_envs):
     assert len(dm.buffer) == dm.rollout.env_steps
 
 
-def test_rollout_metrics_average_the_finished_episodes():
-    dm, _ = _fitted(steps=1)
+def test_rollout_counts_have_the_same_keys_on_every_rank_and_drain():
+    dm, module = _fitted(steps=1)
     dm._episodes = [(1.0, 3), (0.0, 8)]
-    metrics = dm.rollout_metrics()
-    assert metrics == {"rollout/env_steps": float(dm.rollout.env_steps), "rollout/episode_return": 0.5,
-                       "rollout/episode_length": 5.5}
-    assert "rollout/episode_return" not in dm.rollout_metrics()  # drained
+    assert dm.rollout_metrics() == {"env_steps": float(dm.rollout.env_steps), "episodes": 2.0, "return_sum": 1.0,
+                                    "length_sum": 11.0}
+    assert dm.rollout_metrics()["episodes"] == 0.0  # drained, the keys stay
+
+
+def test_resume_without_the_buffer_keeps_the_schedules(tmp_path):
+    import lightning as L
+
+    from lit_qlearn.algorithms import DQN
+
+    def run(steps, ckpt=None):
+        dm = OnlineDataModule(CHAIN, learning_starts=40, batch_size=8, capacity=500, n_step=3, save_buffer=False)
+        module = DQN(gamma=0.9, hidden=(8,), epsilon_steps=100)
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        with pytest.warns(UserWarning, match="no replay buffer") if ckpt else _nothing():
+            trainer.fit(module, dm, ckpt_path=ckpt)
+        return trainer, dm, module
+
+    trainer, dm, module = run(30)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    _, dm2, module2 = run(40, tmp_path / "c.ckpt")
+    # the environment step count (and with it epsilon) continues; the buffer was refilled
+    assert dm2.rollout.env_steps == 40 + 40 and module2.epsilon(dm2.rollout.env_steps) == module.epsilon(80)
+    assert len(dm2.buffer) >= 40
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def test_probe_batch_is_fixed_and_distinct():
