@@ -174,6 +174,9 @@ class ChainEnv(gym.Env):
     and a learner that cut the bootstrap there would be biased low. Closed form
     (:meth:`optimal_q`): ``Q*(s, right) = gamma^(n-1-s)``,
     ``Q*(s, left) = gamma * Q*(max(s-1, 0), right)``.
+
+    Args:
+        num_states: length of the chain.
     """
 
     metadata: dict = {"render_modes": []}

@@ -29,9 +29,11 @@ class DQN(QLearningModule):
     :class:`~lit_qlearn.targets.TargetUpdate` rule (a hard copy every
     ``target_every`` updates by default, Polyak with ``target_tau < 1``). Exploration
     is epsilon-greedy with epsilon falling linearly from ``epsilon_start`` to
-    ``epsilon_end`` over ``epsilon_steps`` environment steps. Defaults follow
-    Stable-Baselines3's DQN (Huber loss, Adam 1e-4, gradient norm clipped at 10,
-    epsilon 1 -> 0.05), with double Q-learning on.
+    ``epsilon_end`` over ``epsilon_steps`` environment steps. Defaults: Huber loss,
+    Adam 1e-4, gradient norm clipped at 10 and epsilon 1 -> 0.05 as Stable-Baselines3's
+    DQN; double Q-learning on; a hard target copy every 1000 updates and epsilon over
+    the first 10,000 environment steps (SB3 counts both in environment steps and
+    fractions of the run: ``configs/dqn_cartpole.yaml`` translates its zoo settings).
 
     Args:
         obs_shape: observation shape; None reads it from the DataModule.

@@ -21,6 +21,10 @@ class EMATarget(Callback):
     * ``EMATarget.no_ema()``: target = current network after every update, the
       "no EMA" setting in which Yue et al. (2023) study divergence.
 
+    Args:
+        tau: Polyak rate in (0, 1]; 1 copies.
+        every: updates between target moves.
+
     A module without ``target_pairs()``, or whose list is empty (e.g. PreQN), is an
     error at set-up or fit start, before the first update.
 

@@ -53,7 +53,8 @@ class ProbeCallback(Callback):
         probe_source: ``"datamodule"`` (its ``probe_batch(n, seed)``, DESIGN.md 4) or
             ``"batches"`` (the first training batches, for online training; under DDP
             rank zero's are broadcast).
-        method / dtype: NTK engine options, see :func:`lit_qlearn.ntk.ntk_gram`.
+        method: NTK engine, see :func:`lit_qlearn.ntk.ntk_gram`.
+        dtype: dtype of the NTK computation (None: the parameters').
     """
 
     def __init__(self, every_n_steps: int, probe_size: int, probe_seed: int = 0, probe_source: str = "datamodule",
@@ -170,6 +171,15 @@ class NTKGramCallback(ProbeCallback):
     when the kernel stops changing, the "critical step" of DESIGN.md 5.4) and
     ``ntk/cos_first`` (against the first evaluation); with ``log_heatmap=True`` also
     an image ``ntk/gram`` of the Gram to TensorBoard.
+
+    Args:
+        every_n_steps: measure after every ``every_n_steps``-th update.
+        probe_size: number of probe transitions.
+        probe_seed: seed of the probe draw (the same on every rank).
+        probe_source: "datamodule" (its probe_batch) or "batches" (the first training batches).
+        method: NTK engine, see :func:`lit_qlearn.ntk.ntk_gram`.
+        dtype: dtype of the NTK computation (None: the parameters').
+        log_heatmap: also write the Gram as an image to TensorBoard.
     """
 
     def __init__(self, every_n_steps: int = 1000, probe_size: int = 512, probe_seed: int = 0,
@@ -224,6 +234,18 @@ class SEEMMonitor(ProbeCallback):
     normalised SEEM is accurate to about ``tol`` (default 1e-4; the indicator's
     values of interest are 0.01-0.2), in ~0.5 s at N = 2560 on 2 CPU cores,
     stable or diverging critic alike. ``solver="dense"`` gives every digit (7 s).
+
+    Args:
+        every_n_steps: measure after every ``every_n_steps``-th update.
+        probe_size: number of probe transitions.
+        probe_seed: seed of the probe draw (the same on every rank).
+        probe_source: "datamodule" (its probe_batch) or "batches" (the first training batches).
+        method: NTK engine, see :func:`lit_qlearn.ntk.ntk_gram`.
+        dtype: dtype of the NTK computation (None: the parameters').
+        scale_by_params: divide the Gram by the parameter count P, as the authors do.
+        solver: eigen-solver, "auto", "arnoldi" or "dense".
+        tol: relative residual at which the Arnoldi eigenvalue is accepted.
+        log_spectrum: also write a histogram of all eigenvalues' real parts (dense, slower).
     """
 
     def __init__(self, every_n_steps: int = 10_000, probe_size: int = 2560, probe_seed: int = 0,

@@ -70,7 +70,7 @@ class OnlineDataModule(L.LightningDataModule):
         prioritized: proportional prioritised replay (Schaul et al. 2016).
         alpha: priority exponent of prioritised replay.
         beta: initial importance-sampling exponent, annealed linearly to 1.
-        beta_steps: updates over which beta reaches 1 (None: the Trainer's max_steps).
+        beta_steps: updates over which beta reaches 1 (None: the Trainer's max_steps, or 100k without one).
         train_freq: environment steps (over all sub-environments) per training phase.
         gradient_steps: updates per training phase.
         buffer_device: where the buffer lives: "cpu" or "module" (the training device).

@@ -85,6 +85,10 @@ class Rollout:
     Keeps the current observations, counts ``env_steps`` (transitions, over all
     sub-environments) and records finished episodes' returns and lengths in
     ``episodes`` (a list of ``(return, length)``, drained by the caller).
+
+    Args:
+        envs: the vector environment (SAME_STEP or NEXT_STEP autoreset).
+        seed: seed of the first reset and of the action space's sampler (None: unseeded).
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, seed: int | None = None) -> None:

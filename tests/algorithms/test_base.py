@@ -203,23 +203,30 @@ def test_probe_protocol_is_checked_not_trusted():
 
 
 # ----------------------------------------------------------------------------- the CLI
-def test_cli_help_documents_every_argument(capsys):
+@pytest.mark.parametrize("name", ["DQN", "TD3", "TD3BC", "DDPG", "SAC", "PreQN"])
+def test_cli_help_documents_every_argument(name, capsys):
+    import inspect
+    import re
+
+    import lit_qlearn.algorithms as algorithms
     from lit_qlearn.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--model.help", "lit_qlearn.algorithms.DQN"])
+        main(["fit", "--model.help", f"lit_qlearn.algorithms.{name}"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    import inspect
-
-    for name in inspect.signature(DQN.__init__).parameters:
-        if name == "self":
+    # every argument of the class and of the classes its **kwargs reach has its own help text
+    params = set()
+    for cls in getattr(algorithms, name).__mro__:
+        if "__init__" not in vars(cls):
             continue
-        line = next(line for line in out.splitlines() if f"--model.init_args.{name} " in line or
-                    f"--model.{name} " in line or f"--{name} " in line)
-        assert line
-    # every argument has its own help text, not the bare type
-    assert "double Q-learning" in out and "epsilon at the first environment step" in out
+        signature = inspect.signature(cls.__init__).parameters
+        params |= {p for p, v in signature.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+        if not any(v.kind == v.VAR_KEYWORD for v in signature.values()):
+            break  # its parents' arguments are not this class's
+    for param in params:
+        match = re.search(rf"--model\.{param} \S+\n?\s+(.+)", out)
+        assert match and not match.group(1).startswith("(type"), f"{name}.{param} has no help text"
 
 
 def test_target_networks_without_a_rule_are_an_error_at_fit_start(tiny_td3bc):
