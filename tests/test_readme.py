@@ -12,7 +12,7 @@ def test_the_write_your_own_algorithm_example_trains():
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if "class MyDQN" in block]
     namespace: dict = {}
     exec("import torch\nfrom lit_qlearn.algorithms import QLearningModule\nfrom lit_qlearn.networks import mlp\n"
-         "from lit_qlearn.targets import TargetUpdate\nfrom lit_qlearn.td import td_loss, td_target\n" + code, namespace)
+         "from lit_qlearn.targets import TargetUpdate\nfrom lit_qlearn.td import td_loss\n" + code, namespace)
     from lit_qlearn.data import OnlineDataModule
 
     module = namespace["MyDQN"]()

@@ -1,0 +1,94 @@
+"""SAC on Hopper-v5, environment steps per second: lit_qlearn against Stable-Baselines3's
+SAC with the same settings, interleaved in one run.
+
+Both: one update per environment step, batch 256, 256x256 actor and twin critics, Adam
+3e-4, tau 0.005, learned temperature, a 1M buffer; ``--warmup`` random steps first
+(not timed), then ``--steps`` timed steps of training. Each repeat runs both, the order
+alternating; the ratio is per repeat. One torch thread for both (``--threads``).
+
+    python benchmarks/online_speed.py [--steps 2000] [--repeats 3]
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from _claims import argument_parser, claim, environment, write_result
+from _common import ROOT, interleaved
+
+
+def lit_qlearn_sac(steps: int, warmup: int, seed: int) -> float:
+    import lightning as L
+
+    from lit_qlearn.algorithms import SAC
+    from lit_qlearn.data import OnlineDataModule
+
+    L.seed_everything(seed, verbose=False)
+    dm = OnlineDataModule("Hopper-v5", learning_starts=warmup, batch_size=256, capacity=1_000_000, seed=seed)
+    module = SAC(eval_every=0)
+    clock: dict[str, float] = {}
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if pl_module.updates == 10:  # after the first updates (allocation, warm caches)
+                clock["start"], clock["steps"] = time.perf_counter(), dm.rollout.env_steps
+
+    L.Trainer(max_steps=steps + 10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Clock()]).fit(module, dm)
+    return (dm.rollout.env_steps - clock["steps"]) / (time.perf_counter() - clock["start"])
+
+
+def sb3_sac(steps: int, warmup: int, seed: int) -> float:
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    model = SAC("MlpPolicy", gym.make("Hopper-v5"), learning_rate=3e-4, buffer_size=1_000_000,
+                learning_starts=warmup, batch_size=256, tau=0.005, gamma=0.99, train_freq=1, gradient_steps=1,
+                policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu", verbose=0)
+    clock: dict[str, float] = {}
+
+    class Clock(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps == warmup + 10:
+                clock["start"] = time.perf_counter()
+            return True
+
+    model.learn(total_timesteps=warmup + 10 + steps, callback=Clock())
+    return steps / (time.perf_counter() - clock["start"])
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    runners = {"lit_qlearn": lit_qlearn_sac, "sb3": sb3_sac}
+    speeds: dict[str, list[float]] = {name: [] for name in runners}
+    for repeat, name in interleaved(list(runners), args.repeats):
+        speeds[name].append(runners[name](args.steps, args.warmup, seed=repeat))
+        print(f"repeat {repeat} {name}: {speeds[name][-1]:.1f} env steps/s", flush=True)
+    ratios = [a / b for a, b in zip(speeds["lit_qlearn"], speeds["sb3"])]
+    median = statistics.median(ratios)
+    import stable_baselines3
+
+    result = {
+        "claims": [claim("SAC on Hopper-v5: lit_qlearn >= 1.5x Stable-Baselines3's environment steps per second "
+                         "(same settings, interleaved)", "issue 12 target; SB3 measured at 47 steps/s there",
+                         {"ratio_median": median, "ratios": ratios, "speeds": speeds}, median >= 1.5)],
+        "settings": vars(args),
+        "environment": environment({"sac": ROOT / "lit_qlearn/algorithms/sac.py",
+                                    "online": ROOT / "lit_qlearn/data/online.py"})
+        | {"stable_baselines3": stable_baselines3.__version__},
+    }
+    write_result("online_speed", result, started)
+
+
+if __name__ == "__main__":
+    main()
