@@ -60,7 +60,7 @@ def make_env(env_id: str, wrapper: str | None = None, **kwargs: Any) -> gym.Env:
 
 def make_vector_env(env_id: str, num_envs: int = 1, wrapper: str | None = None, **kwargs: Any) -> gym.vector.VectorEnv:
     """``num_envs`` copies of :func:`make_env` stepped in this process, autoreset in the same step."""
-    make_env(env_id, wrapper, **kwargs).close()  # a bad id fails here, with its name
+    # a bad id fails in make_env, as a DatasetError naming it
     return gym.vector.SyncVectorEnv([lambda: make_env(env_id, wrapper, **kwargs) for _ in range(num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
