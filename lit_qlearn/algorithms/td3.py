@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lit_qlearn.algorithms.actor_critic import ActorCritic
 from lit_qlearn.data.types import DataSpec, Transitions

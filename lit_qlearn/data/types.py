@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from torch import Tensor
 
 
@@ -42,8 +43,6 @@ class Transitions(NamedTuple):
     @staticmethod
     def cat(batches: list[Transitions]) -> Transitions:
         """Concatenate batches along the sample axis (a field present in all of them)."""
-        import torch
-
         return Transitions(*(None if any(t is None for t in col) else torch.cat(col) for col in zip(*batches)))
 
 
