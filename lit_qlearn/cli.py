@@ -6,6 +6,8 @@
   ``--help`` lists every option, ``--model.help lit_qlearn.algorithms.TD3`` an algorithm's.
 * ``lit-qlearn collect ENV_ID PATH --policy random --steps N --seed S`` — roll a
   policy in a gymnasium environment and write a D4RL-format HDF5 file.
+* ``lit-qlearn datasets list`` / ``lit-qlearn datasets make hopper-medium-v5 [--steps N]``
+  — the D4RL-style datasets made from lit_qlearn's own SAC policies (no download).
 * ``lit-qlearn demo`` — generate the embedded default dataset if absent, train TD3
   without target averaging with a plain and a LayerNorm critic under SEEMMonitor,
   NTKGramCallback and CrashPredictor, print the comparison and draw it
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "demo", "collect_main", "fit_main"]
+__all__ = ["main", "demo", "collect_main", "datasets_main", "fit_main"]
 
 
 def fit_main(args: Sequence[str]) -> None:
@@ -52,6 +54,29 @@ def collect_main(args: Sequence[str]) -> None:
     print(f"wrote {path}")
 
 
+def datasets_main(args: Sequence[str]) -> None:
+    from lit_qlearn.data import generated
+
+    parser = argparse.ArgumentParser(prog="lit-qlearn datasets", description=generated.__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the datasets that can be made here")
+    make = sub.add_parser("make", help="write one of them (D4RL format)")
+    make.add_argument("name", help="e.g. hopper-medium-v5")
+    make.add_argument("--steps", type=int, default=1_000_000, help="environment steps (medium-expert: of each)")
+    make.add_argument("--path", default=None, help="output .hdf5 (default: the data directory)")
+    make.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(list(args))
+    if ns.command == "list":
+        print("\n".join(generated.dataset_names()))
+        return
+    from tqdm.auto import tqdm
+
+    total = ns.steps * (2 if ns.name.endswith("medium-expert-v5") else 1)
+    with tqdm(total=total, desc=ns.name, unit="step") as bar:
+        path = generated.make_dataset(ns.name, ns.steps, ns.path, ns.seed, progress=bar.update)
+    print(f"wrote {path}")
+
+
 def demo(args: Sequence[str] = ()) -> Any:
     """``lit-qlearn demo``: the logic lives in :mod:`lit_qlearn.demo` (user errors are
     reported by :func:`main`)."""
@@ -76,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"fit": fit_main, "collect": collect_main, "demo": demo}
+    commands = {"fit": fit_main, "collect": collect_main, "datasets": datasets_main, "demo": demo}
     if not argv or argv[0] not in commands:
         wanted_help = bool(argv) and argv[0] in ("-h", "--help")
         print(__doc__.strip(), file=sys.stdout if wanted_help else sys.stderr)

@@ -147,11 +147,13 @@ def collect(
     seed: int = 0,
     max_episode_steps: int | None = None,
     progress: Callable[[int], Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Roll ``policy`` in ``env_id`` for ``steps`` steps and write a D4RL-format file.
 
     ``progress``, if given, is called with the number of steps done since its last
-    call (every 1000 steps and at the end), e.g. a ``tqdm`` bar's ``update``.
+    call (every 1000 steps and at the end), e.g. a ``tqdm`` bar's ``update``;
+    ``metadata`` is merged into the file's (and wins).
 
     ``policy``: ``"random"``, a callable ``obs (ds,) float32 -> action (da,)``, or a path
     to a checkpoint of a lit_qlearn algorithm (see :func:`load_policy`). Seeded: the
@@ -202,7 +204,7 @@ def collect(
         envs.close()
 
     mean_return = float(np.mean(returns)) if returns else float("nan")
-    metadata: dict[str, Any] = {
+    extra, metadata = metadata, {
         "env_id": env_id,
         "policy": description,
         "seed": seed,
@@ -217,6 +219,7 @@ def collect(
         family = env_family(env_id)
         if family is not None:
             metadata["ref_max_score"] = REF_SCORES[family][1]
+    metadata.update(extra or {})
     if path is None:
         kind = description.split(":")[0]
         path = _data_dir() / f"{env_id.replace('/', '_')}-{kind}-s{seed}.hdf5"

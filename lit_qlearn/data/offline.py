@@ -19,7 +19,8 @@ from lit_qlearn.data.collect import (
     make_env,
     reference_scores,
 )
-from lit_qlearn.data.d4rl import DatasetError, read_d4rl, read_d4rl_metadata, resolve_dataset_path
+from lit_qlearn.data.d4rl import DatasetError, read_d4rl, read_d4rl_metadata
+from lit_qlearn.data.generated import resolve
 from lit_qlearn.data.minari import read_minari, read_minari_metadata
 from lit_qlearn.data.types import DataSpec, Transitions
 
@@ -253,8 +254,11 @@ class OfflineDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node: generate the default data once
-        if os.fspath(self.hparams.dataset) == "default":
+        spec = os.fspath(self.hparams.dataset)
+        if spec == "default":
             ensure_default_dataset()
+        elif not spec.startswith("minari:"):
+            resolve(spec)  # a generated dataset (hopper-medium-v5, ...) is made here, once
 
     def _read(self) -> tuple[dict[str, np.ndarray], dict[str, Any], str, str]:
         """(arrays, metadata, source for messages, name for env / score inference)."""
@@ -262,7 +266,7 @@ class OfflineDataModule(L.LightningDataModule):
         if spec.startswith("minari:"):
             dataset_id = spec[len("minari:"):]
             return read_minari(dataset_id), read_minari_metadata(dataset_id), spec, dataset_id
-        path = ensure_default_dataset() if spec == "default" else resolve_dataset_path(spec)
+        path = ensure_default_dataset() if spec == "default" else resolve(spec)
         return read_d4rl(path), read_d4rl_metadata(path), str(path), path.name
 
     def setup(self, stage: str | None = None) -> None:
