@@ -235,3 +235,17 @@ def test_spec_mismatch_names_the_field_that_differs():
     with pytest.raises(ValueError, match=r"obs_dtype='float32' vs 'uint8'"):
         fit(module, dm, 1)
     fit(DQN(obs_shape=(4, 84, 84), num_actions=6, obs_dtype="uint8", hidden=(8,)), dm, 1)  # matches
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_importance_weights_reach_the_loss(scale):
+    L.seed_everything(0, verbose=False)
+    dm = chain_data(learning_starts=64, batch_size=32, prioritized=True)
+    module = chain_dqn()
+    next_batch = dm.next_batch
+    dm.next_batch = lambda: (lambda b: b._replace(weight=b.weight * scale))(next_batch())
+    module.build_for(dm.spec)
+    before = [p.detach().clone() for p in module.q_net.parameters()]
+    fit(module, dm, 1)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, module.q_net.parameters()))
+    assert moved == (scale > 0)  # zero weights: zero gradient, and Adam's first step is then zero
