@@ -68,6 +68,18 @@ def tiny_td3bc(chain_file):
     return make
 
 
+def fit(module, dm, steps, ckpt_path=None, **trainer_options):
+    """A quiet CPU ``Trainer(max_steps=steps)`` fitted on ``dm`` (resumed from ``ckpt_path`` if given)."""
+    import lightning as L
+
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, accelerator="cpu")
+    options.update(trainer_options)
+    trainer = L.Trainer(max_steps=steps, **options)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
 def run_ddp_script(script: Path, *args: object) -> None:
     """Run a 2-process DDP script as its own program (Lightning's DDP launcher re-runs
     ``sys.argv``, which must not be pytest) and fail with its stderr if it fails."""

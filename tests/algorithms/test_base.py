@@ -11,16 +11,7 @@ from lit_qlearn.callbacks import EMATarget, SEEMMonitor
 from lit_qlearn.data import DataSpec, OfflineDataModule, OnlineDataModule, Transitions
 from lit_qlearn.probe import ProbeProtocolError, bootstrap_target, check_probe_module
 from lit_qlearn.td import td_loss, td_target
-from tests.conftest import CHAIN_STATES
-
-
-def fit(module, dm, steps, ckpt_path=None, **kwargs):
-    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu")
-    options.update(kwargs)
-    trainer = L.Trainer(max_steps=steps, **options)
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return trainer
+from tests.conftest import CHAIN_STATES, fit
 
 
 def batch_of(n=5, discount=None, weight=None):

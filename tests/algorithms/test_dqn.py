@@ -11,19 +11,10 @@ from lit_qlearn.data import OnlineDataModule, Transitions
 from lit_qlearn.ntk import ntk_gram
 from lit_qlearn.probe import check_probe_module
 from lit_qlearn.toys import ChainEnv
-from tests.conftest import run_ddp_script
+from tests.conftest import fit, run_ddp_script
 
 CHAIN = "lit_qlearn.toys:Chain-v0"
 GAMMA = 0.9
-
-
-def fit(module, dm, steps, **kwargs):
-    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu")
-    options.update(kwargs)
-    trainer = L.Trainer(max_steps=steps, **options)
-    trainer.fit(module, dm)
-    return trainer
 
 
 def chain_dqn(**kwargs):

@@ -8,8 +8,8 @@ from lit_qlearn.callbacks import CrashPredictor, SEEMMonitor
 from lit_qlearn.data import OnlineDataModule
 from lit_qlearn.networks import SquashedGaussianActor
 from lit_qlearn.probe import check_probe_module
-from tests.algorithms.test_td3 import chain_grid, fit
-from tests.conftest import CHAIN_STATES, chain_q
+from tests.algorithms.test_td3 import chain_grid
+from tests.conftest import CHAIN_STATES, chain_q, fit
 
 
 def test_squashed_gaussian_log_prob_matches_the_sampled_density():

@@ -8,16 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_qlearn.algorithms import TD3, TD3BC
 from lit_qlearn.probe import check_probe_module, critic_members
-from tests.conftest import CHAIN_STATES, run_ddp_script, chain_q
-
-
-def fit(module, dm, steps, **kwargs):
-    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, accelerator="cpu")
-    options.update(kwargs)
-    trainer = L.Trainer(max_steps=steps, **options)
-    trainer.fit(module, dm)
-    return trainer
+from tests.conftest import CHAIN_STATES, chain_q, fit, run_ddp_script
 
 
 def chain_grid():
