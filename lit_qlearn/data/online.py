@@ -50,8 +50,9 @@ class OnlineDataModule(L.LightningDataModule):
     ``gradient_steps`` batches are served: ``train_freq=1, gradient_steps=1`` is one
     environment step per update; ``train_freq=256, gradient_steps=128`` is the
     rl-baselines3-zoo CartPole schedule. The first ``learning_starts`` environment
-    steps are taken at setup with uniformly random actions, so the buffer (and
-    :meth:`probe_batch`, and with it every monitor) is ready when training starts.
+    steps are taken with uniformly random actions on first use (the first batch, or
+    :meth:`probe_batch` at fit start, so every monitor works from the first update; a
+    resumed fit takes its buffer from the checkpoint instead).
 
     ``terminated`` and ``truncated`` are kept apart (a truncated step bootstraps
     from its final state), gymnasium's autoreset is handled by
