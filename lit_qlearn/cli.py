@@ -65,6 +65,8 @@ def datasets_main(args: Sequence[str]) -> None:
     make.add_argument("--steps", type=int, default=1_000_000, help="environment steps (medium-expert: of each)")
     make.add_argument("--path", default=None, help="output .hdf5 (default: the data directory)")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--minari", default=None, metavar="DATASET_ID",
+                      help="also write it as a Minari dataset with this id (needs the minari extra)")
     ns = parser.parse_args(list(args))
     if ns.command == "list":
         print("\n".join(generated.dataset_names()))
@@ -75,6 +77,10 @@ def datasets_main(args: Sequence[str]) -> None:
     with tqdm(total=total, desc=ns.name, unit="step") as bar:
         path = generated.make_dataset(ns.name, ns.steps, ns.path, ns.seed, progress=bar.update)
     print(f"wrote {path}")
+    if ns.minari:
+        from lit_qlearn.data.minari import write_minari
+
+        print(f"wrote {write_minari(path, ns.minari)}")
 
 
 def demo(args: Sequence[str] = ()) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 
 from lit_qlearn.data.d4rl import DatasetError, as_transitions, one_line, open_hdf5, validate_arrays
 
-__all__ = ["minari_root", "minari_data_dir", "read_minari", "read_minari_metadata"]
+__all__ = ["minari_root", "minari_data_dir", "read_minari", "read_minari_metadata", "write_minari"]
 
 _EPISODE_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
 
@@ -132,3 +132,46 @@ def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> dict[
     return as_transitions(
         cat["observations"], cat["actions"], cat["rewards"], cat["next_observations"], cat["terminals"], ends
     )
+
+
+def write_minari(d4rl_path: str | os.PathLike, dataset_id: str, env_id: str | None = None) -> pathlib.Path:
+    """Write a D4RL-format file as the Minari dataset ``dataset_id`` with Minari's own API
+    (``minari.create_dataset_from_buffers``, in ``$MINARI_DATASETS_PATH`` or
+    ``~/.minari/datasets``), so users of the maintained format can load it.
+
+    Episodes are cut at terminals and timeouts; each keeps its final observation (the
+    row's ``next_observations``). The file must hold ``next_observations`` and every
+    step (as :func:`~lit_qlearn.data.collect` writes). Returns the dataset's directory.
+    """
+    try:
+        import minari
+        from minari.data_collector import EpisodeBuffer
+    except ImportError as e:
+        raise DatasetError("write_minari needs the minari package: pip install 'lit-qlearn[minari]'") from e
+    from lit_qlearn.data.d4rl import load_d4rl_raw
+
+    arrays, metadata = load_d4rl_raw(d4rl_path)
+    if "next_observations" not in arrays:
+        raise DatasetError(f"{d4rl_path}: write_minari needs 'next_observations' (every step's next state)")
+    env_id = env_id or metadata.get("env_id")
+    if not env_id:
+        raise DatasetError(f"{d4rl_path}: no metadata/env_id; pass env_id=")
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
+    if len(ends) == 0 or ends[-1] != len(arrays["rewards"]) - 1:
+        ends = np.append(ends, len(arrays["rewards"]) - 1)
+    buffers, start = [], 0
+    for k, end in enumerate(ends):
+        rows = slice(start, end + 1)
+        buffers.append(EpisodeBuffer(
+            id=k, observations=np.concatenate([arrays["observations"][rows], arrays["next_observations"][end:end + 1]]),
+            actions=arrays["actions"][rows], rewards=arrays["rewards"][rows],
+            terminations=arrays["terminals"][rows], truncations=~arrays["terminals"][rows] & (np.arange(
+                start, end + 1) == end)))
+        start = end + 1
+    refs = {k: float(metadata[k]) for k in ("ref_min_score", "ref_max_score") if k in metadata}
+    dataset = minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id,
+                                                 algorithm_name=str(metadata.get("policy", "lit_qlearn")),
+                                                 description=f"written by lit_qlearn from {pathlib.Path(d4rl_path).name}",
+                                                 **refs)
+    del dataset
+    return minari_data_dir(dataset_id)

@@ -65,10 +65,34 @@ def test_offline_datamodule_makes_a_generated_dataset_on_first_use(policies, tmp
     assert dm.ref_scores == (entry["random_return"], entry["expert"]["return"])
 
 
-def test_datasets_command(policies, tmp_path, capsys):
+def test_datasets_command(policies, tmp_path, capsys, monkeypatch):
     from lit_qlearn.cli import main
 
     main(["datasets", "list"])
     assert "hopper-medium-v5" in capsys.readouterr().out
     main(["datasets", "make", "hopper-expert-v5", "--steps", "120", "--path", str(tmp_path / "x.hdf5")])
     assert read_d4rl_metadata(tmp_path / "x.hdf5")["steps"] == 120
+    if __import__("importlib").util.find_spec("minari") is not None:
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+        with pytest.warns(UserWarning):
+            main(["datasets", "make", "hopper-random-v5", "--steps", "120", "--path", str(tmp_path / "r.hdf5"),
+                  "--minari", "lit_qlearn/hopper/random-v5"])
+        assert (tmp_path / "minari" / "lit_qlearn" / "hopper" / "random-v5" / "data" / "main_data.hdf5").is_file()
+
+
+def test_a_generated_dataset_written_as_minari_reads_back_the_same(policies, tmp_path, monkeypatch):
+    pytest.importorskip("minari")
+    from lit_qlearn.data import read_minari
+    from lit_qlearn.data.d4rl import load_d4rl_raw
+    from lit_qlearn.data.minari import write_minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    path = generated.make_dataset("hopper-medium-v5", steps=400, path=tmp_path / "m.hdf5")
+    with pytest.warns(UserWarning):  # minari's own notes about optional fields
+        write_minari(path, "lit_qlearn/hopper/medium-v5")
+    theirs, raw = read_minari("lit_qlearn/hopper/medium-v5"), load_d4rl_raw(path)[0]
+    # every step comes back: Minari keeps each episode's final observation
+    for key in ("observations", "actions", "rewards", "next_observations"):
+        np.testing.assert_allclose(theirs[key], raw[key], rtol=1e-6)
+    np.testing.assert_array_equal(theirs["terminals"], raw["terminals"])
+    np.testing.assert_array_equal(np.flatnonzero(theirs["episode_ends"]), np.flatnonzero(raw["terminals"] | raw["timeouts"]))
