@@ -73,8 +73,7 @@ def datasets_main(args: Sequence[str]) -> None:
         return
     from tqdm.auto import tqdm
 
-    total = ns.steps * (2 if ns.name.endswith("medium-expert-v5") else 1)
-    with tqdm(total=total, desc=ns.name, unit="step") as bar:
+    with tqdm(total=generated.total_steps(ns.name, ns.steps), desc=ns.name, unit="step") as bar:
         path = generated.make_dataset(ns.name, ns.steps, ns.path, ns.seed, progress=bar.update)
     print(f"wrote {path}")
     if ns.minari:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lit_qlearn.data.collect import _data_dir, collect
-from lit_qlearn.data.d4rl import DatasetError, read_d4rl_metadata, write_d4rl
+from lit_qlearn.data.d4rl import DatasetError, load_d4rl_raw, read_d4rl_metadata, resolve_dataset_path, write_d4rl
 from lit_qlearn.data.types import DataSpec
 
 __all__ = ["LEVELS", "dataset_names", "parse_name", "make_dataset", "ensure_dataset", "resolve", "shipped_actor",
@@ -61,11 +61,18 @@ def _policy_file(family: str) -> dict[str, Any]:
 def shipped_actor(family: str, level: str) -> Callable[[np.ndarray], np.ndarray]:
     """The shipped ``level`` ("medium" or "expert") actor of ``family`` as a deterministic
     policy ``obs (ds,) -> action (da,)`` on raw observations."""
-    from lit_qlearn.networks import SquashedGaussianActor
-
     entry = _policy_file(family)
     if level not in ("medium", "expert") or entry.get(level) is None:
         raise DatasetError(f"{family}-v5-sac.pt holds no {level!r} actor (it has medium and expert)")
+    act = _deterministic_actor(entry, level)
+    act.__qualname__ = f"{family}-{level}-sac"
+    return act
+
+
+def _deterministic_actor(entry: dict[str, Any], level: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The actor ``entry[level]`` of a policy file as ``obs -> tanh(mean)`` scaled to the bounds."""
+    from lit_qlearn.networks import SquashedGaussianActor
+
     spec = DataSpec.from_dict(entry["spec"])
     actor = SquashedGaussianActor(spec.obs_dim, spec.action_dim, spec.action_low, spec.action_high,
                                   **entry["actor_options"])
@@ -76,7 +83,6 @@ def shipped_actor(family: str, level: str) -> Callable[[np.ndarray], np.ndarray]
         with torch.no_grad():
             return actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
 
-    act.__qualname__ = f"{family}-{level}-sac"
     return act
 
 
@@ -103,8 +109,6 @@ def make_dataset(name: str, steps: int = 1_000_000, path: str | os.PathLike | No
         return collect(env_id, shipped_actor(family, level), steps, path, seed, progress=progress,
                        metadata=common | {"policy_return": entry[level]["return"],
                                           "policy_env_steps": entry[level]["env_steps"]})
-    from lit_qlearn.data.d4rl import load_d4rl_raw
-
     parts = [make_dataset(f"{family}-{part}-v5", steps, path.with_name(f"{path.stem}.{part}.hdf5"), seed + k,
                           progress) for k, part in enumerate(("medium", "expert"))]
     raws = [load_d4rl_raw(p)[0] for p in parts]
@@ -117,15 +121,19 @@ def make_dataset(name: str, steps: int = 1_000_000, path: str | os.PathLike | No
     return written
 
 
+def total_steps(name: str, steps: int = 1_000_000) -> int:
+    """Environment steps :func:`make_dataset` takes for ``name`` (medium-expert rolls both)."""
+    parsed = parse_name(name)
+    return steps * (2 if parsed is not None and parsed[1] == "medium-expert" else 1)
+
+
 def ensure_dataset(name: str) -> pathlib.Path:
     """The cached file of a generated dataset, made on first use (1M steps, with a progress bar)."""
     path = _data_dir() / f"{name}.hdf5"
     if not path.is_file():
         from tqdm.auto import tqdm
 
-        parsed = parse_name(name)
-        total = 1_000_000 * (2 if parsed and parsed[1] == "medium-expert" else 1)
-        with tqdm(total=total, desc=name, unit="step") as bar:
+        with tqdm(total=total_steps(name), desc=name, unit="step") as bar:
             make_dataset(name, path=path, progress=bar.update)
     return path
 
@@ -133,8 +141,6 @@ def ensure_dataset(name: str) -> pathlib.Path:
 def resolve(name: str | os.PathLike) -> pathlib.Path:
     """A D4RL file path or name (:func:`~lit_qlearn.data.d4rl.resolve_dataset_path`); a
     generated dataset's name that is not on disk yet is made and cached first."""
-    from lit_qlearn.data.d4rl import resolve_dataset_path
-
     try:
         return resolve_dataset_path(name)
     except DatasetError:
@@ -152,16 +158,15 @@ def write_policy_file(actors_path: str | os.PathLike, family: str = "hopper", ep
     kept = torch.load(actors_path, map_location="cpu", weights_only=True)
     env_id = ENV_IDS[family]
     entry: dict[str, Any] = {"command": kept["command"], "env_id": env_id, "spec": kept["spec"],
+                             # SAC's default actor, the one benchmarks/sac_hopper.py trains
                              "actor_options": {"hidden": [256, 256], "activation": "relu"}}
-    target = policy_dir() / f"{family}-v5-sac.pt"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    env = make_vector_env(env_id)
     for level, key in (("medium", "medium"), ("expert", "final")):
         entry[level] = {"env_steps": kept[key]["env_steps"], "state_dict": kept[key]["state_dict"]}
-    torch.save(entry | {"random_return": float("nan")}, target)
-    env = make_vector_env(env_id)
-    for level in ("medium", "expert"):
-        act = shipped_actor(family, level)
-        entry[level]["return"] = float(np.mean(run_episodes(env, lambda o: act(o), episodes, seed=0)[0]))
+        act = _deterministic_actor(entry, level)
+        entry[level]["return"] = float(np.mean(run_episodes(env, act, episodes, seed=0)[0]))
     entry["random_return"] = float(np.mean(run_episodes(env, None, episodes, seed=0)[0]))
+    target = policy_dir() / f"{family}-v5-sac.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(entry, target)
     return target
