@@ -297,7 +297,7 @@ class OnlineDataModule(L.LightningDataModule):
             self.prefill()
         n = self.hparams.probe_size if n is None else n
         perm = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(seed))[:n]
-        probe = self.buffer._gather(perm.to(self.buffer.device)).map(lambda t: t.cpu())
+        probe = self.buffer.gather(perm.to(self.buffer.device)).map(lambda t: t.cpu())
         probe = probe._replace(index=None, weight=None)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:

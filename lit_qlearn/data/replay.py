@@ -223,7 +223,7 @@ class ReplayBuffer:
         if self._size == 0:
             raise ValueError(f"sample: the {type(self).__name__} is empty; add transitions before sampling")
 
-    def _gather(self, index: Tensor) -> Transitions:
+    def gather(self, index: Tensor) -> Transitions:
         """The rows at ``index`` ``(B,)``: one ``index_select`` per stored column."""
         return Transitions(**{name: t.index_select(0, index) for name, t in self._data.items()}, index=index)
 
@@ -236,7 +236,7 @@ class ReplayBuffer:
         self._check_batch_size(batch_size)
         device = self.device if generator is None else generator.device
         index = torch.randint(self._size, (batch_size,), generator=generator, device=device)
-        return self._gather(index.to(self.device))
+        return self.gather(index.to(self.device))
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -401,7 +401,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         priority = self._tree.sum[index + self._tree.leaves]
         # N and total cancel between (N P(i))^(-beta) and its maximum (N p_min / total)^(-beta)
         weight = (priority / self._tree.smallest) ** (-exponent)
-        return self._gather(index)._replace(weight=weight.float())
+        return self.gather(index)._replace(weight=weight.float())
 
     def update_priorities(self, index: ArrayLike, td_abs: ArrayLike) -> None:
         """Set the priorities of slots ``index`` ``(B,)`` to ``(|td_abs| + eps)^alpha``

@@ -142,7 +142,7 @@ class Rollout:
             self.episodes.append((float(self._return[i]), int(self._length[i])))
             self._return[i], self._length[i] = 0.0, 0
         self.env_steps += int(valid.sum())
-        self._resetting = done & ~np.asarray(self.same_step)
+        self._resetting = done & (not self.same_step)  # NEXT_STEP: the next step of these only resets
         self.obs = next_obs
         return step
 

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import gymnasium as gym
@@ -95,7 +96,7 @@ def test_resume_without_the_buffer_keeps_the_schedules(tmp_path):
         module = DQN(gamma=0.9, hidden=(8,), epsilon_steps=100)
         trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path)
-        with pytest.warns(UserWarning, match="no replay buffer") if ckpt else _nothing():
+        with pytest.warns(UserWarning, match="no replay buffer") if ckpt else contextlib.nullcontext():
             trainer.fit(module, dm, ckpt_path=ckpt)
         return trainer, dm, module
 
@@ -105,14 +106,6 @@ def test_resume_without_the_buffer_keeps_the_schedules(tmp_path):
     # the environment step count (and with it epsilon) continues; the buffer was refilled
     assert dm2.rollout.env_steps == 40 + 40 and module2.epsilon(dm2.rollout.env_steps) == module.epsilon(80)
     assert len(dm2.buffer) >= 40
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_probe_batch_is_fixed_and_distinct():
