@@ -92,16 +92,11 @@ class CriticRun:
 
 
 def ensure_data(dataset: str) -> None:
-    """Generate the default dataset first if it is needed and absent, with a progress bar."""
-    from lit_qlearn.data import default_dataset_path, ensure_default_dataset
+    """Generate the default dataset first if it is needed and absent (with a progress bar)."""
+    from lit_qlearn.data import ensure_default_dataset
 
-    if dataset != "default" or default_dataset_path().is_file():
-        return
-    steps = 100_000
-    from tqdm.auto import tqdm
-
-    with tqdm(total=steps, desc="default Hopper-v5 data", unit="step") as bar:
-        ensure_default_dataset(steps, progress=bar.update)
+    if dataset == "default":
+        ensure_default_dataset()
 
 
 # ------------------------------------------------------------------- the divergence demo

@@ -251,9 +251,16 @@ def ensure_default_dataset(steps: int = 100_000, seed: int = 0,
                            progress: Callable[[int], Any] | None = None) -> pathlib.Path:
     """Return :func:`default_dataset_path`, first generating it with
     ``collect("Hopper-v5", "random", steps, seed=seed)`` if it is absent (about 20 s for
-    100k steps on 2 CPU cores). An existing file is reused whatever its size."""
+    100k steps on 2 CPU cores), with a progress bar unless ``progress`` is given. An
+    existing file is reused whatever its size."""
     path = default_dataset_path()
     if not path.is_file():
         rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} random-policy Hopper-v5 steps) at {path}")
-        collect("Hopper-v5", "random", steps=steps, path=path, seed=seed, progress=progress)
+        if progress is not None:
+            collect("Hopper-v5", "random", steps=steps, path=path, seed=seed, progress=progress)
+        else:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=steps, desc="default Hopper-v5 data", unit="step") as bar:
+                collect("Hopper-v5", "random", steps=steps, path=path, seed=seed, progress=bar.update)
     return path
