@@ -7,7 +7,8 @@
 * ``lit-qlearn collect ENV_ID PATH --policy random --steps N --seed S`` — roll a
   policy in a gymnasium environment and write a D4RL-format HDF5 file.
 * ``lit-qlearn datasets list`` / ``lit-qlearn datasets make hopper-medium-v5 [--steps N]``
-  — the D4RL-style datasets made from lit_qlearn's own SAC policies (no download).
+  — the D4RL-style datasets made from lit_qlearn's own SAC policies (no download);
+  ``lit-qlearn datasets train walker2d [--steps N]`` trains those policies.
 * ``lit-qlearn demo`` — generate the embedded default dataset if absent, train TD3
   without target averaging with a plain and a LayerNorm critic under SEEMMonitor,
   NTKGramCallback and CrashPredictor, print the comparison and draw it
@@ -62,16 +63,32 @@ def datasets_main(args: Sequence[str]) -> None:
     sub.add_parser("list", help="the datasets that can be made here")
     make = sub.add_parser("make", help="write one of them (D4RL format)")
     make.add_argument("name", help="e.g. hopper-medium-v5")
-    make.add_argument("--steps", type=int, default=1_000_000, help="environment steps (medium-expert: of each)")
+    make.add_argument("--steps", type=int, default=None,
+                      help="environment steps (default 1M; medium-expert: of each; medium-replay: none, it reruns "
+                           "the SAC run up to its medium policy)")
     make.add_argument("--path", default=None, help="output .hdf5 (default: the data directory)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--minari", default=None, metavar="DATASET_ID",
                       help="also write it as a Minari dataset with this id (needs the minari extra)")
+    train = sub.add_parser("train", help="train the SAC behaviour policies of a family (writes the policy file "
+                                         "and the medium-replay dataset)")
+    train.add_argument("family", choices=sorted(generated.ENV_IDS))
+    train.add_argument("--steps", type=int, default=300_000, help="environment steps of the SAC run")
+    train.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(list(args))
     if ns.command == "list":
         print("\n".join(generated.dataset_names()))
         return
     from tqdm.auto import tqdm
+
+    if ns.command == "train":
+        def report(run: Any) -> None:
+            bar.set_postfix_str(f"return {run.curve[-1]['return']:.0f}")
+
+        with tqdm(total=ns.steps, desc=f"SAC {generated.ENV_IDS[ns.family]}", unit="step") as bar:
+            path = generated.train_policy(ns.family, ns.steps, ns.seed, on_eval=report, progress=bar.update)
+        print(f"wrote {path}")
+        return
 
     with tqdm(total=generated.total_steps(ns.name, ns.steps), desc=ns.name, unit="step") as bar:
         path = generated.make_dataset(ns.name, ns.steps, ns.path, ns.seed, progress=bar.update)

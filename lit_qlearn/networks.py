@@ -290,14 +290,18 @@ class SquashedGaussianActor(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1.0)
         return mean, log_std
 
-    def forward(self, obs: Tensor) -> Tensor:
-        return self.action_mid + self.action_scale * torch.tanh(self._mean_log_std(obs)[0])
-
-    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """A reparameterised action ``(N, da)`` and its log-density ``(N,)``."""
+    def forward(self, obs: Tensor, sample: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The deterministic action; with ``sample=True`` :meth:`sample`'s pair."""
         mean, log_std = self._mean_log_std(obs)
+        if not sample:
+            return self.action_mid + self.action_scale * torch.tanh(mean)
         u = mean + log_std.exp() * torch.randn_like(mean)
         return self.action_mid + self.action_scale * torch.tanh(u), self._log_prob(u, mean, log_std)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """A reparameterised action ``(N, da)`` and its log-density ``(N,)`` (through
+        ``forward``, so a compiled actor samples compiled)."""
+        return self(obs, sample=True)
 
     def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
         """``log pi(a | s)`` ``(N,)`` of given actions strictly inside the bounds."""

@@ -48,6 +48,7 @@ class ActorCritic(QLearningModule):
         target_every: updates between target moves (None: the algorithm's default).
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
+        compile: ``torch.compile`` the critic and actor networks (and their targets) at fit start.
     """
 
     action_kinds = ("continuous",)
@@ -76,6 +77,7 @@ class ActorCritic(QLearningModule):
         target_every: int | None = None,
         eval_every: int = 5000,
         eval_episodes: int = 10,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,6 +89,7 @@ class ActorCritic(QLearningModule):
         self.num_q = int(num_q)
         self.actor_lr, self.critic_lr, self.critic_weight_decay = actor_lr, critic_lr, critic_weight_decay
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
+        self.compile_networks = bool(compile)
         self.target_update = TargetUpdate(target_tau, self.default_target_every() if target_every is None
                                           else target_every)
         self.actor: nn.Module | None = None

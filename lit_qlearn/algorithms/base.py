@@ -68,6 +68,11 @@ class QLearningModule(LightningModule):
       every parameter in every backward pass; logged scalars are rank means.
     * **Evaluation.** Every ``eval_every`` updates, ``eval_episodes`` episodes in
       the data's environment on rank zero: ``eval/return``, ``eval/normalized_score``.
+    * **Compilation.** With ``compile_networks`` (an algorithm's ``compile=True``), every
+      network's forward is compiled with ``torch.compile`` at fit start
+      (:meth:`compile_all`, in place, so parameters, ``state_dict`` keys, checkpoints
+      and the probe protocol are unchanged); the backward of a compiled forward is
+      compiled too. Where compilation is unavailable, a warning and eager execution.
     """
 
     #: Kinds of action space the algorithm supports: "continuous", "discrete".
@@ -96,6 +101,9 @@ class QLearningModule(LightningModule):
         self.env_id: str | None = None
         self.ref_scores: tuple[float, float] | None = None
         self._normalizes = False  # whether the data's spec carries a state normalisation
+        #: ``torch.compile`` the networks at fit start (an algorithm's ``compile`` argument).
+        self.compile_networks = False
+        self._compiled = False
 
     # ------------------------------------------------------------------ the data
     def build(self, spec: DataSpec) -> None:
@@ -243,11 +251,36 @@ class QLearningModule(LightningModule):
         self._direct_steps = self._nothing_listens_to_steps()
         if self.flush_denormal and self.device.type == "cpu":
             torch.set_flush_denormal(True)
+        if self.compile_networks and not self._compiled:
+            self.compile_all()
         if self._target_pairs and self.target_update is None:
             raise ValueError(
                 f"{type(self).__name__} has target networks (add_target) but no rule to move them: set "
                 "self.target_update = lit_qlearn.targets.TargetUpdate(tau, every) or attach an EMATarget callback"
             )
+
+    def compile_all(self) -> bool:
+        """Compile the forward of every child network in place (``nn.Module.compile``):
+        the critics, actors, Q-networks and their target copies. Networks called through
+        another entry point route it through ``forward`` (e.g.
+        :meth:`~lit_qlearn.networks.SquashedGaussianActor.sample`). Returns whether they
+        were compiled: if ``torch.compile`` cannot compile a small network on this
+        device (no C++ compiler, an unsupported Python), it warns and leaves them eager."""
+        import warnings
+
+        try:
+            probe = torch.compile(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).to(self.device))
+            probe(torch.zeros(3, 2, device=self.device)).sum().backward()
+        except Exception as error:  # torch.compile reports a missing toolchain in many ways
+            warnings.warn(f"{type(self).__name__}(compile=True): torch.compile is unavailable here "
+                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                          "running eagerly", stacklevel=2)
+            return False
+        for child in self.children():
+            if any(True for _ in child.parameters()):
+                child.compile()
+        self._compiled = True
+        return True
 
     # Hooks that Lightning's backward / optimiser-step wrappers exist to call.
     _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")

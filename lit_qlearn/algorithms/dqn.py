@@ -60,6 +60,7 @@ class DQN(QLearningModule):
         epsilon_steps: environment steps over which epsilon falls linearly.
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
+        compile: ``torch.compile`` the Q-network and its target at fit start.
     """
 
     action_kinds = ("discrete",)
@@ -90,6 +91,7 @@ class DQN(QLearningModule):
         epsilon_steps: int = 10_000,
         eval_every: int = 0,
         eval_episodes: int = 10,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +109,7 @@ class DQN(QLearningModule):
         self.lr, self.adam_eps, self.max_grad_norm = lr, adam_eps, max_grad_norm
         self.epsilon_start, self.epsilon_end, self.epsilon_steps = epsilon_start, epsilon_end, epsilon_steps
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
+        self.compile_networks = bool(compile)
         self.target_update = TargetUpdate(target_tau, target_every)
         self.q_net: DiscreteQNetwork | None = None
         if obs_shape is not None and num_actions is not None:

@@ -62,6 +62,8 @@ class PreQN(TD3):
         ntk_method: NTK engine, see :func:`lit_qlearn.ntk.ntk_gram`.
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
+        compile: ``torch.compile`` the critic's batched forward and the actor at fit start
+            (the NTK of the preconditioned step stays eager).
     """
 
     def __init__(self, obs_dim: int | None = None, act_dim: int | None = None,
@@ -71,7 +73,7 @@ class PreQN(TD3):
                  actor_activation: str = "relu", actor_lr: float = 3e-4, exploration_noise: float = 0.1,
                  preqn_lr: float = 0.1, cos_threshold: float = 0.9, shrink: float = 0.5, max_shrinks: int = 20,
                  rcond: float = 1e-6, ntk_method: str = "auto", eval_every: int = 5000,
-                 eval_episodes: int = 10) -> None:
+                 eval_episodes: int = 10, compile: bool = False) -> None:
         check_choice("PreQN", "ntk_method", ntk_method, METHODS)
         check_preconditioner_args("PreQN", lr=preqn_lr, cos_threshold=cos_threshold, shrink=shrink,
                                   max_shrinks=max_shrinks, rcond=rcond, lr_name="preqn_lr")
@@ -79,7 +81,7 @@ class PreQN(TD3):
                          critic_activation=critic_activation, critic_norm=critic_norm, num_q=1,
                          actor_hidden=actor_hidden, actor_activation=actor_activation, actor_lr=actor_lr,
                          policy_noise=0.0, policy_freq=1, exploration_noise=exploration_noise,
-                         eval_every=eval_every, eval_episodes=eval_episodes)
+                         eval_every=eval_every, eval_episodes=eval_episodes, compile=compile)
         # PreQN's own arguments only (what load_from_checkpoint passes back): TD3's fixed
         # ones are not options of PreQN.
         self.hparams.clear()

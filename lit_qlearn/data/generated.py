@@ -1,14 +1,19 @@
 """D4RL-style datasets that lit_qlearn makes itself, from behaviour policies it trained
 itself with SAC (DESIGN.md section 6): nothing is downloaded.
 
-``hopper-{random,medium,expert,medium-expert}-v5``: ``random`` rolls uniform actions,
-``medium`` / ``expert`` the shipped SAC actors (deterministic, ``tanh(mean)``),
-``medium-expert`` is the two concatenated, as D4RL's. The actors live in
-``lit_qlearn/policies/<family>-v5-sac.pt`` with the command that trained them, their
-measured returns and the random policy's; those two returns are the datasets' reference
-scores for the normalised score (``ref_min_score`` = random, ``ref_max_score`` = expert).
-``medium-replay`` (the training run's own buffer) is not made: it would need the SAC run
-rerun up to the medium policy.
+``{hopper,halfcheetah,walker2d}-{random,medium,medium-replay,expert,medium-expert}-v5``:
+``random`` rolls uniform actions, ``medium`` / ``expert`` the shipped SAC actors
+(deterministic, ``tanh(mean)``), ``medium-expert`` is the two concatenated, as D4RL's,
+and ``medium-replay`` is the SAC run's own replay buffer up to the medium policy (every
+transition it trained on, the random warm-up included), remade by rerunning that run
+with its recorded settings (:func:`lit_qlearn.data.behaviour.train_sac`, bit for bit on
+a CPU; the file records whether the rerun reproduced the shipped medium actor).
+
+The actors live in ``lit_qlearn/policies/<family>-v5-sac.pt`` with the command that
+trained them (``lit-qlearn datasets train FAMILY``), the run's settings and learning
+curve, their measured returns and the random policy's; those two returns are the
+datasets' reference scores for the normalised score (``ref_min_score`` = random,
+``ref_max_score`` = expert).
 """
 from __future__ import annotations
 
@@ -25,12 +30,12 @@ from lit_qlearn.data.collect import _data_dir, collect
 from lit_qlearn.data.d4rl import DatasetError, load_d4rl_raw, read_d4rl_metadata, resolve_dataset_path, write_d4rl
 from lit_qlearn.data.types import DataSpec
 
-__all__ = ["LEVELS", "dataset_names", "parse_name", "make_dataset", "ensure_dataset", "resolve", "shipped_actor",
-           "write_policy_file", "policy_dir"]
+__all__ = ["LEVELS", "ENV_IDS", "dataset_names", "parse_name", "make_dataset", "ensure_dataset", "resolve",
+           "shipped_actor", "train_policy", "write_policy_file", "policy_dir", "total_steps"]
 
-LEVELS = ("random", "medium", "expert", "medium-expert")
-ENV_IDS = {"hopper": "Hopper-v5"}
-_NAME = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<level>random|medium-expert|medium|expert)-v5$")
+LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+_NAME = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<level>random|medium-expert|medium-replay|medium|expert)-v5$")
 
 
 def policy_dir() -> pathlib.Path:
@@ -53,8 +58,8 @@ def parse_name(name: str) -> tuple[str, str] | None:
 def _policy_file(family: str) -> dict[str, Any]:
     path = policy_dir() / f"{family}-v5-sac.pt"
     if not path.is_file():
-        raise DatasetError(f"{path}: no shipped SAC policy for {family!r} (made by benchmarks/sac_hopper.py, "
-                           "then write_policy_file)")
+        raise DatasetError(f"{path}: no shipped SAC policy for {family!r} (`lit-qlearn datasets train {family}` "
+                           "makes one)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -86,12 +91,16 @@ def _deterministic_actor(entry: dict[str, Any], level: str) -> Callable[[np.ndar
     return act
 
 
-def make_dataset(name: str, steps: int = 1_000_000, path: str | os.PathLike | None = None, seed: int = 0,
+def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | None = None, seed: int = 0,
                  progress: Callable[[int], Any] | None = None) -> pathlib.Path:
-    """Write the generated dataset ``name`` (D4RL format) with ``steps`` environment steps
-    (``medium-expert``: ``steps`` of each) to ``path`` (default: the data directory,
-    ``<name>.hdf5``); metadata: the policy, its measured return, the seed, the steps,
-    the package version, the reference scores. Returns the path."""
+    """Write the generated dataset ``name`` (D4RL format) to ``path`` (default: the data
+    directory, ``<name>.hdf5``) and return the path.
+
+    ``steps``: environment steps rolled (default 1M, as D4RL; ``medium-expert``: of
+    each); ``medium-replay`` takes none, its size is the run's medium step, and ``seed``
+    there is the recorded training seed. Metadata: the policy, its measured return and
+    environment steps, the seed, the steps, the package version, the reference scores,
+    the command that trained the policy."""
     parsed = parse_name(name)
     if parsed is None:
         raise DatasetError(f"dataset {name!r} is not one lit_qlearn makes; these are: {', '.join(dataset_names())}")
@@ -103,6 +112,12 @@ def make_dataset(name: str, steps: int = 1_000_000, path: str | os.PathLike | No
     common = {"dataset": name, "lit_qlearn_version": __version__, "ref_min_score": entry["random_return"],
               "ref_max_score": entry["expert"]["return"], "policy_command": entry["command"]}
     env_id = ENV_IDS[family]
+    if level == "medium-replay":
+        if steps is not None:
+            raise DatasetError(f"{name}: --steps does not apply, its size is the SAC run's medium step "
+                               f"({entry['medium']['env_steps']})")
+        return _medium_replay(name, entry, path, progress, common)
+    steps = 1_000_000 if steps is None else steps
     if level == "random":
         return collect(env_id, "random", steps, path, seed, progress=progress, metadata=common)
     if level in ("medium", "expert"):
@@ -121,9 +136,51 @@ def make_dataset(name: str, steps: int = 1_000_000, path: str | os.PathLike | No
     return written
 
 
-def total_steps(name: str, steps: int = 1_000_000) -> int:
-    """Environment steps :func:`make_dataset` takes for ``name`` (medium-expert rolls both)."""
+def _medium_replay(name: str, entry: dict[str, Any], path: pathlib.Path, progress: Callable[[int], Any] | None,
+                   common: dict[str, Any]) -> pathlib.Path:
+    """Rerun the recorded SAC run up to the medium policy and write its replay buffer."""
+    from lit_qlearn.data.behaviour import train_sac
+
+    train = entry.get("train")
+    if not train:
+        raise DatasetError(f"{name}: the shipped policy file records no training settings to rerun")
+    medium = entry["medium"]["env_steps"]
+    run = train_sac(**(train | {"steps": medium}), progress=progress)
+    return write_replay(path, run, medium, entry, common)
+
+
+def write_replay(path: pathlib.Path, run: Any, rows: int, entry: dict[str, Any], common: dict[str, Any]
+                 ) -> pathlib.Path:
+    """``medium-replay``: the first ``rows`` rows of ``run``'s buffer as a D4RL file;
+    ``reproduces_shipped_medium`` says whether ``run``'s actor at ``rows`` equals the
+    shipped medium actor bit for bit (a warning if not: the data is then the replay of an
+    equivalent run, not of the one that made the shipped policy)."""
+    import warnings
+
+    from lit_qlearn.data.behaviour import replay_arrays
+
+    shipped = entry["medium"]["state_dict"]
+    actor = run.actors.get(rows, {})
+    same = set(actor) == set(shipped) and all(torch.equal(actor[k], v) for k, v in shipped.items())
+    if not same:
+        warnings.warn(f"{path.name}: the rerun's actor at step {rows} differs from the shipped medium actor "
+                      "(another torch / MuJoCo build?); the file holds the rerun's replay buffer", stacklevel=2)
+    arrays = replay_arrays(run.buffer, rows)
+    ends = arrays["terminals"] | arrays["timeouts"]
+    metadata = common | {"env_id": run.settings["env_id"], "policy": "sac replay buffer up to the medium policy",
+                         "seed": run.settings["seed"], "steps": rows, "num_episodes": int(ends.sum()),
+                         "policy_return": entry["medium"]["return"], "policy_env_steps": rows,
+                         "reproduces_shipped_medium": bool(same), "generator": "lit_qlearn.data.behaviour"}
+    return write_d4rl(path, arrays, metadata)
+
+
+def total_steps(name: str, steps: int | None = None) -> int:
+    """Environment steps :func:`make_dataset` takes for ``name`` (medium-expert rolls both,
+    medium-replay reruns SAC up to the medium policy)."""
     parsed = parse_name(name)
+    if parsed is not None and parsed[1] == "medium-replay":
+        return int(_policy_file(parsed[0])["medium"]["env_steps"])
+    steps = 1_000_000 if steps is None else steps
     return steps * (2 if parsed is not None and parsed[1] == "medium-expert" else 1)
 
 
@@ -149,23 +206,55 @@ def resolve(name: str | os.PathLike) -> pathlib.Path:
         return ensure_dataset(os.fspath(name))
 
 
-def write_policy_file(actors_path: str | os.PathLike, family: str = "hopper", episodes: int = 10) -> pathlib.Path:
-    """Turn the actors a SAC run kept (``benchmarks/sac_hopper.py``'s ``sac_hopper_actors.pt``)
-    into the shipped ``<family>-v5-sac.pt``: the medium and final ("expert") actors with
-    their returns and the random policy's, measured here over ``episodes`` episodes."""
+def train_policy(family: str, steps: int = 300_000, seed: int = 0, *, return_episodes: int = 10,
+                 on_eval: Callable[[Any], Any] | None = None, progress: Callable[[int], Any] | None = None,
+                 **options: Any) -> pathlib.Path:
+    """``lit-qlearn datasets train FAMILY``: train SAC on the family's environment
+    (:func:`lit_qlearn.data.behaviour.train_sac` with ``options``), write the policy file
+    (:func:`write_policy_file`, returns measured over ``return_episodes`` episodes) and the
+    run's ``medium-replay`` dataset into the data directory (so it need not be rerun
+    here). Returns the policy file."""
+    from lit_qlearn.data.behaviour import train_sac
+
+    if family not in ENV_IDS:
+        raise DatasetError(f"no environment for family {family!r}; these are: {', '.join(ENV_IDS)}")
+    run = train_sac(ENV_IDS[family], steps, seed, on_eval=on_eval, progress=progress, **options)
+    command = f"lit-qlearn datasets train {family} --steps {steps} --seed {seed}"
+    target = write_policy_file(run, family, return_episodes, command)
+    entry = _policy_file(family)
+    from lit_qlearn import __version__
+
+    name = f"{family}-medium-replay-v5"
+    common = {"dataset": name, "lit_qlearn_version": __version__, "ref_min_score": entry["random_return"],
+              "ref_max_score": entry["expert"]["return"], "policy_command": command}
+    write_replay(_data_dir() / f"{name}.hdf5", run, entry["medium"]["env_steps"], entry, common)
+    return target
+
+
+def write_policy_file(run: Any, family: str = "hopper", episodes: int = 10, command: str | None = None
+                      ) -> pathlib.Path:
+    """The shipped ``<family>-v5-sac.pt`` from a :class:`~lit_qlearn.data.behaviour.BehaviourRun`:
+    the medium (:meth:`~lit_qlearn.data.behaviour.BehaviourRun.medium`) and final
+    ("expert") actors with their returns and the random policy's, measured here over
+    ``episodes`` episodes; the run's settings (to rerun it for ``medium-replay``), its
+    learning curve and ``command``."""
     from lit_qlearn.data.rollout import make_vector_env, run_episodes
 
-    kept = torch.load(actors_path, map_location="cpu", weights_only=True)
+    medium = run.medium()
+    if medium is None:
+        raise ValueError("write_policy_file: the run has fewer than two evaluations, so no medium policy")
     env_id = ENV_IDS[family]
-    entry: dict[str, Any] = {"command": kept["command"], "env_id": env_id, "spec": kept["spec"],
-                             # SAC's default actor, the one benchmarks/sac_hopper.py trains
+    entry: dict[str, Any] = {"command": command or f"lit-qlearn datasets train {family}", "env_id": env_id,
+                             "spec": run.spec, "train": run.settings, "curve": run.curve,
+                             # SAC's default actor, the one train_sac trains
                              "actor_options": {"hidden": [256, 256], "activation": "relu"}}
     env = make_vector_env(env_id)
-    for level, key in (("medium", "medium"), ("expert", "final")):
-        entry[level] = {"env_steps": kept[key]["env_steps"], "state_dict": kept[key]["state_dict"]}
+    for level, steps in (("medium", int(medium["env_steps"])), ("expert", int(run.curve[-1]["env_steps"]))):
+        entry[level] = {"env_steps": steps, "state_dict": run.actors[steps]}
         act = _deterministic_actor(entry, level)
         entry[level]["return"] = float(np.mean(run_episodes(env, act, episodes, seed=0)[0]))
     entry["random_return"] = float(np.mean(run_episodes(env, None, episodes, seed=0)[0]))
+    env.close()
     target = policy_dir() / f"{family}-v5-sac.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(entry, target)
