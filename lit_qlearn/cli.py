@@ -67,7 +67,7 @@ def datasets_main(args: Sequence[str]) -> None:
                       help="environment steps (default 1M; medium-expert: of each; medium-replay: none, it reruns "
                            "the SAC run up to its medium policy)")
     make.add_argument("--path", default=None, help="output .hdf5 (default: the data directory)")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=int, default=None, help="rollout seed (default 0; medium-replay: none)")
     make.add_argument("--minari", default=None, metavar="DATASET_ID",
                       help="also write it as a Minari dataset with this id (needs the minari extra)")
     train = sub.add_parser("train", help="train the SAC behaviour policies of a family (writes the policy file "

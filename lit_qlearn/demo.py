@@ -2,8 +2,8 @@
 
 The default demo trains :class:`~lit_qlearn.algorithms.TD3` offline with target =
 current network (``EMATarget(tau=1.0, every=1)``: no target averaging, the setting in
-which Yue et al. 2023 study divergence) on a small slice of the default random-policy
-Hopper-v5 data, twice: with a plain ReLU critic and with a LayerNorm critic. Both runs
+which Yue et al. 2023 study divergence) on a small slice of the default Hopper-v5 data (100k steps
+of the shipped medium SAC policy), twice: with a plain ReLU critic and with a LayerNorm critic. Both runs
 carry :class:`~lit_qlearn.callbacks.SEEMMonitor`, :class:`~lit_qlearn.callbacks.NTKGramCallback`
 and :class:`~lit_qlearn.callbacks.CrashPredictor` ``(action="checkpoint_and_stop")``.
 The plain critic's Q leaves the Bellman bound ``max|r| / (1 - gamma)`` within a few
@@ -187,7 +187,7 @@ def divergence_demo(dataset: str = "default", fraction: float = 0.05, steps: int
     draw the figure; return the two runs by name (``"plain"``, ``"layernorm"``).
 
     Args:
-        dataset: the OfflineDataModule dataset (default: the generated Hopper-v5 data).
+        dataset: the OfflineDataModule dataset (default: 100k generated hopper-medium-v5 steps).
         fraction: share of its transitions trained on (the paper's data-scarce setting).
         steps: the most updates of each run.
         every: updates between measurements of the three callbacks.
@@ -370,7 +370,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lit-qlearn demo", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--algo", choices=("td3", "td3bc"), default="td3",
                    help="td3: the divergence demo (default); td3bc: train TD3+BC and evaluate it")
-    p.add_argument("--dataset", default="default", help="dataset path or name (default: generated Hopper-v5 data)")
+    p.add_argument("--dataset", default="default",
+                   help="dataset path or name (default: 100k generated hopper-medium-v5 steps)")
     p.add_argument("--fraction", type=_fraction, default=0.05, help="td3: share of the data's transitions used")
     p.add_argument("--steps", type=_positive, default=None, help="most updates per run (td3: 2000, td3bc: 3000)")
     p.add_argument("--every", type=_positive, default=50, help="td3: updates between measurements")

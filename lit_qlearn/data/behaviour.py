@@ -107,7 +107,8 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
                 returns, _ = run_episodes(env, pl_module.act, episodes, seed=10_000)
                 run.curve.append({"env_steps": env_steps, "return": float(np.mean(returns)),
                                   "seconds": time.perf_counter() - started})
-                run.actors[env_steps] = {k: v.detach().cpu().clone() for k, v in pl_module.actor.state_dict().items()}
+                actor = pl_module.actor.state_dict()
+                run.actors[env_steps] = {k: v.detach().cpu().clone() for k, v in actor.items()}
                 run.spec, run.buffer = pl_module.spec.to_dict(), dm.buffer
                 if on_eval is not None:
                     on_eval(run)

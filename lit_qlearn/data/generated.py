@@ -91,33 +91,33 @@ def _deterministic_actor(entry: dict[str, Any], level: str) -> Callable[[np.ndar
     return act
 
 
-def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | None = None, seed: int = 0,
-                 progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | None = None,
+                 seed: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
     """Write the generated dataset ``name`` (D4RL format) to ``path`` (default: the data
     directory, ``<name>.hdf5``) and return the path.
 
     ``steps``: environment steps rolled (default 1M, as D4RL; ``medium-expert``: of
-    each); ``medium-replay`` takes none, its size is the run's medium step, and ``seed``
-    there is the recorded training seed. Metadata: the policy, its measured return and
+    each); ``seed``: the rollout's (default 0). ``medium-replay`` takes neither: its size
+    is the run's medium step and its seed the run's recorded one. Metadata: the policy, its measured return and
     environment steps, the seed, the steps, the package version, the reference scores,
     the command that trained the policy."""
     parsed = parse_name(name)
     if parsed is None:
         raise DatasetError(f"dataset {name!r} is not one lit_qlearn makes; these are: {', '.join(dataset_names())}")
     family, level = parsed
-    from lit_qlearn import __version__
-
     entry = _policy_file(family)
     path = pathlib.Path(path) if path is not None else _data_dir() / f"{name}.hdf5"
-    common = {"dataset": name, "lit_qlearn_version": __version__, "ref_min_score": entry["random_return"],
-              "ref_max_score": entry["expert"]["return"], "policy_command": entry["command"]}
+    common = _metadata(name, entry)
     env_id = ENV_IDS[family]
     if level == "medium-replay":
-        if steps is not None:
-            raise DatasetError(f"{name}: --steps does not apply, its size is the SAC run's medium step "
-                               f"({entry['medium']['env_steps']})")
+        for option, value in (("steps", steps), ("seed", seed)):
+            if value is not None:
+                raise DatasetError(f"{name}: --{option} does not apply: medium-replay is the SAC run's own buffer "
+                                   f"(up to its medium step {entry['medium']['env_steps']}, training seed "
+                                   f"{entry.get('train', {}).get('seed')})")
         return _medium_replay(name, entry, path, progress, common)
     steps = 1_000_000 if steps is None else steps
+    seed = 0 if seed is None else seed
     if level == "random":
         return collect(env_id, "random", steps, path, seed, progress=progress, metadata=common)
     if level in ("medium", "expert"):
@@ -134,6 +134,14 @@ def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | 
     for p in parts:
         p.unlink()
     return written
+
+
+def _metadata(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """What every generated file records about its policy file."""
+    from lit_qlearn import __version__
+
+    return {"dataset": name, "lit_qlearn_version": __version__, "ref_min_score": entry["random_return"],
+            "ref_max_score": entry["expert"]["return"], "policy_command": entry["command"]}
 
 
 def _medium_replay(name: str, entry: dict[str, Any], path: pathlib.Path, progress: Callable[[int], Any] | None,
@@ -222,12 +230,8 @@ def train_policy(family: str, steps: int = 300_000, seed: int = 0, *, return_epi
     command = f"lit-qlearn datasets train {family} --steps {steps} --seed {seed}"
     target = write_policy_file(run, family, return_episodes, command)
     entry = _policy_file(family)
-    from lit_qlearn import __version__
-
     name = f"{family}-medium-replay-v5"
-    common = {"dataset": name, "lit_qlearn_version": __version__, "ref_min_score": entry["random_return"],
-              "ref_max_score": entry["expert"]["return"], "policy_command": command}
-    write_replay(_data_dir() / f"{name}.hdf5", run, entry["medium"]["env_steps"], entry, common)
+    write_replay(_data_dir() / f"{name}.hdf5", run, entry["medium"]["env_steps"], entry, _metadata(name, entry))
     return target
 
 

@@ -36,10 +36,12 @@ def test_names_and_errors(policies):
     assert generated.parse_name("hopper-medium-v2") is None and generated.parse_name("ant-medium-v5") is None
     with pytest.raises(DatasetError, match="not one lit_qlearn makes; these are: hopper-random-v5"):
         generated.make_dataset("ant-medium-v5", steps=10)
-    with pytest.raises(DatasetError, match="no shipped SAC policy for 'walker2d' .`lit-qlearn datasets train walker2d"):
+    with pytest.raises(DatasetError, match="no shipped SAC policy for 'walker2d' .`lit-qlearn datasets train"):
         generated.make_dataset("walker2d-medium-v5", steps=10)
-    with pytest.raises(DatasetError, match="--steps does not apply, its size is the SAC run's medium step"):
+    with pytest.raises(DatasetError, match="--steps does not apply: medium-replay is the SAC run's own buffer .up to its medium step 2000"):
         generated.make_dataset("hopper-medium-replay-v5", steps=10)
+    with pytest.raises(DatasetError, match="--seed does not apply"):
+        generated.make_dataset("hopper-medium-replay-v5", seed=3)
     with pytest.raises(DatasetError, match="records no training settings"):  # the stand-in run has none
         generated.make_dataset("hopper-medium-replay-v5")
     entry = torch.load(policies, weights_only=True)
@@ -82,6 +84,12 @@ def test_datasets_command(policies, tmp_path, capsys, monkeypatch):
     assert "hopper-medium-v5" in capsys.readouterr().out
     main(["datasets", "make", "hopper-expert-v5", "--steps", "120", "--path", str(tmp_path / "x.hdf5")])
     assert read_d4rl_metadata(tmp_path / "x.hdf5")["steps"] == 120
+    for argv, needle in ((["datasets", "train", "ant"], "invalid choice: 'ant'"),
+                         (["datasets", "make", "hopper-medium-replay-v5", "--steps", "5"], "--steps does not apply")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and needle in err and "Traceback" not in err
     if __import__("importlib").util.find_spec("minari") is not None:
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
         with pytest.warns(UserWarning):
