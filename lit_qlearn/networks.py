@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", "NatureEncoder", "SquashedGaussianActor", "ACTIVATIONS", "NORMS"]
+__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", "NatureEncoder", "SquashedGaussianActor",
+           "GaussianActor", "ACTIVATIONS", "NORMS"]
 
 
 class Sin(nn.Module):
@@ -213,6 +214,28 @@ class Actor(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         return self.action_mid + self.action_scale * self.net(obs)
+
+
+class GaussianActor(Actor):
+    """IQL's policy (CORL's ``GaussianPolicy``): ``N(mean(s), diag(std^2))`` with the
+    deterministic :class:`Actor`'s mean ``mid + half_range * tanh(mlp(s))`` and a
+    state-independent ``log_std`` (one learnable entry per action dimension, initially 0,
+    clamped to ``[log_std_min, log_std_max]``). The Gaussian is not squashed, so
+    :meth:`log_prob` is finite for any action, the data's actions on the bounds included.
+    ``forward`` is the mean."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low: Sequence[float] | Tensor | float = -1.0,
+                 action_high: Sequence[float] | Tensor | float = 1.0, log_std_min: float = -20.0,
+                 log_std_max: float = 2.0, **mlp_kwargs) -> None:
+        super().__init__(obs_dim, act_dim, action_low, action_high, **mlp_kwargs)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        """``log pi(a | s)`` ``(N,)`` of actions ``(N, da)`` (through ``forward``, so a
+        compiled actor evaluates compiled)."""
+        std = self.log_std.clamp(self.log_std_min, self.log_std_max).exp()
+        return torch.distributions.Normal(self(obs), std, validate_args=False).log_prob(action).sum(dim=-1)
 
 
 class NatureEncoder(nn.Module):

@@ -1,9 +1,11 @@
 """Q-learning algorithms as LightningModules."""
 from lit_qlearn.algorithms.actor_critic import ActorCritic
 from lit_qlearn.algorithms.base import QLearningModule
+from lit_qlearn.algorithms.cql import CQL
 from lit_qlearn.algorithms.dqn import DQN
+from lit_qlearn.algorithms.iql import IQL
 from lit_qlearn.algorithms.preqn import PreQN
 from lit_qlearn.algorithms.sac import SAC
 from lit_qlearn.algorithms.td3 import DDPG, TD3, TD3BC
 
-__all__ = ["ActorCritic", "DDPG", "DQN", "PreQN", "QLearningModule", "SAC", "TD3", "TD3BC"]
+__all__ = ["ActorCritic", "CQL", "DDPG", "DQN", "IQL", "PreQN", "QLearningModule", "SAC", "TD3", "TD3BC"]

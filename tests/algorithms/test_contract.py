@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_qlearn.algorithms import DDPG, DQN, SAC, TD3, TD3BC, PreQN
+from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, PreQN
 from lit_qlearn.data import OfflineDataModule, OnlineDataModule
 from lit_qlearn.probe import check_probe_module
 
@@ -19,6 +19,9 @@ ALGORITHMS = {
     "DDPG": lambda: DDPG(**SMALL),
     "PreQN": lambda: PreQN(**SMALL),
     "SAC": lambda: SAC(**SMALL),
+    "CQL": lambda: CQL(num_samples=3, **SMALL),
+    "CQL-Lagrange": lambda: CQL(num_samples=3, lagrange=True, target_action_gap=0.5, **SMALL),
+    "IQL": lambda: IQL(**SMALL),
     "DQN": lambda: DQN(hidden=(16,), target_every=3, epsilon_steps=20),
 }
 
