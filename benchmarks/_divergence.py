@@ -1,0 +1,108 @@
+"""One offline divergence run, shared by r2_seem_gamma, r3_norms and r8_adam: TD3 without
+target averaging (target = current network, ``EMATarget(tau=1, every=1)``), Adam 3e-4,
+batch 256, with ``SEEMMonitor`` and ``CrashPredictor(action="warn")`` measuring on the same
+fixed probe set every ``every`` updates, and the run's series kept in memory.
+
+A run *diverges* when the largest |Q| on the probe set (at its (s, a) and its bootstrap
+points) is beyond the Bellman bound max|r| / (1 - gamma) over the whole dataset
+(``crash/q_bound_ratio`` > 1) at the end of the run and stays beyond it from
+``diverged_at`` on, or Q turns non-finite: an overshoot of the bound that comes back is
+not divergence. ``stop_on_divergence`` ends a run once the ratio passes ``STOP_RATIO``
+(10: far beyond any transient seen) or Q is non-finite (r2, r3); r8 keeps going to see
+the growth laws.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+STOP_RATIO = 10.0
+SERIES = ("seem/max_eig_normalized", "seem/q_data_mean", "crash/q_bound_ratio", "crash/td_error_norm",
+          "params/norm", "params/norm_slope", "params/adam_slope", "crash/loglog_slope")
+
+
+def quiet() -> None:
+    for message in (".*does not have many workers.*", ".*IterableDataset.*", ".*LeafSpec.*", ".*CrashPredictor.*",
+                    ".*TensorBoard support.*", ".*GPU available.*"):
+        warnings.filterwarnings("ignore", message=message)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def td3_run(dataset: str, gamma: float, seed: int, updates: int, every: int, probe_size: int,
+            critic: dict[str, Any] | None = None, stop_on_divergence: bool = True, accelerator: str = "cpu",
+            fraction: float = 1.0) -> dict[str, Any]:
+    """One run; returns its settings, series (by measurement), whether and when it diverged."""
+    from lit_qlearn.algorithms import TD3
+    from lit_qlearn.callbacks import CrashPredictor, EMATarget, SEEMMonitor
+    from lit_qlearn.data import OfflineDataModule
+    from lit_qlearn.demo import SeriesLogger
+
+    quiet()
+    L.seed_everything(seed, verbose=False)
+    dm = OfflineDataModule(dataset, seed=seed, fraction=fraction, steps_per_epoch=updates)
+    model = TD3(gamma=gamma, eval_every=0, **(critic or {}))
+    series = SeriesLogger()
+    crash = CrashPredictor(every_n_steps=every, probe_size=probe_size, action="warn")
+
+    class StopWhenDiverged(L.Callback):
+        """Ends the run once far beyond the bound (after this step's measurements)."""
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            ratio = series.rows.get(trainer.global_step, {}).get("crash/q_bound_ratio")
+            if stop_on_divergence and ratio is not None and (not math.isfinite(ratio) or ratio > STOP_RATIO):
+                trainer.should_stop = True
+
+    stop = StopWhenDiverged()
+    # the monitors first, so that the stop callback reads this step's scalars
+    callbacks = [EMATarget(tau=1.0, every=1), SEEMMonitor(every_n_steps=every, probe_size=probe_size), crash, stop]
+    trainer = L.Trainer(max_steps=updates, max_epochs=1, logger=series, callbacks=callbacks, log_every_n_steps=every,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator=accelerator, devices=1)
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    out: dict[str, Any] = {"dataset": dataset, "gamma": gamma, "seed": seed, "critic": critic or {},
+                           "transitions": dm.num_transitions, "bound": crash.bound, "updates": trainer.global_step,
+                           "seconds": time.perf_counter() - start}
+    steps, _ = series.series("seem/max_eig_normalized")
+    out["steps"] = steps
+    for key in SERIES:
+        table = dict(zip(*series.series(key)))
+        out[key] = [table.get(t) for t in steps]
+    beyond = [r is None or not math.isfinite(r) or r > 1 for r in out["crash/q_bound_ratio"]]
+    within = [t for t, b in zip(steps, beyond) if not b]
+    out["diverged"] = bool(beyond) and beyond[-1]
+    out["diverged_at"] = next(t for t in steps if not within or t > within[-1]) if out["diverged"] else None
+    return out
+
+
+def seem_before(run: dict[str, Any]) -> float:
+    """The largest finite normalised SEEM measured before the run diverged (over the
+    whole run if it did not): what a user watching SEEM had seen in time."""
+    end = run["diverged_at"] if run["diverged"] else math.inf
+    values = [v for t, v in zip(run["steps"], run["seem/max_eig_normalized"])
+              if t < end and v is not None and math.isfinite(v)]
+    return max(values) if values else float("nan")
+
+
+def first_above(run: dict[str, Any], threshold: float) -> int | None:
+    """The first measurement at which normalised SEEM exceeds ``threshold``."""
+    return next((t for t, v in zip(run["steps"], run["seem/max_eig_normalized"])
+                 if v is not None and math.isfinite(v) and v > threshold), None)
+
+
+def early_max(run: dict[str, Any], key: str, until: int) -> float:
+    """The largest finite value of ``key`` at measurements up to update ``until``."""
+    values = [v for t, v in zip(run["steps"], run[key]) if t <= until and v is not None and math.isfinite(v)]
+    return max(values) if values else float("nan")
+
+
+def peak(run: dict[str, Any], key: str) -> float:
+    values = [v for v in run[key] if v is not None]
+    return float(np.nanmax(values)) if values and not all(np.isnan(values)) else float("nan")
