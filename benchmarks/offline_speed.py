@@ -10,7 +10,9 @@ defaults over ``OfflineDataModule`` (batch 256), a ``Trainer(max_steps=...)`` wi
 TensorBoard logger writing every 50 updates, no progress bar; and the same with
 ``compile=True``. Both sides: 256x256 networks, batch 256, the default dataset, the
 first ``--warmup`` updates untimed. One torch thread for all (``--threads``). The
-ratio is per repeat, configurations rotated every repeat.
+ratio is per repeat, configurations rotated every repeat. An ablation runs the CORL-style
+loop once more with denormal floats flushed to zero (what lit_qlearn does while fitting),
+to show how much of the difference that is.
 
     python benchmarks/offline_speed.py [--updates 2000] [--repeats 3]
 """
@@ -59,8 +61,10 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
         target_param.data.copy_((1 - tau) * target_param.data + tau * source_param.data)
 
 
-def corl_td3bc(data: dict[str, np.ndarray], updates: int, warmup: int, seed: int) -> float:
-    """CORL's TD3_BC.train, batch by batch; returns steady-state updates per second."""
+def corl_td3bc(data: dict[str, np.ndarray], updates: int, warmup: int, seed: int, flush: bool = False) -> float:
+    """CORL's TD3_BC.train, batch by batch; returns steady-state updates per second.
+    ``flush``: with denormal floats flushed to zero, as lit_qlearn fits (an ablation)."""
+    torch.set_flush_denormal(flush)
     torch.manual_seed(seed)
     np.random.seed(seed)
     states, actions = torch.tensor(data["observations"]), torch.tensor(data["actions"])
@@ -110,7 +114,9 @@ def corl_td3bc(data: dict[str, np.ndarray], updates: int, warmup: int, seed: int
             soft_update(critic_2_target, critic_2, tau)
             soft_update(actor_target, actor, tau)
         logs.append(log_dict)
-    return updates / (time.perf_counter() - start)
+    speed = updates / (time.perf_counter() - start)
+    torch.set_flush_denormal(False)
+    return speed
 
 
 # ----------------------------------------------------------------------------- lit_qlearn
@@ -156,6 +162,8 @@ def main() -> None:
     data = read_d4rl(path)
     runners = {
         "corl_style": lambda seed: corl_td3bc(data, args.updates, args.warmup, seed),
+        # an ablation: how much of the difference is denormal arithmetic (Adam's second moments)
+        "corl_style_flush_denormal": lambda seed: corl_td3bc(data, args.updates, args.warmup, seed, flush=True),
         "lit_qlearn": lambda seed: lit_td3bc(str(path), args.updates, args.warmup, seed),
         # the first compiled run includes no compilation: it is done in the warm-up updates
         "lit_qlearn_compile": lambda seed: lit_td3bc(str(path), args.updates, args.warmup, seed, compile=True),
@@ -165,7 +173,7 @@ def main() -> None:
         speeds[name].append(runners[name](repeat))
         print(f"repeat {repeat} {name}: {speeds[name][-1]:.1f} updates/s", flush=True)
     ratios = {name: [a / b for a, b in zip(speeds[name], speeds["corl_style"])]
-              for name in ("lit_qlearn", "lit_qlearn_compile")}
+              for name in ("lit_qlearn", "lit_qlearn_compile", "corl_style_flush_denormal")}
     medians = {name: statistics.median(r) for name, r in ratios.items()}
     result = {
         "claims": [
@@ -178,6 +186,8 @@ def main() -> None:
                   {"ratio_median": medians["lit_qlearn_compile"], "ratios": ratios["lit_qlearn_compile"],
                    "updates_per_s": speeds["lit_qlearn_compile"]}, medians["lit_qlearn_compile"] >= TARGET),
         ],
+        "ablation": {"corl_style_flush_denormal_over_corl_style": statistics.median(
+            ratios["corl_style_flush_denormal"]), "speeds": speeds["corl_style_flush_denormal"]},
         "settings": vars(args) | {"dataset": str(path.name)},
         "environment": environment({"td3": ROOT / "lit_qlearn/algorithms/td3.py",
                                     "base": ROOT / "lit_qlearn/algorithms/base.py",

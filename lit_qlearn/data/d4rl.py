@@ -312,6 +312,12 @@ def _write_metadata(f: h5py.File, metadata: Mapping[str, Any]) -> None:
             f.create_dataset(f"metadata/{key}", data=np.asarray(value))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_d4rl(
     path: str | os.PathLike,
     arrays: Mapping[str, np.ndarray],
@@ -343,6 +349,7 @@ def write_d4rl(
             for key, value in arrays.items():
                 f.create_dataset(key, data=value.astype(bool) if key in ("terminals", "timeouts") else value)
             _write_metadata(f, metadata or {})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """D4RL-format reading / writing: round trip, qlearning_dataset semantics, bad input."""
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 
@@ -18,6 +19,9 @@ def test_write_read_round_trip(tmp_path, arrays):
 
     assert path == tmp_path / "sub" / "dir" / "toy.hdf5"
     assert sorted(p.name for p in path.parent.iterdir()) == ["toy.hdf5"]  # no temp file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would create it, not mkstemp's 0600
     for k in a:  # the caller's arrays are untouched
         np.testing.assert_array_equal(a[k], before[k])
         assert a[k].dtype == before[k].dtype
