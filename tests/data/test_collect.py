@@ -143,10 +143,18 @@ def test_bad_policy_and_env_arguments(tmp_path):
 
 def test_default_dataset_is_generated_once(isolated_dirs):
     path = default_dataset_path()
-    assert path == isolated_dirs / "lit" / "hopper-random-v5.hdf5" and not path.exists()
+    assert path == isolated_dirs / "lit" / "default-hopper-medium-v5-100k.hdf5" and not path.exists()
     assert ensure_default_dataset(steps=200, seed=1) == path
     raw, meta = load_d4rl_raw(path)
     assert len(raw["rewards"]) == 200 and meta["env_id"] == "Hopper-v5" and meta["seed"] == 1
+    # rolled from the shipped medium SAC policy, with its reference scores
+    import torch
+
+    from lit_qlearn.data.generated import policy_dir
+
+    entry = torch.load(policy_dir() / "hopper-v5-sac.pt", weights_only=True)
+    assert meta["dataset"] == "hopper-medium-v5" and meta["policy_return"] == entry["medium"]["return"]
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == (entry["random_return"], entry["expert"]["return"])
     stamp = os.stat(path).st_mtime_ns
     assert ensure_default_dataset(steps=500) == path and os.stat(path).st_mtime_ns == stamp
 

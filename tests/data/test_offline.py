@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_qlearn.data import REF_SCORES, DatasetError, OfflineDataModule, Transitions, read_d4rl, write_d4rl
+from lit_qlearn.data.d4rl import read_d4rl_metadata
 from lit_qlearn.data.offline import subset_indices, trajectory_returns, transform_rewards
 
 
@@ -319,8 +320,9 @@ def test_default_dataset_and_lazy_attributes(isolated_dirs):
     dm = OfflineDataModule()
     assert dm.observation_dim == 11  # reading an attribute runs setup
     assert dm.env_id == "Hopper-v5" and dm.num_transitions == 299
-    lo, hi = dm.ref_scores
-    assert hi == 3234.3 and lo == pytest.approx(read_meta_mean(isolated_dirs / "lit" / "hopper-random-v5.hdf5"))
+    meta = read_d4rl_metadata(isolated_dirs / "lit" / "default-hopper-medium-v5-100k.hdf5")
+    assert dm.ref_scores == (meta["ref_min_score"], meta["ref_max_score"])  # the shipped policies' returns
+    assert meta["dataset"] == "hopper-medium-v5" and meta["ref_max_score"] > 3000
     assert dm.hparams.dataset == "default" and dm.hparams.fraction == 1.0
 
 
@@ -328,12 +330,6 @@ def test_hyperparameters_are_plain_python(tmp_path):
     dm = OfflineDataModule(tmp_path / "x.hdf5", fraction=np.float64(0.5), seed=np.int64(3))
     assert dm.hparams.dataset == str(tmp_path / "x.hdf5")
     assert type(dm.hparams.fraction) is float and type(dm.hparams.seed) is int
-
-
-def read_meta_mean(path):
-    from lit_qlearn.data.d4rl import read_d4rl_metadata
-
-    return read_d4rl_metadata(path)["policy_mean_return"]
 
 
 def test_discrete_actions_end_to_end(tmp_path):
