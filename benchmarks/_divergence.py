@@ -106,3 +106,78 @@ def early_max(run: dict[str, Any], key: str, until: int) -> float:
 def peak(run: dict[str, Any], key: str) -> float:
     values = [v for v in run[key] if v is not None]
     return float(np.nanmax(values)) if values and not all(np.isnan(values)) else float("nan")
+
+
+DATASETS = ("hopper-medium-replay-v5", "default")
+
+
+def add_run_arguments(parser: Any, every: int) -> None:
+    """The options r2 and r3 share: the run's size, the measurements, the sweep's extent."""
+    parser.add_argument("--updates", type=int, default=4000)
+    parser.add_argument("--every", type=int, default=every)
+    parser.add_argument("--probe", type=int, default=512)
+    parser.add_argument("--threshold", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--full", action="store_true", help="100k updates, probe 2560")
+    parser.add_argument("--accelerator", default="cpu")
+
+
+def parse_run_arguments(parser: Any) -> Any:
+    args = parser.parse_args()
+    if args.full:
+        args.updates, args.probe = 100_000, 2560
+    return args
+
+
+def _worker(job: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    extra, options = job
+    return td3_run(**options) | extra
+
+
+def sweep(args: Any, jobs: list[tuple[dict[str, Any], dict[str, Any]]]) -> Any:
+    """Run ``(extra fields, td3_run keywords)`` jobs on ``args.workers`` processes (the
+    run's size and measurements from ``args``), yielding each run with its extra fields,
+    in order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    common = {"updates": args.updates, "every": args.every, "probe_size": args.probe, "accelerator": args.accelerator}
+    with ProcessPoolExecutor(args.workers) as pool:
+        yield from pool.map(_worker, [(extra, common | options) for extra, options in jobs])
+
+
+def plot_runs(runs: list[dict[str, Any]], group: str, colors: dict[Any, str], path: Any, title: str,
+              threshold: float | None = None) -> None:
+    """SEEM (top) and max|Q| / bound (bottom) against the update, one column per dataset,
+    one colour per value of ``run[group]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from _claims import save_figure
+
+    datasets = sorted({r["dataset"] for r in runs})
+    fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
+    for col, dataset in enumerate(datasets):
+        top, bottom = axes[0, col], axes[1, col]
+        for r in (r for r in runs if r["dataset"] == dataset):
+            label = f"{group} {r[group]}" if r["seed"] == 0 else None
+            for ax, key in ((top, "seem/max_eig_normalized"), (bottom, "crash/q_bound_ratio")):
+                values = [math.nan if v is None else v for v in r[key]]
+                (ax.semilogy if ax is bottom else ax.plot)(r["steps"], values, color=colors[r[group]], alpha=0.8,
+                                                           label=label)
+        if threshold is not None:
+            top.axhline(threshold, color="gray", ls="--", lw=1)
+        bottom.axhline(1.0, color="black", ls="--", lw=1, label="Bellman bound")
+        top.set_title(dataset)
+        top.set_ylabel("normalised SEEM")
+        bottom.set_ylabel("max |Q| on the probe / Bellman bound")
+        bottom.set_xlabel("updates")
+        top.legend(fontsize=8)
+        bottom.legend(fontsize=8)
+    save_figure(fig, path, title)

@@ -24,57 +24,37 @@ a probe of 2560, ``--accelerator gpu`` puts them on a GPU.
 from __future__ import annotations
 
 import itertools
-import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import RESULTS, argument_parser, claim, environment, write_result
 from _common import ROOT
-from _divergence import early_max, first_above, peak, seem_before, td3_run
+from _divergence import add_run_arguments, early_max, first_above, parse_run_arguments, peak, plot_runs, \
+    seem_before, sweep
 
 GAMMAS = (0.9, 0.95, 0.99, 0.995)
-DATASETS = ("hopper-medium-replay-v5", "default")
-
-
-def _run(job: tuple) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    return td3_run(*job)
 
 
 def main() -> None:
     parser = argument_parser(__doc__)
-    parser.add_argument("--updates", type=int, default=4000)
-    parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--probe", type=int, default=512)
-    parser.add_argument("--threshold", type=float, default=0.05)
+    add_run_arguments(parser, every=25)
     parser.add_argument("--window", type=int, default=None, help="early window in updates (default updates / 10)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--full", action="store_true", help="100k updates, probe 2560")
-    parser.add_argument("--accelerator", default="cpu")
-    args = parser.parse_args()
-    if args.full:
-        args.updates, args.probe = 100_000, 2560
+    args = parse_run_arguments(parser)
     args.window = args.window or args.updates // 10
     started = time.perf_counter()
-    jobs = [(d, g, s, args.updates, args.every, args.probe, None, True, args.accelerator)
+    jobs = [({}, {"dataset": d, "gamma": g, "seed": s})
             for d, g, s in itertools.product(args.datasets, GAMMAS, range(args.seeds))]
     runs: list[dict] = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for run in pool.map(_run, jobs):
-            run["seem_before"] = seem_before(run)
-            run["predicted"] = run["seem_before"] > args.threshold
-            run["seem_window"] = early_max(run, "seem/max_eig_normalized", args.window)
-            first = first_above(run, args.threshold)
-            run["lead_updates"] = run["diverged_at"] - first if run["diverged"] and first is not None else None
-            runs.append(run)
-            print(f"{run['dataset']} gamma {run['gamma']} seed {run['seed']}: SEEM before {run['seem_before']:.3f}, "
-                  f"diverged {run['diverged']} at {run['diverged_at']}, peak ratio "
-                  f"{peak(run, 'crash/q_bound_ratio'):.3g} ({run['seconds']:.0f} s)", flush=True)
-            report(args, runs, started)
+    for run in sweep(args, jobs):
+        run["seem_before"] = seem_before(run)
+        run["predicted"] = run["seem_before"] > args.threshold
+        run["seem_window"] = early_max(run, "seem/max_eig_normalized", args.window)
+        first = first_above(run, args.threshold)
+        run["lead_updates"] = run["diverged_at"] - first if run["diverged"] and first is not None else None
+        runs.append(run)
+        print(f"{run['dataset']} gamma {run['gamma']} seed {run['seed']}: SEEM before {run['seem_before']:.3f}, "
+              f"diverged {run['diverged']} at {run['diverged_at']}, peak ratio "
+              f"{peak(run, 'crash/q_bound_ratio'):.3g} ({run['seconds']:.0f} s)", flush=True)
+        report(args, runs, started)
 
 
 def report(args, runs: list[dict], started: float) -> None:
@@ -106,37 +86,10 @@ def report(args, runs: list[dict], started: float) -> None:
               "runs": runs, "environment": environment({"td3": ROOT / "lit_qlearn/algorithms/td3.py",
                                                         "monitors": ROOT / "lit_qlearn/callbacks/monitors.py",
                                                         "crash": ROOT / "lit_qlearn/callbacks/crash.py"})}
-    plot(args, runs)
+    plot_runs(runs, "gamma", dict(zip(GAMMAS, ("tab:blue", "tab:green", "tab:orange", "tab:red"))),
+              RESULTS / "r2_seem_gamma.png", "R2: SEEM vs divergence across gamma (TD3, target = current)",
+              threshold=args.threshold)
     write_result("r2_seem_gamma", result, started)
-
-
-def plot(args, runs: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({r["dataset"] for r in runs})
-    fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
-    colors = dict(zip(GAMMAS, ("tab:blue", "tab:green", "tab:orange", "tab:red")))
-    for col, dataset in enumerate(datasets):
-        top, bottom = axes[0, col], axes[1, col]
-        for r in (r for r in runs if r["dataset"] == dataset):
-            c = colors[r["gamma"]]
-            label = f"gamma {r['gamma']}" if r["seed"] == 0 else None
-            seem = [math.nan if v is None else v for v in r["seem/max_eig_normalized"]]
-            ratio = [math.nan if v is None else v for v in r["crash/q_bound_ratio"]]
-            top.plot(r["steps"], seem, color=c, alpha=0.8, label=label)
-            bottom.semilogy(r["steps"], ratio, color=c, alpha=0.8, label=label)
-        top.axhline(args.threshold, color="gray", ls="--", lw=1)
-        bottom.axhline(1.0, color="black", ls="--", lw=1, label="Bellman bound")
-        top.set_title(dataset)
-        top.set_ylabel("normalised SEEM")
-        bottom.set_ylabel("max |Q| on the probe / bound")
-        bottom.set_xlabel("updates")
-        top.legend(fontsize=8)
-        bottom.legend(fontsize=8)
-    save_figure(fig, RESULTS / "r2_seem_gamma.png", "R2: SEEM vs divergence across gamma (TD3, target = current)")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import RESULTS, argument_parser, claim, environment, write_result
 from _common import ROOT
-from _divergence import peak, td3_run
+from _divergence import add_run_arguments, early_max, parse_run_arguments, peak, plot_runs, sweep
 
 CRITICS = {
     "plain": {},
@@ -39,15 +38,6 @@ CRITICS = {
     "dropout": {"critic_dropout": 0.1},
     "weight_decay": {"critic_weight_decay": 1e-3},
 }
-DATASETS = ("hopper-medium-replay-v5", "default")
-
-
-def _run(job: tuple) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    name, *rest = job
-    return td3_run(*rest) | {"name": name}
 
 
 def turns(values: list) -> int:
@@ -62,35 +52,23 @@ def turns(values: list) -> int:
 
 def main() -> None:
     parser = argument_parser(__doc__)
-    parser.add_argument("--updates", type=int, default=4000)
-    parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--probe", type=int, default=512)
+    add_run_arguments(parser, every=50)
     parser.add_argument("--gamma", type=float, default=0.99)
-    parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-    parser.add_argument("--full", action="store_true", help="100k updates, probe 2560")
-    parser.add_argument("--accelerator", default="cpu")
-    args = parser.parse_args()
-    if args.full:
-        args.updates, args.probe = 100_000, 2560
+    args = parse_run_arguments(parser)
     started = time.perf_counter()
-    jobs = [(name, d, args.gamma, s, args.updates, args.every, args.probe, CRITICS[name], True, args.accelerator)
+    jobs = [({"name": name}, {"dataset": d, "gamma": args.gamma, "seed": s, "critic": CRITICS[name]})
             for d, name, s in itertools.product(args.datasets, CRITICS, range(args.seeds))]
     runs: list[dict] = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for run in pool.map(_run, jobs):
-            seem = [v for v in run["seem/max_eig_normalized"] if v is not None and math.isfinite(v)]
-            run["seem_max"] = max(seem) if seem else float("nan")
-            run["ratio_max"] = peak(run, "crash/q_bound_ratio")
-            run["turns"] = turns(run["crash/q_bound_ratio"])
-            runs.append(run)
-            print(f"{run['dataset']} {run['name']} seed {run['seed']}: SEEM max {run['seem_max']:.3f}, ratio max "
-                  f"{run['ratio_max']:.3g}, diverged {run['diverged']} at {run['diverged_at']}, turns {run['turns']} "
-                  f"({run['seconds']:.0f} s)", flush=True)
-            report(args, runs, started)
+    for run in sweep(args, jobs):
+        run["seem_max"] = early_max(run, "seem/max_eig_normalized", math.inf)
+        run["ratio_max"] = peak(run, "crash/q_bound_ratio")
+        run["turns"] = turns(run["crash/q_bound_ratio"])
+        runs.append(run)
+        print(f"{run['dataset']} {run['name']} seed {run['seed']}: SEEM max {run['seem_max']:.3f}, ratio max "
+              f"{run['ratio_max']:.3g}, diverged {run['diverged']} at {run['diverged_at']}, turns {run['turns']} "
+              f"({run['seconds']:.0f} s)", flush=True)
+        report(args, runs, started)
 
 
 def report(args, runs: list[dict], started: float) -> None:
@@ -129,34 +107,10 @@ def report(args, runs: list[dict], started: float) -> None:
     result = {"claims": claims, "settings": vars(args) | {"critics": CRITICS}, "summary": table, "runs": runs,
               "environment": environment({"networks": ROOT / "lit_qlearn/networks.py",
                                           "monitors": ROOT / "lit_qlearn/callbacks/monitors.py"})}
-    plot(runs)
+    plot_runs(runs, "name", dict(zip(CRITICS, ("black", "tab:blue", "tab:purple", "tab:green", "tab:orange",
+                                               "tab:red"))),
+              RESULTS / "r3_norms.png", "R3: critic regularisers, TD3 with target = current, gamma 0.99")
     write_result("r3_norms", result, started)
-
-
-def plot(runs: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = sorted({r["dataset"] for r in runs})
-    fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
-    colors = dict(zip(CRITICS, ("black", "tab:blue", "tab:purple", "tab:green", "tab:orange", "tab:red")))
-    for col, dataset in enumerate(datasets):
-        top, bottom = axes[0, col], axes[1, col]
-        for r in (r for r in runs if r["dataset"] == dataset):
-            label = r["name"] if r["seed"] == 0 else None
-            seem = [math.nan if v is None else v for v in r["seem/max_eig_normalized"]]
-            ratio = [math.nan if v is None else v for v in r["crash/q_bound_ratio"]]
-            top.plot(r["steps"], seem, color=colors[r["name"]], alpha=0.8, label=label)
-            bottom.semilogy(r["steps"], ratio, color=colors[r["name"]], alpha=0.8, label=label)
-        bottom.axhline(1.0, color="gray", ls="--", lw=1)
-        top.set_title(dataset)
-        top.set_ylabel("normalised SEEM")
-        bottom.set_ylabel("max |Q| on the probe / Bellman bound")
-        bottom.set_xlabel("updates")
-        top.legend(fontsize=8)
-    save_figure(fig, RESULTS / "r3_norms.png", "R3: critic regularisers, TD3 with target = current, gamma 0.99")
 
 
 if __name__ == "__main__":
