@@ -73,7 +73,8 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
             ``learning_starts + eval_every``).
         episodes: episodes per evaluation (their mean return is the curve's point).
         threads: torch threads during the run (a rerun must use as many to be bit-identical).
-        on_eval: called with the run so far after every evaluation (e.g. to save it).
+        on_eval: called with the run so far after every evaluation (its curve and actors;
+            ``spec`` and ``buffer`` are set when the run ends).
         progress: called with the number of environment steps done since its last call.
     """
     from lit_qlearn.algorithms import SAC
@@ -109,7 +110,6 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
                                   "seconds": time.perf_counter() - started})
                 actor = pl_module.actor.state_dict()
                 run.actors[env_steps] = {k: v.detach().cpu().clone() for k, v in actor.items()}
-                run.spec, run.buffer = pl_module.spec.to_dict(), dm.buffer
                 if on_eval is not None:
                     on_eval(run)
 
@@ -125,11 +125,12 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
 
 def replay_arrays(buffer: Any, rows: int) -> dict[str, np.ndarray]:
     """The first ``rows`` rows of a 1-step, 1-environment replay buffer, as D4RL arrays
-    (in the order written if the buffer has not wrapped: :func:`train_sac`'s never does). The buffer keeps ``terminated`` but not truncation: an
-    episode ends at row ``i`` where ``next_obs[i]`` is not ``obs[i + 1]`` (the next row
-    starts from a reset), and an end that is not a termination is a timeout; the last
-    row is a timeout unless it terminates (the run stopped there)."""
-    if getattr(buffer, "n_step", 1) != 1 or getattr(buffer, "num_envs", 1) != 1:
+    (in the order written if the buffer has not wrapped: :func:`train_sac`'s never does).
+    The buffer keeps ``terminated`` but not truncation: an episode ends at row ``i``
+    where ``next_obs[i]`` is not ``obs[i + 1]`` (the next row starts from a reset), and
+    an end that is not a termination is a timeout; the last row is a timeout unless it
+    terminates (the run stopped there)."""
+    if buffer.n_step != 1 or buffer.num_envs != 1:
         raise ValueError("replay_arrays: needs a 1-step replay buffer of one environment")
     if not 0 < rows <= len(buffer):
         raise ValueError(f"replay_arrays: rows must be in [1, {len(buffer)}], got {rows}")

@@ -254,17 +254,10 @@ def ensure_default_dataset(steps: int = 100_000, seed: int = 0,
     (``make_dataset("hopper-medium-v5", steps, ...)``, D4RL's medium data at a tenth of
     its size; about 30 s for 100k steps on one CPU core), with a progress bar unless
     ``progress`` is given. An existing file is reused whatever its size."""
-    from lit_qlearn.data.generated import make_dataset
+    from lit_qlearn.data.generated import ensure_dataset
 
     path = default_dataset_path()
     if not path.is_file():
         rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} Hopper-v5 steps of the shipped medium "
                        f"SAC policy) at {path}")
-        if progress is not None:
-            make_dataset("hopper-medium-v5", steps, path, seed, progress=progress)
-        else:
-            from tqdm.auto import tqdm
-
-            with tqdm(total=steps, desc="default data (hopper-medium-v5, 100k steps)", unit="step") as bar:
-                make_dataset("hopper-medium-v5", steps, path, seed, progress=bar.update)
-    return path
+    return ensure_dataset("hopper-medium-v5", path, steps, seed, progress)

@@ -192,14 +192,20 @@ def total_steps(name: str, steps: int | None = None) -> int:
     return steps * (2 if parsed is not None and parsed[1] == "medium-expert" else 1)
 
 
-def ensure_dataset(name: str) -> pathlib.Path:
-    """The cached file of a generated dataset, made on first use (1M steps, with a progress bar)."""
-    path = _data_dir() / f"{name}.hdf5"
+def ensure_dataset(name: str, path: str | os.PathLike | None = None, steps: int | None = None,
+                   seed: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+    """The cached file of a generated dataset (default ``<data dir>/<name>.hdf5``), made on
+    first use by :func:`make_dataset` (1M steps unless ``steps``), with a progress bar
+    unless ``progress`` is given. An existing file is reused whatever its size."""
+    path = pathlib.Path(path) if path is not None else _data_dir() / f"{name}.hdf5"
     if not path.is_file():
-        from tqdm.auto import tqdm
+        if progress is not None:
+            make_dataset(name, steps, path, seed, progress=progress)
+        else:
+            from tqdm.auto import tqdm
 
-        with tqdm(total=total_steps(name), desc=name, unit="step") as bar:
-            make_dataset(name, path=path, progress=bar.update)
+            with tqdm(total=total_steps(name, steps), desc=name, unit="step") as bar:
+                make_dataset(name, steps, path, seed, progress=bar.update)
     return path
 
 

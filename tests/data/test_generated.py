@@ -1,5 +1,4 @@
 """Generated D4RL-style datasets from shipped SAC actors (here: small stand-in actors)."""
-import functools
 
 import numpy as np
 import pytest
@@ -68,7 +67,8 @@ def test_each_level_is_rolled_from_its_policy_with_metadata(policies, tmp_path):
 
 
 def test_offline_datamodule_makes_a_generated_dataset_on_first_use(policies, tmp_path, monkeypatch):
-    monkeypatch.setattr(generated, "make_dataset", functools.partial(generated.make_dataset, steps=200))
+    make = generated.make_dataset
+    monkeypatch.setattr(generated, "make_dataset", lambda name, steps, *args, **kwargs: make(name, 200, *args, **kwargs))
     dm = OfflineDataModule("hopper-random-v5")
     dm.prepare_data()
     dm.setup("fit")
