@@ -68,7 +68,8 @@ def test_each_level_is_rolled_from_its_policy_with_metadata(policies, tmp_path):
 
 def test_offline_datamodule_makes_a_generated_dataset_on_first_use(policies, tmp_path, monkeypatch):
     make = generated.make_dataset
-    monkeypatch.setattr(generated, "make_dataset", lambda name, steps, *args, **kwargs: make(name, 200, *args, **kwargs))
+    monkeypatch.setattr(generated, "make_dataset",
+                        lambda name, steps, *args, **kwargs: make(name, 200, *args, **kwargs))
     dm = OfflineDataModule("hopper-random-v5")
     dm.prepare_data()
     dm.setup("fit")
