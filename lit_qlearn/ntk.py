@@ -38,7 +38,9 @@ __all__ = [
     "ntk_gram",
     "seem",
     "SEEMResult",
+    "max_real_eigenpair",
     "max_real_eigenvalue",
+    "participation",
     "row_ratio",
     "gram_stats",
     "gram_cosine",
@@ -288,20 +290,22 @@ def ntk_gram(
 # --------------------------------------------------------------------------- SEEM
 
 
-def _arnoldi_max_real(a: Tensor, krylov: int, restarts: int, tol: float, seed: int) -> tuple[complex, bool]:
-    """Eigenvalue of largest real part by explicitly restarted Arnoldi iteration.
+def _arnoldi_max_real(a: Tensor, krylov: int, restarts: int, tol: float,
+                      seed: int) -> tuple[complex, Tensor | None, bool]:
+    """Eigenpair of largest real part by explicitly restarted Arnoldi iteration.
 
     Each cycle builds a ``krylov``-dimensional Krylov basis (modified Gram-Schmidt,
     re-orthogonalised once), takes the Ritz pair of largest real part from the small
     Hessenberg matrix and restarts from the Ritz vector's real part. Converged when
-    the residual ``||A v - theta v||`` is below ``tol * ||A||_F``.
+    the residual ``||A v - theta v||`` is below ``tol * ||A||_F``. Returns the Ritz
+    value, its unit Ritz vector (complex) and whether it converged.
     """
     n = a.shape[0]
     k = min(krylov, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v0 = torch.randn(n, generator=gen, dtype=a.dtype).to(a.device)
     scale = torch.linalg.matrix_norm(a.double()).item() or 1.0
-    theta = complex("nan")
+    theta, ritz = complex("nan"), None
     for _ in range(restarts):
         basis = torch.zeros(n, k + 1, dtype=a.dtype, device=a.device)
         hess = torch.zeros(k + 1, k, dtype=a.dtype, device=a.device)
@@ -323,11 +327,12 @@ def _arnoldi_max_real(a: Tensor, krylov: int, restarts: int, tol: float, seed: i
         theta = complex(evals[i].item())
         y = evecs[:, i]
         ritz = basis[:, :m].to(y.dtype) @ y
-        residual = torch.linalg.vector_norm(a.to(y.dtype) @ ritz - theta * ritz) / torch.linalg.vector_norm(ritz)
+        ritz = ritz / torch.linalg.vector_norm(ritz)
+        residual = torch.linalg.vector_norm(a.to(y.dtype) @ ritz - theta * ritz)
         if residual.item() <= tol * scale:
-            return theta, True
+            return theta, ritz, True
         v0 = ritz.real if torch.linalg.vector_norm(ritz.real) > 1e-12 else ritz.imag
-    return theta, False
+    return theta, ritz, False
 
 
 def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, restarts: int = 10,
@@ -343,23 +348,53 @@ def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, re
     top eigenvalues cluster near zero, i.e. a stable critic). ``"auto"``: dense
     below N = 512, else Arnoldi. ``tol=None``: ``max(1e-8, 50 eps)`` of ``a``'s dtype
     (6e-6 in float32, whose rounding a tighter residual could not reach; 1e-8 in
-    float64). Returns ``(eigenvalue, solver actually used)``.
+    float64). Returns ``(eigenvalue, solver actually used)``; :func:`max_real_eigenpair`
+    also returns the eigenvector.
     """
+    value, _, used = _max_real(a, solver, krylov, restarts, tol, seed, vector=False)
+    return value, used
+
+
+def max_real_eigenpair(a: Tensor, solver: str = "auto", *, krylov: int = 96, restarts: int = 10,
+                       tol: float | None = None, seed: int = 0) -> tuple[complex, Tensor, str]:
+    """:func:`max_real_eigenvalue` with its unit eigenvector (complex, ``(N,)``):
+    ``(eigenvalue, eigenvector, solver used)``. Arnoldi has the vector for free; the
+    dense solver then uses ``torch.linalg.eig`` (about 1.4x ``eigvals``' time at N = 1024)."""
+    return _max_real(a, solver, krylov, restarts, tol, seed, vector=True)
+
+
+def _max_real(a: Tensor, solver: str, krylov: int, restarts: int, tol: float | None, seed: int,
+              vector: bool) -> tuple[complex, Tensor | None, str]:
     if tol is None:
         tol = max(1e-8, 50 * torch.finfo(a.dtype).eps)
     check_choice("max_real_eigenvalue", "solver", solver, SOLVERS)
     n = a.shape[0]
     if solver == "arnoldi" or (solver == "auto" and n >= 512):
-        theta, ok = _arnoldi_max_real(a, krylov, restarts, tol, seed)
+        theta, ritz, ok = _arnoldi_max_real(a, krylov, restarts, tol, seed)
         if ok:
-            return theta, "arnoldi"
-    evals = torch.linalg.eigvals(a)
-    return complex(evals[int(torch.argmax(evals.real))].item()), "dense"
+            return theta, ritz, "arnoldi"
+    if not vector:
+        evals = torch.linalg.eigvals(a)
+        return complex(evals[int(torch.argmax(evals.real))].item()), None, "dense"
+    evals, evecs = torch.linalg.eig(a)
+    i = int(torch.argmax(evals.real))
+    return complex(evals[i].item()), evecs[:, i] / torch.linalg.vector_norm(evecs[:, i]), "dense"
+
+
+def participation(vector: Tensor) -> float:
+    """How many rows carry ``vector``: the participation number ``1 / sum_i p_i^2``
+    with ``p_i = |v_i|^2 / ||v||^2`` — N for a vector spread evenly over N rows, 1 for
+    one row, k for k rows with equal shares."""
+    p = vector.abs().double() ** 2
+    p = p / p.sum()
+    return float(1.0 / (p**2).sum())
 
 
 @dataclass
 class SEEMResult:
-    """``value``: largest real part of A's eigenvalues (SEEM); ``normalized``: value / ||A||_F."""
+    """``value``: largest real part of A's eigenvalues (SEEM); ``normalized``: value / ||A||_F;
+    with ``return_vector``: ``eigenvector`` (unit, complex, one entry per transition) and its
+    ``participation`` (how many transitions carry it, see :func:`participation`)."""
 
     value: float
     normalized: float
@@ -369,6 +404,8 @@ class SEEMResult:
     num_params: int
     matrix: Tensor | None = None
     eigenvalues: Tensor | None = None
+    eigenvector: Tensor | None = None
+    participation: float | None = None
 
 
 def seem(
@@ -384,18 +421,23 @@ def seem(
     tol: float | None = None,
     return_matrix: bool = False,
     return_spectrum: bool = False,
+    return_vector: bool = False,
 ) -> SEEMResult:
     """SEEM (Yue et al. 2023): the top real eigenvalue of ``A = gamma G(X*, X) - G(X, X)``.
 
     Positive SEEM: the TD error grows along an eigenvector under SGD (self-excitation,
     divergence). ``scale_by_params`` divides G by P, as the authors' code does; the
-    normalised value is scale-free either way.
+    normalised value is scale-free either way. Where the top eigenvector sits says
+    whether the self-excitation is the critic's as a whole or one transition's: its
+    participation is ~N / 2 or more for an eigenvector spread over the probe set, ~1
+    when a single transition whose bootstrap gradient dwarfs the others' carries it.
 
     Args:
         x_inputs: dataset pairs X = (s, a).
         x_star_inputs: bootstrap pairs X* = (s', pi(s')).
         solver / tol: eigen-solver, see :func:`max_real_eigenvalue`.
         return_matrix / return_spectrum: keep A / all its eigenvalues (dense) in the result.
+        return_vector: keep the top eigenvector and its participation in the result.
     """
     g_xx = ntk_gram(model, x_inputs, method=method, dtype=dtype)
     g_sx = ntk_gram(model, x_inputs, other=x_star_inputs, method=method, dtype=dtype)
@@ -406,10 +448,14 @@ def seem(
     if scale_by_params:
         a = a / p
     frob = torch.linalg.matrix_norm(a.double()).item()  # float32 accumulation is off by ~1e-4
-    spectrum = None
+    spectrum = vector = None
     if return_spectrum:
-        spectrum = torch.linalg.eigvals(a)
-        eig, used = complex(spectrum[int(torch.argmax(spectrum.real))].item()), "dense"
+        spectrum, vectors = torch.linalg.eig(a) if return_vector else (torch.linalg.eigvals(a), None)
+        i = int(torch.argmax(spectrum.real))
+        eig, used = complex(spectrum[i].item()), "dense"
+        vector = None if vectors is None else vectors[:, i] / torch.linalg.vector_norm(vectors[:, i])
+    elif return_vector:
+        eig, vector, used = max_real_eigenpair(a, solver, tol=tol)
     else:
         eig, used = max_real_eigenvalue(a, solver, tol=tol)
     return SEEMResult(
@@ -421,6 +467,8 @@ def seem(
         num_params=p,
         matrix=a if return_matrix else None,
         eigenvalues=spectrum,
+        eigenvector=vector,
+        participation=None if vector is None else participation(vector),
     )
 
 

@@ -21,9 +21,11 @@ from lit_qlearn.ntk import (
     contraction_fraction,
     gram_cosine,
     gram_stats,
+    max_real_eigenpair,
     max_real_eigenvalue,
     ntk_gram,
     num_parameters,
+    participation,
     row_ratio,
     seem,
     supports_structured,
@@ -408,6 +410,33 @@ def test_seem_stable_for_small_gamma_and_row_mismatch():
         seem(model, x, tuple(t[:20] for t in x_star), 0.99)
 
 
+def test_seem_eigenvector_and_one_transition_that_carries_it():
+    model, x, x_star = _seem_problem()
+    r = seem(model, x, x_star, 0.99, return_vector=True, return_matrix=True)
+    v = r.eigenvector
+    assert v.shape == (32,) and torch.linalg.vector_norm(v).item() == pytest.approx(1.0, rel=1e-10)
+    a = r.matrix.to(v.dtype)
+    assert torch.linalg.vector_norm(a @ v - r.eigenvalue * v).item() <= 1e-8 * r.frobenius
+    assert r.participation == pytest.approx(participation(v))
+    assert seem(model, x, x_star, 0.99).eigenvector is None  # only when asked
+    same = seem(model, x, x_star, 0.99, return_vector=True, return_spectrum=True)  # the dense path with vectors
+    assert same.participation == pytest.approx(r.participation, rel=1e-6)
+    # one bootstrap point far out (its gradient ~100x the others'): it alone carries the top eigenvector
+    obs_next, act_next = (t.clone() for t in x_star)
+    obs_next[7] *= 100
+    one = seem(model, x, (obs_next, act_next), 0.99, return_vector=True)
+    assert one.participation < 1.2 < r.participation
+    assert int(torch.argmax(one.eigenvector.abs())) == 7
+
+
+def test_participation_by_hand():
+    assert participation(torch.tensor([0.0, 3.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert participation(torch.tensor([1.0, -1.0, 1.0, 1.0])) == pytest.approx(4.0)
+    assert participation(torch.tensor([1.0, 1j, 0.0, 0.0])) == pytest.approx(2.0)
+    # shares 0.8 / 0.2: 1 / (0.64 + 0.04)
+    assert participation(torch.tensor([2.0, 1.0])) == pytest.approx(1 / 0.68)
+
+
 # ------------------------------------------------------ 7. max_real_eigenvalue
 
 
@@ -430,6 +459,12 @@ def test_arnoldi_matches_dense_on_random_matrices(n):
         assert abs(got.imag) == pytest.approx(abs(want.imag), rel=1e-6)
     got, used = max_real_eigenvalue(complex_top, "dense")
     assert used == "dense" and got.real == pytest.approx(_dense_top(complex_top).real, rel=1e-12)
+    for solver in ("arnoldi", "dense"):  # the eigenvector: A v = lambda v, |v| = 1
+        value, v, used = max_real_eigenpair(complex_top, solver)
+        assert used == solver and value.real == pytest.approx(_dense_top(complex_top).real, rel=1e-6)
+        assert torch.linalg.vector_norm(v).item() == pytest.approx(1.0, rel=1e-10)
+        residual = torch.linalg.vector_norm(complex_top.to(v.dtype) @ v - value * v).item()
+        assert residual <= 1e-6 * torch.linalg.matrix_norm(complex_top).item()
     assert max_real_eigenvalue(complex_top)[1] == ("arnoldi" if n >= 512 else "dense")
 
 

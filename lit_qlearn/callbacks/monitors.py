@@ -224,8 +224,19 @@ class SEEMMonitor(ProbeCallback):
     ||A||_F, scale-free), ``seem/q_data_mean`` (Q on X), ``seem/q_policy_mean`` (Q on
     X*) and ``seem/action_cos_prev`` (cosine of the policy's actions on the probe
     states against the previous evaluation; for discrete actions the share that
-    agree); with ``log_spectrum=True`` also a histogram ``seem/spectrum_real`` of
-    all eigenvalues' real parts (dense solver, slower).
+    agree), ``seem/participation`` (how many probe transitions carry the top
+    eigenvector, 1 to N, see :func:`lit_qlearn.ntk.participation`; the last
+    eigenvector is kept as ``self.eigenvector``, one entry per probe transition); with
+    ``log_spectrum=True`` also a histogram ``seem/spectrum_real`` of all eigenvalues'
+    real parts (dense solver, slower).
+
+    Reading the participation: a positive SEEM spread over many transitions is the
+    critic's self-excitation; one carried by one or two is a few transitions' local
+    one — e.g. a LayerNorm critic on medium-replay data, whose SEEM comes and goes
+    with a single near-failure state whose saturated greedy action meets a LayerNorm
+    input of small spread (its bootstrap gradient ~1,000x the median), while Q stays
+    bounded (``benchmarks/r3_norms.py``). Near SEEM = 0 (a stable critic) the top
+    eigenvector is one of a cluster and its participation means little.
 
     Defaults follow the authors' code: first critic, online actor for pi(s'),
     terminal flags ignored in A, 2560 probe transitions, every 10,000 steps. The
@@ -246,23 +257,27 @@ class SEEMMonitor(ProbeCallback):
         solver: eigen-solver, "auto", "arnoldi" or "dense".
         tol: relative residual at which the Arnoldi eigenvalue is accepted.
         log_spectrum: also write a histogram of all eigenvalues' real parts (dense, slower).
+        participation: compute the top eigenvector and log ``seem/participation``
+            (free with Arnoldi; where the dense solver runs, ~1.4x its time).
     """
 
     def __init__(self, every_n_steps: int = 10_000, probe_size: int = 2560, probe_seed: int = 0,
                  probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
                  scale_by_params: bool = True, solver: str = "auto", tol: float = 1e-4,
-                 log_spectrum: bool = False) -> None:
+                 log_spectrum: bool = False, participation: bool = True) -> None:
         super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
         check_choice("SEEMMonitor", "solver", solver, SOLVERS)
         self.scale_by_params = scale_by_params
         self.solver = solver
         self.tol = tol
         self.log_spectrum = log_spectrum
+        self.participation = participation
         self.previous_actions: Tensor | None = None
+        self.eigenvector: Tensor | None = None
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "scale_by_params": self.scale_by_params, "solver": self.solver, "tol": self.tol,
-                "log_spectrum": self.log_spectrum}
+                "log_spectrum": self.log_spectrum, "participation": self.participation}
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
         with torch.no_grad():
@@ -271,7 +286,8 @@ class SEEMMonitor(ProbeCallback):
             q_policy = pl_module.q_value(probe.next_obs, next_act).mean().item()
         result = seem(pl_module.q_network(), (probe.obs, probe.act), (probe.next_obs, next_act), pl_module.gamma,
                       scale_by_params=self.scale_by_params, method=self.method, dtype=self.dtype,
-                      solver=self.solver, tol=self.tol, return_spectrum=self.log_spectrum)
+                      solver=self.solver, tol=self.tol, return_spectrum=self.log_spectrum,
+                      return_vector=self.participation)
         actions = next_act.detach().cpu()
         metrics = {
             "seem/max_eig": result.value,
@@ -281,6 +297,9 @@ class SEEMMonitor(ProbeCallback):
             "seem/action_cos_prev": _action_similarity(actions, self.previous_actions),
         }
         self.previous_actions = actions
+        if result.eigenvector is not None:
+            metrics["seem/participation"] = result.participation
+            self.eigenvector = result.eigenvector.detach().cpu()
         if self.log_spectrum and result.eigenvalues is not None:
             writer = self._tensorboard(trainer)
             if writer is not None:

@@ -95,6 +95,11 @@ def test_users_module_numbers_match_closed_form_linear_kernel(chain_dm):
     top = np.linalg.eigvals(a).real.max()
     assert m["seem/max_eig"] == pytest.approx(top, rel=1e-5)
     assert m["seem/max_eig_normalized"] == pytest.approx(top / np.linalg.norm(a), rel=1e-5)
+    evals, evecs = np.linalg.eig(a)
+    share = np.abs(evecs[:, np.argmax(evals.real)]) ** 2
+    share /= share.sum()
+    assert m["seem/participation"] == pytest.approx(1 / (share**2).sum(), rel=1e-5)
+    np.testing.assert_allclose(seem_cb.eigenvector.abs().numpy() ** 2, share, rtol=1e-5, atol=1e-9)
     with torch.no_grad():
         assert m["seem/q_data_mean"] == pytest.approx(module.q(p6.obs, p6.act).mean().item(), rel=1e-5)
     assert "ntk/cos_prev" not in m and "seem/action_cos_prev" not in m  # one evaluation so far
