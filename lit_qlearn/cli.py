@@ -24,12 +24,23 @@ from typing import Any
 __all__ = ["main", "demo", "collect_main", "datasets_main", "fit_main"]
 
 
+_TRAINING = {"started": False}  # set once `lit-qlearn fit` has run its first update
+
+
 def fit_main(args: Sequence[str]) -> None:
-    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch import Callback, LightningDataModule
     from lightning.pytorch.cli import LightningCLI
 
     from lit_qlearn.algorithms import QLearningModule
 
+    class TrainingStarted(Callback):
+        """Marks the first update: a ValueError / TypeError after it is no input error
+        (those are raised at setup) and keeps its traceback."""
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            _TRAINING["started"] = True
+
+    _TRAINING["started"] = False
     LightningCLI(
         QLearningModule,
         LightningDataModule,
@@ -38,6 +49,7 @@ def fit_main(args: Sequence[str]) -> None:
         args=["fit", *args],
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},
+        trainer_defaults={"callbacks": [TrainingStarted()]},
     )
 
 
@@ -108,7 +120,8 @@ def demo(args: Sequence[str] = ()) -> Any:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a user's input can cause: reported in one line, not a traceback."""
+    """What a user's input can cause: reported in one line, not a traceback. Plain
+    ValueError / TypeError (argument checks) count only before training starts."""
     from jsonargparse import ArgumentError
 
     from lit_qlearn.data import DatasetError
@@ -117,9 +130,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return DatasetError, ProbeProtocolError, ArgumentError, FileNotFoundError, ValueError, TypeError
 
 
+def _is_input_error(err: BaseException) -> bool:
+    from jsonargparse import ArgumentError
+
+    from lit_qlearn.data import DatasetError
+    from lit_qlearn.probe import ProbeProtocolError
+
+    return isinstance(err, (DatasetError, ProbeProtocolError, ArgumentError, FileNotFoundError)) or not _TRAINING["started"]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a command; a user error prints ``lit-qlearn CMD: error: ...`` (one line) and
-    exits with status 2 (``LIT_QLEARN_TRACEBACK=1`` shows the traceback instead)."""
+    exits with status 2 (``LIT_QLEARN_TRACEBACK=1`` shows the traceback instead). A
+    ValueError / TypeError raised once ``fit`` has begun updating is no input error
+    (inputs are checked at setup) and keeps its traceback."""
     import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -131,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         commands[argv[0]](argv[1:])
     except _user_errors() as err:
-        if os.environ.get("LIT_QLEARN_TRACEBACK"):
+        if os.environ.get("LIT_QLEARN_TRACEBACK") or not _is_input_error(err):
             raise
         message = " ".join(str(err).split())
         print(f"lit-qlearn {argv[0]}: error: {message}", file=sys.stderr)

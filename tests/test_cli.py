@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lit_qlearn.algorithms import TD3
 from lit_qlearn.cli import demo, main
 from lit_qlearn.data import read_d4rl
 
@@ -85,6 +86,30 @@ def test_user_errors_are_one_line_and_exit_2(argv, expected, capsys, tmp_path, m
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+class FailsOnThirdUpdate(TD3):
+    """A module with a bug that shows only once training runs."""
+
+    def update(self, batch):
+        if self.updates == 3:
+            raise ValueError("a bug in update, not bad input")
+        return super().update(batch)
+
+
+def test_an_error_during_training_keeps_its_traceback(hopper, tmp_path, monkeypatch):
+    # the same class of error at setup is a one-line input error (above); raised by the
+    # third update it is a bug and must reach the user whole
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="a bug in update"):
+        main(["fit", "--model", "tests.test_cli.FailsOnThirdUpdate", "--model.init_args.eval_every", "0", "--data",
+              "lit_qlearn.data.OfflineDataModule", "--data.init_args.dataset", str(hopper),
+              "--data.init_args.batch_size", "16", "--trainer.max_steps", "5", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"])
+    with pytest.raises(SystemExit) as exc:  # and the next command's setup errors are one line again
+        main(["fit", "--model", "lit_qlearn.algorithms.TD3", "--model.init_args.gamma", "1.5", "--data",
+              "lit_qlearn.data.OfflineDataModule", "--data.init_args.dataset", str(hopper)])
+    assert exc.value.code == 2
 
 
 def test_help_goes_to_stdout():
