@@ -4,27 +4,33 @@ of the data, with little change on all of it.
 TD3+BC, CQL and IQL at their defaults, each with the plain critic and with
 ``critic_norm="layer"`` (IQL: on its V-network too), on 1%, 10% and 100% of the transitions
 of generated ``{hopper,halfcheetah,walker2d}-medium-v5`` (``OfflineDataModule(fraction=)``,
-the subset chosen with the run's seed), 3 seeds; after ``--updates`` updates the greedy
+the subset chosen with the run's seed; IQL with its D4RL protocol's rewards, scaled to a
+return spread of 1000: ``reward_transform="locomotion"``), 3 seeds; after ``--updates`` updates the greedy
 policy's normalised score over ``--episodes`` episodes (reference scores: the shipped
 policies' random and expert returns). Published (1M updates, D4RL data): LayerNorm lifts
 CQL on 1% data from a total of about 50 to 300 normalised points and TD3+BC from 70 to 228,
 with little change at 100%.
 
 Claims, per algorithm: LayerNorm's mean score (over seeds and tasks) >= the plain critic's
-at 1% and at 10%; at 100% within ``--margin`` (10) points of it.
+at 1% and at 10%; at 100% within ``--margin`` (10) points of it. Each run also records
+whether its critic diverged: Q of the data's actions on 2,048 probe transitions at the end
+(``q_data_mean``) and the largest |Q| there over the Bellman bound max|r| / (1 - gamma) of
+its subset (``q_bound_ratio``, > 1: diverged).
 
-Sizing on 2 CPU cores: TD3+BC and IQL update at ~190 / ~135 updates/s, CQL at ~8, so the
+Sizing on 2 CPU cores: TD3+BC and IQL update at ~190 / ~135 updates/s, CQL at ~8. The
 defaults (``--updates 10000``, ``--cql-updates 2000``, 1 seed: 54 runs) take about an hour
 with ``--workers 2`` (and the three 1M-step datasets, 4 minutes each to make the first
-time). The paper's setting is ``--full`` (1M updates, 3 seeds; for a GPU,
-``--accelerator gpu``). A run cut short keeps what it measured (the JSON is rewritten after
-every run).
+time); ``--seeds 3 --cql-seeds 1`` (126 runs) about two. The paper's setting is ``--full``
+(1M updates, 3 seeds; for a GPU, ``--accelerator gpu``). A run cut short keeps what it
+measured (the JSON is rewritten after every run); ``--name`` writes another results file
+(e.g. a longer run on one fraction).
 
     python benchmarks/r4_fraction.py [--tasks hopper] [--algos td3bc iql] [--seeds 1] [--workers 2]
 """
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +41,15 @@ from _common import ROOT
 FRACTIONS = (0.01, 0.1, 1.0)
 TASKS = ("hopper", "halfcheetah", "walker2d")
 ALGOS = ("td3bc", "cql", "iql")
+#: each algorithm's D4RL protocol: IQL scales locomotion rewards to a return spread of 1000
+REWARD_TRANSFORM = {"td3bc": None, "cql": None, "iql": "locomotion"}
+
+
+def _key(job: tuple) -> dict:
+    """What identifies a run (a job's settings, without how it is evaluated or run)."""
+    algo, task, fraction, layernorm, seed, updates = job[:6]
+    return {"algo": algo, "task": task, "fraction": fraction, "layernorm": layernorm, "seed": seed,
+            "updates": updates, "reward_transform": REWARD_TRANSFORM[algo]}
 
 
 def _run(job: tuple) -> dict:
@@ -49,15 +64,23 @@ def _run(job: tuple) -> dict:
     quiet()
     algo, task, fraction, layernorm, seed, updates, episodes, accelerator = job
     L.seed_everything(seed, verbose=False)
-    dm = OfflineDataModule(f"{task}-medium-v5", fraction=fraction, seed=seed, steps_per_epoch=updates)
+    dm = OfflineDataModule(f"{task}-medium-v5", fraction=fraction, seed=seed, steps_per_epoch=updates,
+                           reward_transform=REWARD_TRANSFORM[algo])
     module = {"td3bc": TD3BC, "cql": CQL, "iql": IQL}[algo](critic_norm="layer" if layernorm else None, eval_every=0)
     start = time.perf_counter()
     L.Trainer(max_steps=updates, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator=accelerator, devices=1).fit(module, dm)
     seconds = time.perf_counter() - start
-    result = module.cpu().evaluate(episodes)
-    return {"algo": algo, "task": task, "fraction": fraction, "layernorm": layernorm, "seed": seed,
-            "updates": updates, "transitions": dm.num_transitions, "seconds": seconds, **result}
+    module.cpu()
+    result = module.evaluate(episodes)
+    # did the critic diverge? Q of the data's actions on 2,048 probe rows against the
+    # Bellman bound max|r| / (1 - gamma) over the run's subset
+    probe = dm.probe_batch(2048)
+    with torch.no_grad():
+        q = module.q_value(probe.obs, probe.act)
+    bound = float(dm.probe_batch(dm.num_transitions).rew.abs().max()) / (1 - float(module.gamma))
+    return {**_key(job), "episodes": episodes, "transitions": dm.num_transitions, "seconds": seconds, **result,
+            "q_data_mean": float(q.mean()), "q_bound_ratio": float(q.abs().max()) / bound}
 
 
 def main() -> None:
@@ -66,6 +89,7 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--cql-seeds", type=int, default=None, help="seeds for CQL (default: --seeds)")
     parser.add_argument("--updates", type=int, default=10_000)
     parser.add_argument("--cql-updates", type=int, default=2_000)
     parser.add_argument("--episodes", type=int, default=10)
@@ -73,24 +97,38 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="1M updates for every algorithm, 3 seeds")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--name", default="r4_fraction", help="results file benchmarks/results/<name>.json / .png")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in the results file that match a job, run only the others")
     args = parser.parse_args()
     if args.full:
         args.updates = args.cql_updates = 1_000_000
-        args.seeds = 3
+        args.seeds = args.cql_seeds = 3
+    if args.cql_seeds is None:
+        args.cql_seeds = args.seeds
     started = time.perf_counter()
     from lit_qlearn.data.generated import ensure_dataset
 
     for task in args.tasks:  # made once, before the workers read them
         ensure_dataset(f"{task}-medium-v5")
     jobs = [(a, t, f, ln, s, args.cql_updates if a == "cql" else args.updates, args.episodes, args.accelerator)
-            for a, t, f, s, ln in itertools.product(args.algos, args.tasks, args.fractions, range(args.seeds),
-                                                    (False, True))]
+            for a in args.algos
+            for t, f, s, ln in itertools.product(args.tasks, args.fractions,
+                                                 range(args.cql_seeds if a == "cql" else args.seeds), (False, True))]
     runs: list[dict] = []
+    if args.resume and (RESULTS / f"{args.name}.json").exists():
+        wanted = [_key(job) for job in jobs]
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())["runs"]
+        runs = [r for r in old if {k: r.get(k) for k in wanted[0]} in wanted and r.get("episodes") == args.episodes]
+        done = [{k: r[k] for k in wanted[0]} for r in runs]
+        jobs = [job for job, key in zip(jobs, wanted) if key not in done]
+        print(f"resuming: {len(runs)} runs kept, {len(jobs)} to run", flush=True)
     with ProcessPoolExecutor(args.workers) as pool:
         for run in pool.map(_run, jobs):
             runs.append(run)
             print(f"{run['algo']} {run['task']} {run['fraction']:.0%} {'LN' if run['layernorm'] else 'plain'} seed "
-                  f"{run['seed']}: score {run['normalized_score']:.1f} ({run['seconds']:.0f} s)", flush=True)
+                  f"{run['seed']}: score {run['normalized_score']:.1f}, max|Q|/bound "
+                  f"{run['q_bound_ratio']:.2f} ({run['seconds']:.0f} s)", flush=True)
             report(args, runs, started)
 
 
@@ -126,7 +164,7 @@ def report(args, runs: list[dict], started: float) -> None:
                                           "cql": ROOT / "lit_qlearn/algorithms/cql.py",
                                           "iql": ROOT / "lit_qlearn/algorithms/iql.py"})}
     plot(args, table)
-    write_result("r4_fraction", result, started)
+    write_result(args.name, result, started)
 
 
 def plot(args, table: dict) -> None:
@@ -145,7 +183,8 @@ def plot(args, table: dict) -> None:
         ax.set_title(algo)
         ax.set_ylabel("mean normalised score")
         ax.legend()
-    save_figure(fig, RESULTS / "r4_fraction.png", "R4: LayerNorm on fractions of medium data")
+    save_figure(fig, RESULTS / f"{args.name}.png", f"R4: LayerNorm on fractions of medium data ({args.updates:,} "
+                f"updates{f', CQL {args.cql_updates:,}' if 'cql' in args.algos else ''})")
 
 
 if __name__ == "__main__":
