@@ -5,11 +5,11 @@ TD3+BC, CQL and IQL at their defaults, each with the plain critic and with
 ``critic_norm="layer"`` (IQL: on its V-network too), on 1%, 10% and 100% of the transitions
 of generated ``{hopper,halfcheetah,walker2d}-medium-v5`` (``OfflineDataModule(fraction=)``,
 the subset chosen with the run's seed; IQL with its D4RL protocol's rewards, scaled to a
-return spread of 1000: ``reward_transform="locomotion"``), 3 seeds; after ``--updates`` updates the greedy
-policy's normalised score over ``--episodes`` episodes (reference scores: the shipped
-policies' random and expert returns). Published (1M updates, D4RL data): LayerNorm lifts
-CQL on 1% data from a total of about 50 to 300 normalised points and TD3+BC from 70 to 228,
-with little change at 100%.
+return spread of 1000: ``reward_transform="locomotion"``), 3 seeds; after ``--updates``
+updates the greedy policy's normalised score over ``--episodes`` episodes (reference
+scores: the shipped policies' random and expert returns). Published (1M updates, D4RL
+data): LayerNorm lifts CQL on 1% data from a total of about 50 to 300 normalised points
+and TD3+BC from 70 to 228, with little change at 100%.
 
 Claims, per algorithm: LayerNorm's mean score (over seeds and tasks) >= the plain critic's
 at 1% and at 10%; at 100% within ``--margin`` (10) points of it. Each run also records

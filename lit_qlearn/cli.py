@@ -119,24 +119,24 @@ def demo(args: Sequence[str] = ()) -> Any:
     return demo_main(args)
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that only a user's input causes."""
+    from jsonargparse import ArgumentError
+
+    from lit_qlearn.data import DatasetError
+    from lit_qlearn.probe import ProbeProtocolError
+
+    return DatasetError, ProbeProtocolError, ArgumentError, FileNotFoundError
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input can cause: reported in one line, not a traceback. Plain
     ValueError / TypeError (argument checks) count only before training starts."""
-    from jsonargparse import ArgumentError
-
-    from lit_qlearn.data import DatasetError
-    from lit_qlearn.probe import ProbeProtocolError
-
-    return DatasetError, ProbeProtocolError, ArgumentError, FileNotFoundError, ValueError, TypeError
+    return *_input_errors(), ValueError, TypeError
 
 
 def _is_input_error(err: BaseException) -> bool:
-    from jsonargparse import ArgumentError
-
-    from lit_qlearn.data import DatasetError
-    from lit_qlearn.probe import ProbeProtocolError
-
-    return isinstance(err, (DatasetError, ProbeProtocolError, ArgumentError, FileNotFoundError)) or not _TRAINING["started"]
+    return isinstance(err, _input_errors()) or not _TRAINING["started"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
