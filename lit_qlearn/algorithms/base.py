@@ -67,7 +67,8 @@ class QLearningModule(LightningModule):
       flat all-reduce per optimiser step, instead of DDP's reducer, which expects
       every parameter in every backward pass; logged scalars are rank means.
     * **Evaluation.** Every ``eval_every`` updates, ``eval_episodes`` episodes in
-      the data's environment on rank zero: ``eval/return``, ``eval/normalized_score``.
+      the data's environment on rank zero, shared with every rank: ``eval/return``,
+      ``eval/normalized_score``.
     * **Compilation.** With ``compile_networks`` (an algorithm's ``compile=True``), every
       network's forward is compiled with ``torch.compile`` at fit start
       (:meth:`compile_all`, in place, so parameters, ``state_dict`` keys, checkpoints
@@ -482,10 +483,13 @@ class QLearningModule(LightningModule):
         return 100.0 * (ret - lo) / (hi - lo)
 
     def log_evaluation(self) -> None:
-        """Evaluate on rank zero and log ``eval/return`` and ``eval/normalized_score`` at the update."""
-        if self.env_id is None or self.trainer.global_rank != 0:
+        """Evaluate on rank zero and log ``eval/return`` and ``eval/normalized_score`` at the
+        update; the result is broadcast, so every rank's ``callback_metrics`` hold the same
+        numbers (``ModelCheckpoint`` / ``EarlyStopping`` monitoring ``eval/*`` agree under DDP)."""
+        if self.env_id is None:
             return
-        result = self.evaluate()
+        result = self.evaluate() if self.trainer.global_rank == 0 else None
+        result = self.trainer.strategy.broadcast(result, src=0)
         metrics = {"eval/return": result["return"], "eval/length": result["length"]}
         if not math.isnan(result["normalized_score"]):
             metrics["eval/normalized_score"] = result["normalized_score"]

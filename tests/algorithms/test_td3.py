@@ -139,6 +139,16 @@ def test_ddp_two_cpu_processes_keep_parameters_identical(chain_file, tmp_path):
     assert [e.step for e in events.Scalars("train/critic_loss")] == [5, 10, 15, 20]
 
 
+def test_ddp_evaluation_reaches_every_rank(hopper_file, tmp_path):
+    # rank zero evaluates; every rank's ModelCheckpoint / EarlyStopping monitoring eval/return
+    # sees its number (without it, rank one has no such metric and the monitors disagree)
+    run_ddp_script(Path(__file__).with_name("ddp_eval.py"), hopper_file, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0 == r1
+    assert r0["eval_return"] == pytest.approx(r0["direct"], rel=1e-6)  # the final policy's return, evaluated again
+    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 1
+
+
 def test_direct_steps_and_lightnings_step_wrappers_give_identical_updates(tiny_td3bc):
     calls = []
 
