@@ -22,7 +22,8 @@ import lightning as L
 import numpy as np
 
 STOP_RATIO = 10.0
-SERIES = ("seem/max_eig_normalized", "seem/q_data_mean", "crash/q_bound_ratio", "crash/td_error_norm",
+SERIES = ("seem/max_eig_normalized", "seem/participation", "seem/q_data_mean", "crash/q_bound_ratio",
+          "crash/td_error_norm",
           "params/norm", "params/norm_slope", "params/adam_slope", "crash/loglog_slope")
 
 

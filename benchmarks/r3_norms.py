@@ -13,6 +13,11 @@ dropout and weight decay do not (the runs diverge); BatchNorm oscillates: its ma
 bound series changes direction at least ``--turns`` (4) times, where the plain critic's
 rises monotonically to divergence.
 
+Also recorded (not a published claim): where a positive SEEM (> ``--threshold``) sits —
+the participation of the top eigenvector (how many of the 512 probe transitions carry
+it) at those measurements, per critic. The plain critic's self-excitation is spread over
+many; LayerNorm's, on medium-replay data, over one or two (see SEEMMonitor).
+
 Shortened: ``--updates 4000`` per run (the paper: 1M); ``--full`` 100k updates with a
 2560 probe; ``--accelerator gpu``.
 
@@ -21,6 +26,7 @@ Shortened: ``--updates 4000`` per run (the paper: 1M); ``--full`` 100k updates w
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 
@@ -55,8 +61,15 @@ def main() -> None:
     add_run_arguments(parser, every=50)
     parser.add_argument("--gamma", type=float, default=0.99)
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--report", action="store_true",
+                        help="recompute the claims and the figure from the runs in the results file (no runs)")
     args = parse_run_arguments(parser)
     started = time.perf_counter()
+    if args.report:
+        stored = json.loads((RESULTS / "r3_norms.json").read_text())
+        vars(args).update({k: v for k, v in stored["settings"].items() if k not in ("critics", "report")})
+        report(args, stored["runs"], started)
+        return
     jobs = [({"name": name}, {"dataset": d, "gamma": args.gamma, "seed": s, "critic": CRITICS[name]})
             for d, name, s in itertools.product(args.datasets, CRITICS, range(args.seeds))]
     runs: list[dict] = []
@@ -77,10 +90,15 @@ def report(args, runs: list[dict], started: float) -> None:
 
     def summary(name: str) -> dict:
         rs = of(name)
+        carried = [p for r in rs for v, p in zip(r["seem/max_eig_normalized"], r["seem/participation"])
+                   if v is not None and math.isfinite(v) and v > args.threshold and p is not None]
         return {"runs": len(rs), "diverged": sum(r["diverged"] for r in rs),
                 "seem_max": max((r["seem_max"] for r in rs), default=None),
                 "ratio_max": max((r["ratio_max"] for r in rs), default=None),
-                "turns": [r["turns"] for r in rs]}
+                "turns": [r["turns"] for r in rs],
+                "positive_seem": {"measurements": len(carried),
+                                  "participation_median": float(np.median(carried)) if carried else None,
+                                  "participation_max": max(carried, default=None)}}
 
     table = {name: summary(name) for name in CRITICS}
 
@@ -104,6 +122,15 @@ def report(args, runs: list[dict], started: float) -> None:
               bool(of("batchnorm")) and sum(r["turns"] >= args.turns for r in of("batchnorm"))
               > len(of("batchnorm")) / 2),
     ]
+    diverging = [name for name in CRITICS if table[name]["runs"] and table[name]["diverged"] > table[name]["runs"] / 2]
+    spread = {name: table[name]["positive_seem"]["participation_median"] for name in diverging}
+    ln = table["layernorm"]["positive_seem"]["participation_median"]
+    claims.append(claim(
+        f"where LayerNorm's SEEM is positive (> {args.threshold}), one or two of the {args.probe} probe transitions "
+        "carry it (median participation <= 3); the diverging critics' is spread over many (median >= 10)",
+        "not in the paper: lit_qlearn's reading of the LayerNorm claim above", {"layernorm": ln, **spread},
+        bool(of("layernorm")) and (ln is None or ln <= 3) and bool(spread)
+        and all(v is not None and v >= 10 for v in spread.values())))
     result = {"claims": claims, "settings": vars(args) | {"critics": CRITICS}, "summary": table, "runs": runs,
               "environment": environment({"networks": ROOT / "lit_qlearn/networks.py",
                                           "monitors": ROOT / "lit_qlearn/callbacks/monitors.py"})}
