@@ -23,8 +23,7 @@ import numpy as np
 
 STOP_RATIO = 10.0
 SERIES = ("seem/max_eig_normalized", "seem/participation", "seem/q_data_mean", "crash/q_bound_ratio",
-          "crash/td_error_norm",
-          "params/norm", "params/norm_slope", "params/adam_slope", "crash/loglog_slope")
+          "crash/td_error_norm", "params/norm", "params/norm_slope", "params/adam_slope", "crash/loglog_slope")
 
 
 def quiet() -> None:

@@ -78,7 +78,7 @@ def _run(job: tuple) -> dict:
     probe = dm.probe_batch(2048)
     with torch.no_grad():
         q = module.q_value(probe.obs, probe.act)
-    bound = float(dm.probe_batch(dm.num_transitions).rew.abs().max()) / (1 - float(module.gamma))
+    bound = float(dm.data.rew.abs().max()) / (1 - float(module.gamma))
     return {**_key(job), "episodes": episodes, "transitions": dm.num_transitions, "seconds": seconds, **result,
             "q_data_mean": float(q.mean()), "q_bound_ratio": float(q.abs().max()) / bound}
 
@@ -117,12 +117,7 @@ def main() -> None:
                                                  range(args.cql_seeds if a == "cql" else args.seeds), (False, True))]
     runs: list[dict] = []
     if args.resume and (RESULTS / f"{args.name}.json").exists():
-        wanted = [_key(job) for job in jobs]
-        old = json.loads((RESULTS / f"{args.name}.json").read_text())["runs"]
-        runs = [r for r in old if {k: r.get(k) for k in wanted[0]} in wanted and r.get("episodes") == args.episodes]
-        done = [{k: r[k] for k in wanted[0]} for r in runs]
-        jobs = [job for job, key in zip(jobs, wanted) if key not in done]
-        print(f"resuming: {len(runs)} runs kept, {len(jobs)} to run", flush=True)
+        runs, jobs = resume(args, jobs)
     with ProcessPoolExecutor(args.workers) as pool:
         for run in pool.map(_run, jobs):
             runs.append(run)
@@ -130,6 +125,25 @@ def main() -> None:
                   f"{run['seed']}: score {run['normalized_score']:.1f}, max|Q|/bound "
                   f"{run['q_bound_ratio']:.2f} ({run['seconds']:.0f} s)", flush=True)
             report(args, runs, started)
+
+
+def resume(args, jobs: list[tuple]) -> tuple[list[dict], list[tuple]]:
+    """The stored runs of ``--name`` and the jobs still to run. Only a file made with the
+    same settings is resumed (a mixed file would average runs of different sizes), and
+    every stored run is a job of those settings, so nothing stored is dropped."""
+    stored = json.loads((RESULTS / f"{args.name}.json").read_text())
+    ignore = {"workers", "resume", "name"}
+    differ = sorted(k for k, v in vars(args).items()
+                    if k not in ignore and k in stored["settings"] and stored["settings"][k] != v)
+    if differ:
+        raise SystemExit(f"r4_fraction --resume: {RESULTS / (args.name + '.json')} was made with other settings ("
+                         + ", ".join(f"{k} {stored['settings'][k]!r}, not {vars(args)[k]!r}" for k in differ)
+                         + "); pass the same ones, or --name for a new file")
+    keys = [_key(job) for job in jobs]
+    runs = [r for r in stored["runs"] if {k: r.get(k) for k in _key(jobs[0])} in keys] if jobs else []
+    done = [{k: r[k] for k in keys[0]} for r in runs]
+    print(f"resuming: {len(runs)} runs kept, {len(jobs) - len(runs)} to run", flush=True)
+    return runs, [job for job, key in zip(jobs, keys) if key not in done]
 
 
 def mean_score(runs: list[dict], algo: str, fraction: float, layernorm: bool) -> float | None:

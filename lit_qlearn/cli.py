@@ -40,7 +40,6 @@ def fit_main(args: Sequence[str]) -> None:
         def on_train_batch_start(self, *args: Any) -> None:
             _TRAINING["started"] = True
 
-    _TRAINING["started"] = False
     LightningCLI(
         QLearningModule,
         LightningDataModule,
@@ -147,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _TRAINING["started"] = False
     commands = {"fit": fit_main, "collect": collect_main, "datasets": datasets_main, "demo": demo}
     if not argv or argv[0] not in commands:
         wanted_help = bool(argv) and argv[0] in ("-h", "--help")

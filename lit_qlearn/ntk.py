@@ -351,7 +351,7 @@ def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, re
     float64). Returns ``(eigenvalue, solver actually used)``; :func:`max_real_eigenpair`
     also returns the eigenvector.
     """
-    value, _, used = _max_real(a, solver, krylov, restarts, tol, seed, vector=False)
+    value, _, used = _max_real(a, solver, krylov, restarts, tol, seed, vector=False, owner="max_real_eigenvalue")
     return value, used
 
 
@@ -360,14 +360,14 @@ def max_real_eigenpair(a: Tensor, solver: str = "auto", *, krylov: int = 96, res
     """:func:`max_real_eigenvalue` with its unit eigenvector (complex, ``(N,)``):
     ``(eigenvalue, eigenvector, solver used)``. Arnoldi has the vector for free; the
     dense solver then uses ``torch.linalg.eig`` (about 1.4x ``eigvals``' time at N = 1024)."""
-    return _max_real(a, solver, krylov, restarts, tol, seed, vector=True)
+    return _max_real(a, solver, krylov, restarts, tol, seed, vector=True, owner="max_real_eigenpair")
 
 
 def _max_real(a: Tensor, solver: str, krylov: int, restarts: int, tol: float | None, seed: int,
-              vector: bool) -> tuple[complex, Tensor | None, str]:
+              vector: bool, owner: str) -> tuple[complex, Tensor | None, str]:
     if tol is None:
         tol = max(1e-8, 50 * torch.finfo(a.dtype).eps)
-    check_choice("max_real_eigenvalue", "solver", solver, SOLVERS)
+    check_choice(owner, "solver", solver, SOLVERS)
     n = a.shape[0]
     if solver == "arnoldi" or (solver == "auto" and n >= 512):
         theta, ritz, ok = _arnoldi_max_real(a, krylov, restarts, tol, seed)
@@ -429,8 +429,9 @@ def seem(
     divergence). ``scale_by_params`` divides G by P, as the authors' code does; the
     normalised value is scale-free either way. Where the top eigenvector sits says
     whether the self-excitation is the critic's as a whole or one transition's: its
-    participation is ~N / 2 or more for an eigenvector spread over the probe set, ~1
-    when a single transition whose bootstrap gradient dwarfs the others' carries it.
+    participation is tens or more for an eigenvector spread over the probe set (20-90
+    of 512 for diverging critics in ``benchmarks/r3_norms.py``), ~1 when a single
+    transition whose bootstrap gradient dwarfs the others' carries it.
 
     Args:
         x_inputs: dataset pairs X = (s, a).

@@ -230,13 +230,13 @@ class SEEMMonitor(ProbeCallback):
     ``log_spectrum=True`` also a histogram ``seem/spectrum_real`` of all eigenvalues'
     real parts (dense solver, slower).
 
-    Reading the participation: a positive SEEM spread over many transitions is the
-    critic's self-excitation; one carried by one or two is a few transitions' local
-    one — e.g. a LayerNorm critic on medium-replay data, whose SEEM comes and goes
-    with a single near-failure state whose saturated greedy action meets a LayerNorm
-    input of small spread (its bootstrap gradient ~1,000x the median), while Q stays
-    bounded (``benchmarks/r3_norms.py``). Near SEEM = 0 (a stable critic) the top
-    eigenvector is one of a cluster and its participation means little.
+    Reading the participation: a positive SEEM spread over many transitions (tens or
+    more) is the critic's self-excitation; one carried by one or two is a few
+    transitions' local one — e.g. a LayerNorm critic on medium-replay data, whose SEEM
+    comes and goes (median participation 1.2 where it is positive) while Q stays
+    bounded, where the diverging critics' is spread over 20-90 of 512
+    (``benchmarks/r3_norms.py``). Near SEEM = 0 (a stable critic) the top eigenvector
+    is one of a cluster and its participation means little.
 
     Defaults follow the authors' code: first critic, online actor for pi(s'),
     terminal flags ignored in A, 2560 probe transitions, every 10,000 steps. The

@@ -22,8 +22,9 @@ def main(dataset: str, outdir: str) -> None:
     trainer = L.Trainer(max_steps=20, strategy="ddp", accelerator="cpu", devices=2, logger=False,
                         callbacks=[best, stop], enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)
-    torch.save({"eval_return": float(trainer.callback_metrics["eval/return"]), "best_score": float(best.best_model_score),
-                "direct": model.evaluate(1)["return"]}, f"{outdir}/rank{trainer.global_rank}.pt")
+    torch.save({"eval_return": float(trainer.callback_metrics["eval/return"]),
+                "best_score": float(best.best_model_score), "direct": model.evaluate(1)["return"]},
+               f"{outdir}/rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

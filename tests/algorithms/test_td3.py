@@ -146,7 +146,7 @@ def test_ddp_evaluation_reaches_every_rank(hopper_file, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0 == r1
     assert r0["eval_return"] == pytest.approx(r0["direct"], rel=1e-6)  # the final policy's return, evaluated again
-    assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 1
+    assert r0["best_score"] >= r0["eval_return"]  # the better of the evaluations at updates 10 and 20
 
 
 def test_direct_steps_and_lightnings_step_wrappers_give_identical_updates(tiny_td3bc):

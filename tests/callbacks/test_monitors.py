@@ -258,7 +258,7 @@ def test_state_key_names_every_option():
     for cls, options in [(NTKGramCallback, dict(probe_seed=1, probe_source="batches", method="jacobian",
                                                  dtype=torch.float64, log_heatmap=True)),
                          (SEEMMonitor, dict(probe_seed=1, scale_by_params=False, solver="dense", tol=1e-3,
-                                            log_spectrum=True))]:
+                                            log_spectrum=True, participation=False))]:
         reference = cls(**base).state_key
         for name, value in options.items():
             assert cls(**base, **{name: value}).state_key != reference, (cls.__name__, name)
