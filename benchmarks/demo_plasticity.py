@@ -1,7 +1,7 @@
 """Plasticity of the demo's two critics: does the diverging critic lose rank?
 
 The setting of ``lit-qlearn demo``: TD3 with target = current network on 5% of the
-default random-policy Hopper-v5 data, a plain ReLU critic against a LayerNorm critic,
+default data (100k steps of the shipped medium Hopper-v5 policy), a plain ReLU critic against a LayerNorm critic,
 here without CrashPredictor so that the plain run goes on diverging. PlasticityMonitor
 (dormant fraction, srank of the penultimate features, weight norm) and SEEMMonitor
 measure both on the same probe set every ``--every`` updates.

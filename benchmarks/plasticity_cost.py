@@ -1,7 +1,7 @@
 """Cost of PlasticityMonitor at its defaults on a TD3+BC training run.
 
 TD3+BC (default 256x256 networks, batch 256) on ``OfflineDataModule("default")``
-(random-policy Hopper-v5 data, generated on first use), ``--updates`` updates per run,
+(100k steps of the shipped medium Hopper-v5 policy, generated on first use), ``--updates`` updates per run,
 TensorBoard logging, CPU. The cost is measured in situ: the wall time spent inside
 the monitor's ``on_train_batch_end`` (where every measurement happens) divided by the
 rest of the same run's training time, so the machine's drift cancels; the median over

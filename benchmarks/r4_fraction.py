@@ -117,7 +117,8 @@ def main() -> None:
                                                  range(args.cql_seeds if a == "cql" else args.seeds), (False, True))]
     runs: list[dict] = []
     if args.resume and (RESULTS / f"{args.name}.json").exists():
-        runs, jobs = resume(args, jobs)
+        runs, jobs, before = resume(args, jobs)
+        started -= before  # the file's wall time adds up over its processes
     with ProcessPoolExecutor(args.workers) as pool:
         for run in pool.map(_run, jobs):
             runs.append(run)
@@ -125,10 +126,13 @@ def main() -> None:
                   f"{run['seed']}: score {run['normalized_score']:.1f}, max|Q|/bound "
                   f"{run['q_bound_ratio']:.2f} ({run['seconds']:.0f} s)", flush=True)
             report(args, runs, started)
+    if runs and not jobs:  # nothing left to run (--resume of a finished file): claims and figure again
+        report(args, runs, started)
 
 
-def resume(args, jobs: list[tuple]) -> tuple[list[dict], list[tuple]]:
-    """The stored runs of ``--name`` and the jobs still to run. Only a file made with the
+def resume(args, jobs: list[tuple]) -> tuple[list[dict], list[tuple], float]:
+    """The stored runs of ``--name``, the jobs still to run and the file's wall time so
+    far (seconds). Only a file made with the
     same settings is resumed (a mixed file would average runs of different sizes), and
     every stored run is a job of those settings, so nothing stored is dropped."""
     stored = json.loads((RESULTS / f"{args.name}.json").read_text())
@@ -143,7 +147,7 @@ def resume(args, jobs: list[tuple]) -> tuple[list[dict], list[tuple]]:
     runs = [r for r in stored["runs"] if {k: r.get(k) for k in _key(jobs[0])} in keys] if jobs else []
     done = [{k: r[k] for k in keys[0]} for r in runs]
     print(f"resuming: {len(runs)} runs kept, {len(jobs) - len(runs)} to run", flush=True)
-    return runs, [job for job, key in zip(jobs, keys) if key not in done]
+    return runs, [job for job, key in zip(jobs, keys) if key not in done], float(stored.get("wall_time_s", 0.0))
 
 
 def mean_score(runs: list[dict], algo: str, fraction: float, layernorm: bool) -> float | None:
@@ -177,26 +181,37 @@ def report(args, runs: list[dict], started: float) -> None:
               "environment": environment({"td3": ROOT / "lit_qlearn/algorithms/td3.py",
                                           "cql": ROOT / "lit_qlearn/algorithms/cql.py",
                                           "iql": ROOT / "lit_qlearn/algorithms/iql.py"})}
-    plot(args, table)
+    plot(args, table, runs)
     write_result(args.name, result, started)
 
 
-def plot(args, table: dict) -> None:
+def plot(args, table: dict, runs: list[dict]) -> None:
+    """Mean scores as bars, every run as a dot (one marker per task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), squeeze=False)
+    markers = dict(zip(TASKS, "o^s"))
+    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4.5), squeeze=False)
     for ax, (algo, rows) in zip(axes[0], table.items()):
         xs = list(range(len(rows)))
-        for kind, color in (("plain", "tab:gray"), ("layernorm", "tab:blue")):
+        for kind, color, dx in (("plain", "tab:gray", -0.2), ("layernorm", "tab:blue", 0.2)):
             ys = [rows[f][kind] if rows[f][kind] is not None else float("nan") for f in rows]
-            ax.bar([x + (0.2 if kind == "layernorm" else -0.2) for x in xs], ys, width=0.4, color=color, label=kind)
+            ax.bar([x + dx for x in xs], ys, width=0.4, color=color, alpha=0.6, label=kind)
+            for x, f in zip(xs, rows):
+                for r in runs:
+                    if r["algo"] == algo and f"{r['fraction']:g}" == f and r["layernorm"] == (kind == "layernorm"):
+                        ax.plot(x + dx + 0.1 * (r["seed"] - 1) / max(1, args.seeds), r["normalized_score"],
+                                markers[r["task"]], ms=4, color="black", alpha=0.7)
+        for task, marker in markers.items():
+            if task in args.tasks:
+                ax.plot([], [], marker, color="black", ls="", label=task)
         ax.set_xticks(xs, [f"{float(f):.0%}" for f in rows])
         ax.set_title(algo)
-        ax.set_ylabel("mean normalised score")
-        ax.legend()
+        ax.set_ylabel("normalised score")
+        ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # room for the legend above the runs
+        ax.legend(fontsize="small", ncol=2, loc="upper left", title="bars: means, dots: runs", title_fontsize="small")
     save_figure(fig, RESULTS / f"{args.name}.png", f"R4: LayerNorm on fractions of medium data ({args.updates:,} "
                 f"updates{f', CQL {args.cql_updates:,}' if 'cql' in args.algos else ''})")
 
