@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--name", default="r4_fraction", help="results file benchmarks/results/<name>.json / .png")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in the results file that match a job, run only the others")
+                        help="continue the results file made with the same settings: run only the missing runs")
     args = parser.parse_args()
     if args.full:
         args.updates = args.cql_updates = 1_000_000
@@ -132,10 +132,10 @@ def main() -> None:
 
 
 def resume(args, jobs: list[tuple]) -> tuple[list[dict], list[tuple], float]:
-    """The stored runs of ``--name``, the jobs still to run and the file's wall time so
-    far (seconds). Only a file made with the
-    same settings is resumed (a mixed file would average runs of different sizes), and
-    every stored run is a job of those settings, so nothing stored is dropped."""
+    """The stored runs of ``--name``, the jobs still to run and the file's wall time so far
+    (seconds). Only a file made with the same settings is resumed (a mixed file would
+    average runs of different sizes), and every stored run is a job of those settings, so
+    nothing stored is dropped."""
     stored = json.loads((RESULTS / f"{args.name}.json").read_text())
     ignore = {"workers", "resume", "name"}
     differ = sorted(k for k, v in vars(args).items()
