@@ -429,8 +429,8 @@ def seem(
     divergence). ``scale_by_params`` divides G by P, as the authors' code does; the
     normalised value is scale-free either way. Where the top eigenvector sits says
     whether the self-excitation is the critic's as a whole or one transition's: its
-    participation is tens or more for an eigenvector spread over the probe set (20-90
-    of 512 for diverging critics in ``benchmarks/r3_norms.py``), ~1 when a single
+    participation is tens or more for an eigenvector spread over the probe set (medians
+    29-60 of 512 for diverging critics in ``benchmarks/r3_norms.py``), ~1 when a single
     transition whose bootstrap gradient dwarfs the others' carries it.
 
     Args:

@@ -234,9 +234,10 @@ class SEEMMonitor(ProbeCallback):
     more) is the critic's self-excitation; one carried by one or two is a few
     transitions' local one — e.g. a LayerNorm critic on medium-replay data, whose SEEM
     comes and goes (median participation 1.2 where it is positive) while Q stays
-    bounded, where the diverging critics' is spread over 20-90 of 512
-    (``benchmarks/r3_norms.py``). Near SEEM = 0 (a stable critic) the top eigenvector
-    is one of a cluster and its participation means little.
+    bounded, where the diverging critics' is spread over tens (medians 29-60 of 512;
+    ``benchmarks/r3_norms.py``, ``benchmarks/r3_layernorm_seem.py``). Near SEEM = 0 (a
+    stable critic) the top eigenvector is one of a cluster and its participation means
+    little.
 
     Defaults follow the authors' code: first critic, online actor for pi(s'),
     terminal flags ignored in A, 2560 probe transitions, every 10,000 steps. The
