@@ -20,6 +20,7 @@ import argparse
 import logging
 import math
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -77,6 +78,7 @@ class CriticRun:
     steps: list[int] = field(default_factory=list)  # the measurement steps
     q_probe_mean: list[float] = field(default_factory=list)  # seem/q_data_mean (mean Q on the probe set)
     seem: list[float] = field(default_factory=list)  # seem/max_eig_normalized
+    participation: list[float] = field(default_factory=list)  # seem/participation, at the SEEM measurements
     q_bound_ratio: list[float] = field(default_factory=list)  # crash/q_bound_ratio
     stopped_step: int | None = None
     stop_reason: str | None = None
@@ -162,9 +164,10 @@ def _critic_run(name: str, dm: Any, root: Path, steps: int, every: int, probe_si
     seconds = time.perf_counter() - start
     q_mean, q_max = _q_on(model, dm.data)
     measured, q_probe = series.series("seem/q_data_mean")
+    seem_steps, seem = series.series("seem/max_eig_normalized")
     run = CriticRun(name=name, bound=crash.bound, updates=trainer.global_step, seconds=seconds, q_data_mean=q_mean,
                     q_data_max=q_max, steps=measured, q_probe_mean=q_probe,
-                    seem=series.series("seem/max_eig_normalized")[1],
+                    seem=seem, participation=[series.rows[s].get("seem/participation", math.nan) for s in seem_steps],
                     q_bound_ratio=series.series("crash/q_bound_ratio")[1], stopped_step=crash.stopped_step,
                     forecast=dict(crash.forecast), log_dir=str(tensorboard.log_dir))
     if crash.stopped_step is not None:
@@ -207,7 +210,8 @@ def divergence_demo(dataset: str = "default", fraction: float = 0.05, steps: int
     dm.setup("fit")
     root = Path(TensorBoardLogger(logdir, name="demo").log_dir)  # the next free version_<k>
     out(f"TD3 with target = current network (EMATarget(tau=1.0, every=1)) on {dm.num_transitions} transitions of "
-        f"{dm.hparams.dataset} ({dm.env_id}); at most {steps} updates per critic, measured every {every}")
+        f"{dm.hparams.dataset} ({dm.env_id}); at most {steps} updates per critic, measured every {every} on a probe of "
+        f"{probe_size} transitions")
     runs = {}
     for name in CRITICS:
         out(f"\n{LABELS[name]}:")
@@ -237,10 +241,21 @@ def _forecast(run: CriticRun) -> str:
     return "none"
 
 
+def carried_by(run: CriticRun, threshold: float = 0.05) -> float | None:
+    """Median participation of SEEM's top eigenvector (``seem/participation``) over the
+    measurements with SEEM above ``threshold``; None when there is none."""
+    values = [p for s, p in zip(run.seem, run.participation) if s > threshold]
+    return statistics.median(values) if values else None
+
+
 def table(runs: dict[str, CriticRun]) -> str:
     """The side-by-side summary of the runs."""
     def seem_range(r: CriticRun) -> str:
         return f"{_fmt(min(r.seem), '.2f')} .. {_fmt(max(r.seem), '.2f')}" if r.seem else "-"
+
+    def carried(r: CriticRun) -> str:
+        carriers = carried_by(r)
+        return "-" if carriers is None else f"{carriers:.0f} transitions"
 
     rows = [
         ("updates trained", lambda r: f"{r.updates} ({r.seconds:.0f} s)"),
@@ -249,6 +264,7 @@ def table(runs: dict[str, CriticRun]) -> str:
         ("Bellman bound max|r|/(1-gamma)", lambda r: _fmt(r.bound)),
         ("peak max|Q| / bound on the probe", lambda r: _fmt(max(r.q_bound_ratio, default=None), ".3g")),
         ("normalised SEEM (min .. max)", seem_range),
+        ("positive SEEM carried by (median)", carried),
         ("forecast at the end", _forecast),
         ("stopped by CrashPredictor", lambda r: "no" if r.stopped_step is None
          else f"update {r.stopped_step} ({r.stop_reason})"),

@@ -1,6 +1,7 @@
 """The demo on a tiny run: its table's numbers are the runs' and agree with independent
 computations on the data and the kept checkpoint."""
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -50,6 +51,10 @@ def test_plain_critic_leaves_the_bound_and_layernorm_stays_within(demo_run):
     assert layer.stopped_step is None and layer.updates == 400 and layer.q_data_max < bound
     assert max(layer.q_bound_ratio) < 1
     assert max(plain.seem) > 0.1 > max(layer.seem)  # self-excitation only in the plain critic
+    # ... and it is the critic's, spread over many probe transitions, not one transition's
+    positive = [p for s, p in zip(plain.seem, plain.participation) if s > 0.05]
+    assert table_row(text, "positive SEEM carried by (median)")[0] == f"{statistics.median(positive):.0f} transitions"
+    assert statistics.median(positive) > 5
     assert table_row(text, "stopped by CrashPredictor") == [f"update {plain.stopped_step} (Q beyond the bound)", "no"]
     cells = table_row(text, "Q on the data: max |Q|")
     assert [float(c) for c in cells] == pytest.approx([plain.q_data_max, layer.q_data_max], rel=1e-3)
