@@ -92,11 +92,11 @@ def corl_td3bc(data: dict[str, np.ndarray], updates: int, warmup: int, seed: int
     critic_1_optimizer = torch.optim.Adam(critic_1.parameters(), lr=3e-4)
     critic_2_optimizer = torch.optim.Adam(critic_2.parameters(), lr=3e-4)
     discount, tau, policy_noise, noise_clip, policy_freq, alpha = 0.99, 0.005, 0.2, 0.5, 2, 2.5
-    size, logs = len(states), []
-    start = 0.0
-    for total_it in range(1, updates + warmup + 1):
-        if total_it == warmup + 1:
-            start = time.perf_counter()
+    size, total_it = len(states), 0
+
+    def train() -> dict[str, float]:
+        nonlocal total_it
+        total_it += 1
         indices = np.random.randint(0, size, size=256)
         state, action, reward, next_state, done = (t[indices] for t in (states, actions, rewards, next_states, dones))
         log_dict = {}
@@ -126,10 +126,12 @@ def corl_td3bc(data: dict[str, np.ndarray], updates: int, warmup: int, seed: int
             soft_update(critic_1_target, critic_1, tau)
             soft_update(critic_2_target, critic_2, tau)
             soft_update(actor_target, actor, tau)
-        logs.append(log_dict)
-    speed = updates / (time.perf_counter() - start)
-    torch.set_flush_denormal(False)
-    return speed
+        return log_dict
+
+    try:
+        return timed_loop(updates, warmup, train)
+    finally:
+        torch.set_flush_denormal(False)
 
 
 # ------------------------------------------------------------------ CORL-style CQL and IQL
