@@ -48,12 +48,11 @@ def main() -> None:
     theta = np.array([math.nan if v is None else v for v in run["params/norm"]])
     u = np.array([math.nan if v is None else v for v in run["crash/td_error_norm"]])
     late = (steps >= steps[-1] / 2) & np.isfinite(theta) & np.isfinite(u) & (u > 0)
-    theta_slope = float(np.polyfit(steps[late], theta[late], 1)[0])
+    theta_slope, intercept = (float(c) for c in np.polyfit(steps[late], theta[late], 1))
     loglog_slope = float(np.polyfit(np.log(steps[late]), np.log(u[late]), 1)[0])
     # The theorem's t^L is asymptotic: ||theta|| = theta_0 + eta sqrt(P) t carries an offset,
     # so at finite t the slope against log t is L t / (t + t_0). Against log ||theta|| it is L.
     theta_loglog = float(np.polyfit(np.log(theta[late]), np.log(u[late]), 1)[0])
-    intercept = float(np.polyfit(steps[late], theta[late], 1)[1])
     t_mid = float(np.median(steps[late]))
     t0 = intercept / theta_slope
     adam = next(v for v in reversed(run["params/adam_slope"]) if v is not None)

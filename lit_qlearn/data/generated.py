@@ -199,13 +199,12 @@ def ensure_dataset(name: str, path: str | os.PathLike | None = None, steps: int 
     unless ``progress`` is given. An existing file is reused whatever its size."""
     path = pathlib.Path(path) if path is not None else _data_dir() / f"{name}.hdf5"
     if not path.is_file():
-        if progress is not None:
-            make_dataset(name, steps, path, seed, progress=progress)
-        else:
-            from tqdm.auto import tqdm
+        from contextlib import nullcontext
 
-            with tqdm(total=total_steps(name, steps), desc=name, unit="step") as bar:
-                make_dataset(name, steps, path, seed, progress=bar.update)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total_steps(name, steps), desc=name, unit="step") if progress is None else nullcontext() as bar:
+            make_dataset(name, steps, path, seed, progress=progress or bar.update)
     return path
 
 
