@@ -37,8 +37,9 @@ def quiet() -> None:
 
 def td3_run(dataset: str, gamma: float, seed: int, updates: int, every: int, probe_size: int,
             critic: dict[str, Any] | None = None, stop_on_divergence: bool = True, accelerator: str = "cpu",
-            fraction: float = 1.0) -> dict[str, Any]:
-    """One run; returns its settings, series (by measurement), whether and when it diverged."""
+            fraction: float = 1.0, callbacks: Any = ()) -> dict[str, Any]:
+    """One run; returns its settings, series (by measurement), whether and when it diverged.
+    ``callbacks`` run after the monitors (they see each measurement's scalars)."""
     from lit_qlearn.algorithms import TD3
     from lit_qlearn.callbacks import CrashPredictor, EMATarget, SEEMMonitor
     from lit_qlearn.data import OfflineDataModule
@@ -61,8 +62,9 @@ def td3_run(dataset: str, gamma: float, seed: int, updates: int, every: int, pro
 
     stop = StopWhenDiverged()
     # the monitors first, so that the stop callback reads this step's scalars
-    callbacks = [EMATarget(tau=1.0, every=1), SEEMMonitor(every_n_steps=every, probe_size=probe_size), crash, stop]
-    trainer = L.Trainer(max_steps=updates, max_epochs=1, logger=series, callbacks=callbacks, log_every_n_steps=every,
+    monitors = [EMATarget(tau=1.0, every=1), SEEMMonitor(every_n_steps=every, probe_size=probe_size), crash, stop]
+    trainer = L.Trainer(max_steps=updates, max_epochs=1, logger=series, callbacks=monitors + list(callbacks),
+                        log_every_n_steps=every,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator=accelerator, devices=1)
     start = time.perf_counter()

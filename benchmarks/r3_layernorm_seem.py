@@ -31,7 +31,7 @@ import torch
 
 from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
 from _common import ROOT
-from _divergence import quiet
+from _divergence import td3_run
 
 
 def main() -> None:
@@ -45,17 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(1)
-    quiet()
 
-    from lit_qlearn.algorithms import TD3
-    from lit_qlearn.callbacks import EMATarget, SEEMMonitor
-    from lit_qlearn.data import OfflineDataModule
+    from lit_qlearn.callbacks import SEEMMonitor
     from lit_qlearn.ntk import ntk_gram
 
-    L.seed_everything(args.seed, verbose=False)
-    dm = OfflineDataModule(args.dataset, seed=args.seed, steps_per_epoch=args.updates)
-    model = TD3(gamma=0.99, eval_every=0, critic_norm="layer")
-    monitor = SEEMMonitor(every_n_steps=args.every, probe_size=args.probe)
     rows: list[dict] = []
 
     class Inspect(L.Callback):
@@ -63,17 +56,19 @@ def main() -> None:
 
         def on_train_batch_end(self, trainer, pl_module, *unused) -> None:
             step = trainer.global_step
+            monitor = next(c for c in trainer.callbacks if isinstance(c, SEEMMonitor))
             if step % args.every or monitor.eigenvector is None:
                 return
             value = float(trainer.callback_metrics["seem/max_eig_normalized"])
             row = {"step": step, "seem": value, "participation": float(trainer.callback_metrics["seem/participation"])}
             if value > args.threshold:
-                row.update(inspect(pl_module, dm.probe_batch(args.probe), monitor.eigenvector, ntk_gram))
+                probe = trainer.datamodule.probe_batch(args.probe)
+                row.update(inspect(pl_module, probe, monitor.eigenvector, ntk_gram))
             rows.append(row)
 
-    L.Trainer(max_steps=args.updates, max_epochs=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-              callbacks=[EMATarget(tau=1.0, every=1), monitor, Inspect()]).fit(model, dm)
+    # the r3 run itself (_divergence.td3_run: its monitors, probe and stopping rule)
+    run = td3_run(args.dataset, 0.99, args.seed, args.updates, args.every, args.probe,
+                  critic={"critic_norm": "layer"}, callbacks=[Inspect()])
 
     positive = [r for r in rows if "top" in r]
     tops = collections.Counter(r["top"] for r in positive)
@@ -90,7 +85,7 @@ def main() -> None:
         claim("a LayerNorm's input at its bootstrap point has <= 1/3 of the median spread", "not in the paper",
               spread, spread <= 1 / 3),
     ]
-    result = {"claims": claims, "settings": vars(args), "measurements": rows,
+    result = {"claims": claims, "settings": vars(args), "measurements": rows, "diverged": run["diverged"],
               "environment": environment({"networks": ROOT / "lit_qlearn/networks.py",
                                           "monitors": ROOT / "lit_qlearn/callbacks/monitors.py"})}
     plot(rows, args)
