@@ -126,8 +126,15 @@ def add_run_arguments(parser: Any, every: int) -> None:
     parser.add_argument("--accelerator", default="cpu")
 
 
+#: --smoke: one seed of a few updates per configuration, in this process's one worker
+SMOKE = {"updates": 10, "every": 5, "probe": 64, "seeds": 1, "workers": 1, "datasets": ["default"]}
+
+
 def parse_run_arguments(parser: Any) -> Any:
-    args = parser.parse_args()
+    """Parse the options of :func:`add_run_arguments` (``--full``, ``--smoke``: their sizes)."""
+    from _claims import parse_args
+
+    args = parse_args(parser, SMOKE, data=lambda a: a.datasets)
     if args.full:
         args.updates, args.probe = 100_000, 2560
     return args

@@ -64,11 +64,10 @@ the deployed predictor's lead time per seed with the false alarms. ``--skip-over
 keeps the cost section of the previous results file (labelled ``overhead_carried_from``):
 the cost needs an idle machine, the accuracy does not.
 
-    python benchmarks/crash_prediction.py [--quick] [--out benchmarks/results/crash_prediction.json]
+    python benchmarks/crash_prediction.py [--quick] [--out DIR] [--smoke]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -83,12 +82,12 @@ import numpy as np
 import torch
 
 import lit_qlearn
+from _claims import argument_parser, parse_args
 from _common import TrainClock, git_info, interleaved, timed_hook
 from lit_qlearn.callbacks import CrashPredictor, PreQNLineSearch, predict_crash_step
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
 
-RESULTS = Path(__file__).parent / "results"
 FRACTIONS = (0.6, 0.7, 0.8, 0.9)
 SCAN = tuple(round(0.30 + 0.05 * k, 2) for k in range(14))  # 0.30 .. 0.95
 WINDOW_FRACTION = 0.1
@@ -599,14 +598,12 @@ def print_summary(result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 seeds, printed variant 1000 steps (smoke run)")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 seeds, printed variant 1000 steps (a first look)")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
     parser.add_argument("--max-steps", type=int, default=3000, help="R1 runs")
     parser.add_argument("--printed-steps", type=int, default=5000, help="printed-variant runs")
     parser.add_argument("--printed-every", type=int, default=10, help="printed variant: measure ||u|| every N steps")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/crash_prediction.json, "
-                        "or crash_prediction_quick.json with --quick); the figure goes beside it (.png)")
     parser.add_argument("--overhead-updates", type=int, default=2000, help="TD3+BC updates per CrashPredictor cost run")
     parser.add_argument("--overhead-repeats", type=int, default=2, help="runs with and without, alternating")
     parser.add_argument("--preqn-updates", type=int, default=200, help="TD3 updates per PreQNLineSearch cost run")
@@ -614,11 +611,14 @@ def main() -> None:
     parser.add_argument("--skip-overhead", action="store_true",
                         help="no cost section: the previous results' one is carried over, marked as such")
     parser.add_argument("--dataset", default=None, help="HDF5 for the cost section (default: the generated Hopper data)")
-    args = parser.parse_args()
+    # smoke: seed 0 reaches its NaN at step 299 (every R1 section is exercised)
+    args = parse_args(parser, smoke={"seeds": 1, "max_steps": 400, "printed_steps": 100, "control_steps": 100,
+                                     "overhead_updates": 100, "overhead_repeats": 1, "preqn_updates": 10},
+                      data=lambda a: [] if a.skip_overhead else [a.dataset or "default"])
     seeds = list(range(3 if args.quick else args.seeds))
     printed_steps = 1000 if args.quick else args.printed_steps
-    out = Path(args.out) if args.out else RESULTS / ("crash_prediction_quick.json" if args.quick
-                                                     else "crash_prediction.json")
+    # the figure goes beside the JSON (.png)
+    out = args.out / ("crash_prediction_quick.json" if args.quick else "crash_prediction.json")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
     warnings.filterwarnings("ignore", message=".*(IterableDataset|LeafSpec|does not have many workers).*")
     threads = torch.get_num_threads()
@@ -628,6 +628,7 @@ def main() -> None:
     result = {
         "benchmark": "crash-step prediction from a linear fit of 1/||u|| on the random-walk toy (DESIGN.md R1)",
         "quick": args.quick,
+        "smoke": args.smoke,
         "definitions": {
             "nan_step": "T = last step with a finite crash/td_error_norm + 1",
             "window": f"measurements at steps f*T - {WINDOW_FRACTION}*T <= s <= f*T (paper); callback: the same number "

@@ -6,17 +6,18 @@ here without CrashPredictor so that the plain run goes on diverging. PlasticityM
 (dormant fraction, srank of the penultimate features, weight norm) and SEEMMonitor
 measure both on the same probe set every ``--every`` updates.
 
-Writes benchmarks/results/demo_plasticity.json (+ .png).
+Writes benchmarks/results/demo_plasticity.json (+ .png), or into ``--out``; ``--smoke``: tiny sizes.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT
 
 METRICS = ("plasticity/dormant_fraction", "plasticity/feature_rank", "plasticity/weight_norm",
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--probe-size", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 40, "every": 20, "probe_size": 64}, data=["default"])
     torch.set_num_threads(1)
     started = time.perf_counter()
     runs = {name: run(norm, args.steps, args.every, args.probe_size, args.seed)
@@ -94,11 +95,11 @@ def main() -> None:
         "environment": environment({"plasticity": ROOT / "lit_qlearn/plasticity.py",
                                     "monitor": ROOT / "lit_qlearn/callbacks/plasticity.py"}),
     }
-    plot(runs)
-    write_result("demo_plasticity", result, started)
+    plot(runs, args.out / "demo_plasticity.png")
+    write_result("demo_plasticity", result, started, args.out)
 
 
-def plot(runs: dict[str, dict[str, list]]) -> None:
+def plot(runs: dict[str, dict[str, list]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +119,7 @@ def plot(runs: dict[str, dict[str, list]]) -> None:
         ax.set_title(title)
         ax.set_xlabel("update")
         ax.legend()
-    save_figure(fig, RESULTS / "demo_plasticity.png", "TD3 without target averaging on 5% of random Hopper data")
+    save_figure(fig, path, "TD3 without target averaging on 5% of random Hopper data")
 
 
 if __name__ == "__main__":

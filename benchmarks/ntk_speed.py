@@ -45,7 +45,7 @@ usually does not converge and the solver falls back to dense). Results go to
 benchmarks/results/ntk_speed.json (keys "gram" and "seem") and a markdown table
 beside it (same name, .md).
 
-    python benchmarks/ntk_speed.py [--quick] [--out benchmarks/results/ntk_speed.json]
+    python benchmarks/ntk_speed.py [--quick] [--out DIR] [--smoke]
 """
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 import lightning as L  # noqa: E402
 import lit_qlearn  # noqa: E402
+from _claims import argument_parser, parse_args  # noqa: E402
 from _common import TrainClock, git_info, interleaved, timed_hook  # noqa: E402
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset  # noqa: E402
 from lit_qlearn.networks import Actor, StateActionQ, mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, num_parameters, seem  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 ARCHS = {"2x256": (256, 256), "3x256": (256, 256, 256)}
 NORMS = {"none": None, "layer": "layer"}
 METHODS = ("authors_loop", "torch_func", "structured")
@@ -554,10 +554,11 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 256 only (smoke run, under a minute)")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/ntk_speed.json, "
-                        "or ntk_speed_quick.json with --quick); the markdown table goes beside it (.md)")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="N = 256 only (under a minute), written to "
+                        "ntk_speed_quick.json; the markdown table goes beside the JSON (.md)")
+    parser.add_argument("--ns", type=int, nargs="+", default=[256, 512, 2560], help="A: the probe sizes N")
+    parser.add_argument("--seem-n", type=int, default=TARGET_SEEM["n"], help="B: the probe size N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-s", type=float, default=60.0,
                         help="(a) and (b) predicted to take longer at some N are extrapolated instead")
@@ -576,13 +577,15 @@ def main() -> None:
                              "shared with other jobs, threads >= free cores make every BLAS/LAPACK call wait on "
                              "busy threads (np.linalg.eigvals at N = 2560 went from 8 s to 59 s here): use 1 "
                              "there. Sets torch's threads and, before numpy loads, OMP/OPENBLAS/MKL_NUM_THREADS")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"ns": [32], "seem_n": 32, "repeats": 1, "repeats_slow": 1, "seem_repeats": 1,
+                                     "overhead_updates": 20, "overhead_repeats": 1},
+                      data=lambda a: [a.dataset or "default"])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    out = Path(args.out) if args.out else RESULTS / ("ntk_speed_quick.json" if args.quick else "ntk_speed.json")
-    ns = [256] if args.quick else [256, 512, 2560]
-    seem_n = 256 if args.quick else 2560
+    out = args.out / ("ntk_speed_quick.json" if args.quick else "ntk_speed.json")
+    ns = [256] if args.quick else args.ns
+    seem_n = 256 if args.quick else args.seem_n
     dataset = args.dataset or str(ensure_default_dataset())
     dm = OfflineDataModule(dataset)
     dm.setup("fit")
@@ -593,6 +596,7 @@ def main() -> None:
         "benchmark": "NTK Gram and SEEM wall time: per-sample backward loop (authors) vs torch.func vs "
                      "lit_qlearn structured engine",
         "quick": args.quick,
+        "smoke": args.smoke,
         "dataset": dataset,
         "probe": {"seed": 0, "n": int(probe.obs.shape[0]), "obs_dim": int(probe.obs.shape[1]),
                   "act_dim": int(probe.act.shape[1])},

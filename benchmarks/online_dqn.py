@@ -12,7 +12,7 @@ back, the order alternating, so that the machine's drift hits both alike; the
 ratios are per seed. One torch thread for both (``--threads``): on two cores a
 256x256 MLP is faster on one.
 
-Writes benchmarks/results/online_dqn.json (+ .png): evaluation return against
+Writes benchmarks/results/online_dqn.json (+ .png; or into ``--out``): evaluation return against
 environment steps and wall time for every run, environment steps per second, the
 steps and seconds to reach 475, and the claims of the issue.
 """
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from _claims import argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, baseline_available, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT, interleaved
 
 ENV = "CartPole-v1"
@@ -140,10 +141,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2560, help="environment steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    # smoke: the 1000 random steps, then two training phases of 256 steps and 128 updates each
+    args = parse_args(parser, smoke={"seeds": 1, "max_env_steps": 1300, "eval_every": 256, "eval_episodes": 2})
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runners = {"lit_qlearn": run_lit_qlearn, "sb3": run_sb3}
+    runners = {"lit_qlearn": run_lit_qlearn} | ({"sb3": run_sb3} if baseline_available("stable_baselines3") else {})
     runs: dict[str, dict[int, Any]] = {name: {} for name in runners}
     for seed, name in interleaved(list(runners), args.seeds):
         result = runners[name](seed, args.max_env_steps, args.eval_every, args.eval_episodes)
@@ -154,15 +156,16 @@ def main() -> None:
         print(f"seed {seed} {name:>10}: solved {result['solved']}, {result['env_steps_per_s']:.0f} env steps/s")
 
     def median(name: str, key: str) -> float | None:
-        values = [r["solved"][key] for r in runs[name].values() if r["solved"]]
+        values = [r["solved"][key] for r in runs.get(name, {}).values() if r["solved"]]
         return statistics.median(values) if values else None
 
-    ours, theirs = runs["lit_qlearn"], runs["sb3"]
+    ours, theirs = runs["lit_qlearn"], runs.get("sb3", {})
     every_seed = all(r["solved"] and r["solved"]["env_steps"] <= args.max_env_steps for r in ours.values())
     t_ours, t_sb3 = median("lit_qlearn", "train_seconds"), median("sb3", "train_seconds")
     ratio = t_ours / t_sb3 if t_ours and t_sb3 else None
     speed = {name: statistics.median([r["env_steps_per_s"] for r in runs[name].values()]) for name in runs}
-    per_seed = {seed: (ours[seed]["env_steps_per_s"] / theirs[seed]["env_steps_per_s"]) for seed in ours}
+    per_seed = {seed: (ours[seed]["env_steps_per_s"] / theirs[seed]["env_steps_per_s"]) for seed in ours
+                if seed in theirs}
     claims = [
         claim(f"every lit_qlearn seed reaches an evaluation return >= {SOLVED:.0f} within "
               f"{args.max_env_steps} environment steps", "target of issue 11",
@@ -185,14 +188,15 @@ def main() -> None:
                                     "online": ROOT / "lit_qlearn/data/online.py",
                                     "replay": ROOT / "lit_qlearn/data/replay.py"}),
     }
-    import stable_baselines3
+    if theirs:
+        import stable_baselines3
 
-    result["environment"]["stable_baselines3"] = stable_baselines3.__version__
-    plot(runs, args)
-    write_result("online_dqn", result, started)
+        result["environment"]["stable_baselines3"] = stable_baselines3.__version__
+    plot(runs, args, args.out / "online_dqn.png")
+    write_result("online_dqn", result, started, args.out)
 
 
-def plot(runs: dict[str, dict[int, Any]], args: Any) -> None:
+def plot(runs: dict[str, dict[int, Any]], args: Any, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,9 +217,7 @@ def plot(runs: dict[str, dict[int, Any]], args: Any) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"mean evaluation return ({args.eval_episodes} episodes)")
         ax.legend()
-    from _claims import RESULTS
-
-    save_figure(fig, RESULTS / "online_dqn.png",
+    save_figure(fig, path,
                 f"CartPole-v1, zoo settings, {args.seeds} seeds each, interleaved ({args.threads} torch thread)")
 
 

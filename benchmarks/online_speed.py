@@ -8,7 +8,7 @@ with ``compile=True`` (compilation happens in the untimed first updates). Each r
 runs all three, the order rotated; ratios are per repeat. One torch thread for all
 (``--threads``).
 
-    python benchmarks/online_speed.py [--steps 2000] [--repeats 3]
+    python benchmarks/online_speed.py [--steps 2000] [--repeats 3] [--no-compile]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _claims import argument_parser, claim, environment, write_result
+from _claims import argument_parser, baseline_available, claim, environment, parse_args, write_result
 from _common import ROOT, interleaved
 
 
@@ -68,33 +68,42 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compile=True runs (compiling takes about a minute on a CPU)")
+    # smoke: no compile=True runs (tests/algorithms/test_compile.py covers compile); steps > 40, as
+    # lit_qlearn's clock starts at its 50th update of steps + 10
+    args = parse_args(parser, smoke={"steps": 60, "warmup": 256, "repeats": 1, "no_compile": True})
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runners = {"lit_qlearn": lit_qlearn_sac, "sb3": sb3_sac,
-               "lit_qlearn_compile": lambda *a, **k: lit_qlearn_sac(*a, **k, compile=True)}
+    runners = {"lit_qlearn": lit_qlearn_sac} | ({"sb3": sb3_sac} if baseline_available("stable_baselines3") else {})
+    if not args.no_compile:
+        runners["lit_qlearn_compile"] = lambda *a, **k: lit_qlearn_sac(*a, **k, compile=True)
     speeds: dict[str, list[float]] = {name: [] for name in runners}
     for repeat, name in interleaved(list(runners), args.repeats):
         speeds[name].append(runners[name](args.steps, args.warmup, seed=repeat))
         print(f"repeat {repeat} {name}: {speeds[name][-1]:.1f} env steps/s", flush=True)
-    ratios = [a / b for a, b in zip(speeds["lit_qlearn"], speeds["sb3"])]
-    median = statistics.median(ratios)
-    compiled = [a / b for a, b in zip(speeds["lit_qlearn_compile"], speeds["sb3"])]
-    import stable_baselines3
+    ratios = [a / b for a, b in zip(speeds["lit_qlearn"], speeds.get("sb3", []))]
+    median = statistics.median(ratios) if ratios else None
+    compiled = [a / b for a, b in zip(speeds.get("lit_qlearn_compile", []), speeds.get("sb3", []))]
 
     result = {
         "claims": [claim("SAC on Hopper-v5: lit_qlearn >= 1.5x Stable-Baselines3's environment steps per second "
                          "(same settings, interleaved)", "issue 12 target; SB3 measured at 47 steps/s there",
-                         {"ratio_median": median, "ratios": ratios, "speeds": speeds}, median >= 1.5),
+                         {"ratio_median": median, "ratios": ratios, "speeds": speeds},
+                         median is not None and median >= 1.5),
                    claim("the same with compile=True (>= 1.5x)", "issue 12: report compile=True beside it",
-                         {"ratio_median": statistics.median(compiled), "ratios": compiled},
-                         statistics.median(compiled) >= 1.5)],
+                         {"ratio_median": statistics.median(compiled), "ratios": compiled} if compiled
+                         else "not run (--no-compile, or no stable_baselines3)",
+                         bool(compiled) and statistics.median(compiled) >= 1.5)],
         "settings": vars(args),
         "environment": environment({"sac": ROOT / "lit_qlearn/algorithms/sac.py",
-                                    "online": ROOT / "lit_qlearn/data/online.py"})
-        | {"stable_baselines3": stable_baselines3.__version__},
+                                    "online": ROOT / "lit_qlearn/data/online.py"}),
     }
-    write_result("online_speed", result, started)
+    if "sb3" in speeds:
+        import stable_baselines3
+
+        result["environment"]["stable_baselines3"] = stable_baselines3.__version__
+    write_result("online_speed", result, started, args.out)
 
 
 if __name__ == "__main__":

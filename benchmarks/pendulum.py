@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT
 
 TARGET = -200.0
@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2000)
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    # smoke: after the 1000 random steps, 50 updates and two evaluations of one episode
+    args = parse_args(parser, smoke={"seeds": 1, "steps": 1050, "eval_every": 25, "episodes": 1})
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     runs: dict[str, dict[int, list]] = {name: {} for name in ZOO}
@@ -84,7 +85,7 @@ def report(runs: dict[str, dict[int, list]], args, started: float) -> None:
               "environment": environment({"sac": ROOT / "lit_qlearn/algorithms/sac.py",
                                           "td3": ROOT / "lit_qlearn/algorithms/td3.py"})}
     plot(runs, args)
-    write_result("pendulum", result, started)
+    write_result("pendulum", result, started, args.out)
 
 
 def plot(runs: dict[str, dict[int, list]], args) -> None:
@@ -102,7 +103,7 @@ def plot(runs: dict[str, dict[int, list]], args) -> None:
     ax.set_xlabel("environment steps")
     ax.set_ylabel(f"mean evaluation return ({args.episodes} episodes)")
     ax.legend()
-    save_figure(fig, RESULTS / "pendulum.png", "Pendulum-v1 at the algorithms' defaults")
+    save_figure(fig, args.out / "pendulum.png", "Pendulum-v1 at the algorithms' defaults")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ time of one measurement (``measure`` on the probe set, after training) and, from
 and the measured time per update, the implied cost at other cadences — the basis for
 the default ``every_n_steps``.
 
-    python benchmarks/plasticity_cost.py [--updates 10000] [--repeats 2]
+    python benchmarks/plasticity_cost.py [--updates 10000] [--repeats 2] [--out DIR] [--smoke]
 """
 from __future__ import annotations
 
@@ -25,22 +25,23 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import lit_qlearn.callbacks.plasticity
 import lit_qlearn.plasticity
-from _claims import argument_parser, environment
+from _claims import argument_parser, environment, parse_args
 from _common import TrainClock, timed_hook
 from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.callbacks import PlasticityMonitor
 from lit_qlearn.data import OfflineDataModule
 
-RESULTS = Path(__file__).parent / "results"
 TARGET = 0.01
 CADENCES = (100, 250, 500, 1000, 2500, 10_000)
 
 
-def fit(updates: int, seed: int, logdir: str) -> tuple[float, PlasticityMonitor, TD3BC, OfflineDataModule, L.Trainer]:
+def fit(updates: int, seed: int, logdir: str, every_n_steps: int | None = None
+        ) -> tuple[float, PlasticityMonitor, TD3BC, OfflineDataModule, L.Trainer]:
     L.seed_everything(seed, verbose=False)
     dm = OfflineDataModule("default", seed=seed, steps_per_epoch=updates)
     model = TD3BC(eval_every=0)
-    clock, monitor = TrainClock(), timed_hook(PlasticityMonitor())
+    monitor = PlasticityMonitor() if every_n_steps is None else PlasticityMonitor(every_n_steps=every_n_steps)
+    clock, monitor = TrainClock(), timed_hook(monitor)
     trainer = L.Trainer(max_steps=updates, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
                         callbacks=[clock, monitor], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1)
@@ -53,12 +54,14 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--every-n-steps", type=int, default=None, help="the monitor's cadence (default: its own)")
+    args = parse_args(parser, smoke={"updates": 40, "repeats": 1, "every_n_steps": 20}, data=["default"])
     started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as logdir:
         for r in range(args.repeats):
-            seconds, monitor, model, dm, trainer = fit(args.updates, args.seed + r, f"{logdir}/{r}")
+            seconds, monitor, model, dm, trainer = fit(args.updates, args.seed + r, f"{logdir}/{r}",
+                                                       args.every_n_steps)
             inside = monitor.hook_seconds
             runs.append({"train_seconds": seconds, "seconds_inside_monitor": inside, "cost": inside / (seconds - inside),
                          "measurements": args.updates // monitor.every_n_steps})
@@ -75,6 +78,7 @@ def main() -> None:
     one = statistics.median(per_measure)
     result = {
         "benchmark": "PlasticityMonitor cost on TD3+BC",
+        "smoke": args.smoke,
         "setting": f"TD3BC defaults (256x256, batch 256), OfflineDataModule('default'), {args.updates} updates, "
                    f"TensorBoard, CPU, {args.repeats} runs",
         "monitor": {"every_n_steps": monitor.every_n_steps, "probe_size": monitor.probe_size, "tau": monitor.tau,
@@ -90,8 +94,7 @@ def main() -> None:
                        "callback_py": Path(lit_qlearn.callbacks.plasticity.__file__)}),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "plasticity_cost.json"
+    out = args.out / "plasticity_cost.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nPlasticityMonitor(every_n_steps={monitor.every_n_steps}, probe_size={monitor.probe_size}) on TD3+BC:")
     print(f"  cost in situ (median of {args.repeats}): {100 * cost:.3f}%  (target < {100 * TARGET:g}%: "

@@ -19,14 +19,14 @@ Shortened from the paper (1M updates, full D4RL data): ``--updates 4000`` per ru
 an hour on 2 cores for all 24 runs with ``--workers 2``). ``--full`` runs 100k updates with
 a probe of 2560, ``--accelerator gpu`` puts them on a GPU.
 
-    python benchmarks/r2_seem_gamma.py [--updates 4000] [--workers 2] [--full] [--accelerator cpu]
+    python benchmarks/r2_seem_gamma.py [--updates 4000] [--workers 2] [--full] [--accelerator cpu] [--smoke]
 """
 from __future__ import annotations
 
 import itertools
 import time
 
-from _claims import RESULTS, argument_parser, claim, environment, write_result
+from _claims import argument_parser, claim, environment, write_result
 from _common import ROOT
 from _divergence import add_run_arguments, early_max, first_above, parse_run_arguments, peak, plot_runs, \
     seem_before, sweep
@@ -87,9 +87,9 @@ def report(args, runs: list[dict], started: float) -> None:
                                                         "monitors": ROOT / "lit_qlearn/callbacks/monitors.py",
                                                         "crash": ROOT / "lit_qlearn/callbacks/crash.py"})}
     plot_runs(runs, "gamma", dict(zip(GAMMAS, ("tab:blue", "tab:green", "tab:orange", "tab:red"))),
-              RESULTS / "r2_seem_gamma.png", "R2: SEEM vs divergence across gamma (TD3, target = current)",
+              args.out / "r2_seem_gamma.png", "R2: SEEM vs divergence across gamma (TD3, target = current)",
               threshold=args.threshold)
-    write_result("r2_seem_gamma", result, started)
+    write_result("r2_seem_gamma", result, started, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ transition holds the largest share at least 80% of the time; (2) its bootstrap g
 at least 100x the median's (median over those measurements); (3) a LayerNorm's input at
 its bootstrap point has at most a third of the median spread.
 
-    python benchmarks/r3_layernorm_seem.py [--seed 0] [--updates 4000]
+    python benchmarks/r3_layernorm_seem.py [--seed 0] [--updates 4000] [--smoke]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 import lightning as L
 import torch
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT
 from _divergence import td3_run
 
@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=512)
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--dataset", default="hopper-medium-replay-v5")
-    args = parser.parse_args()
+    # smoke: threshold -1 (normalised SEEM is >= -1), so that every measurement is inspected
+    args = parse_args(parser, smoke={"updates": 20, "every": 10, "probe": 64, "threshold": -1.0, "dataset": "default"},
+                      data=lambda a: [a.dataset])
     started = time.perf_counter()
     torch.set_num_threads(1)
 
@@ -89,7 +91,7 @@ def main() -> None:
               "environment": environment({"networks": ROOT / "lit_qlearn/networks.py",
                                           "monitors": ROOT / "lit_qlearn/callbacks/monitors.py"})}
     plot(rows, args)
-    write_result("r3_layernorm_seem", result, started)
+    write_result("r3_layernorm_seem", result, started, args.out)
 
 
 def inspect(module, probe, eigenvector: torch.Tensor, ntk_gram) -> dict:
@@ -137,7 +139,7 @@ def plot(rows: list[dict], args) -> None:
                   label="top transition's bootstrap gradient / median")
     ax_p.set_xlabel("update")
     ax_p.legend()
-    save_figure(fig, RESULTS / "r3_layernorm_seem.png",
+    save_figure(fig, args.out / "r3_layernorm_seem.png",
                 f"LayerNorm critic on {args.dataset}: positive SEEM is one transition's")
 
 

@@ -24,7 +24,7 @@ after a first look at the data (medians 1.2 against 21-93), an order of magnitud
 Shortened: ``--updates 4000`` per run (the paper: 1M); ``--full`` 100k updates with a
 2560 probe; ``--accelerator gpu``.
 
-    python benchmarks/r3_norms.py [--updates 4000] [--workers 2]
+    python benchmarks/r3_norms.py [--updates 4000] [--workers 2] [--smoke]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from _claims import RESULTS, argument_parser, claim, environment, write_result
+from _claims import argument_parser, claim, environment, write_result
 from _common import ROOT
 from _divergence import add_run_arguments, early_max, parse_run_arguments, peak, plot_runs, sweep
 
@@ -70,8 +70,9 @@ def main() -> None:
     args = parse_run_arguments(parser)
     started = time.perf_counter()
     if args.report:
-        stored = json.loads((RESULTS / "r3_norms.json").read_text())
-        vars(args).update({k: v for k, v in stored["settings"].items() if k not in ("critics", "report")})
+        stored = json.loads((args.out / "r3_norms.json").read_text())
+        vars(args).update({k: v for k, v in stored["settings"].items()
+                           if k not in ("critics", "report", "out", "smoke")})
         report(args, stored["runs"], started, stored)
         return
     jobs = [({"name": name}, {"dataset": d, "gamma": args.gamma, "seed": s, "critic": CRITICS[name]})
@@ -143,8 +144,9 @@ def report(args, runs: list[dict], started: float, stored: dict | None = None) -
                   {"networks": ROOT / "lit_qlearn/networks.py", "monitors": ROOT / "lit_qlearn/callbacks/monitors.py"})}
     plot_runs(runs, "name", dict(zip(CRITICS, ("black", "tab:blue", "tab:purple", "tab:green", "tab:orange",
                                                "tab:red"))),
-              RESULTS / "r3_norms.png", "R3: critic regularisers, TD3 with target = current, gamma 0.99")
-    write_result("r3_norms", result, started if stored is None else time.perf_counter() - stored["wall_time_s"])
+              args.out / "r3_norms.png", "R3: critic regularisers, TD3 with target = current, gamma 0.99")
+    write_result("r3_norms", result, started if stored is None else time.perf_counter() - stored["wall_time_s"],
+                 args.out)
 
 
 if __name__ == "__main__":

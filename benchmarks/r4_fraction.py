@@ -26,7 +26,7 @@ other runs. The paper's setting is ``--full`` (1M updates, 3 seeds; for a GPU,
 every run) and ``--resume`` with the same settings runs only what is missing; ``--name``
 writes another results file (e.g. a longer run on one fraction).
 
-    python benchmarks/r4_fraction.py [--tasks hopper] [--algos td3bc iql] [--seeds 1] [--workers 2]
+    python benchmarks/r4_fraction.py [--tasks hopper] [--algos td3bc iql] [--seeds 1] [--workers 2] [--smoke]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT
 
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -98,10 +98,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="1M updates for every algorithm, 3 seeds")
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--name", default="r4_fraction", help="results file benchmarks/results/<name>.json / .png")
+    parser.add_argument("--name", default="r4_fraction", help="results file <out>/<name>.json / .png")
     parser.add_argument("--resume", action="store_true",
                         help="continue the results file made with the same settings: run only the missing runs")
-    args = parser.parse_args()
+    # smoke: a fraction below 1 and all the data, so that both kinds of claim are computed; 2 updates (TD3+BC's
+    # actor steps at the second), 1 of CQL (about 0.3 s each on a CPU)
+    args = parse_args(parser, smoke={"tasks": ["hopper"], "fractions": [0.5, 1.0], "updates": 2, "cql_updates": 1,
+                                     "episodes": 1, "workers": 1},
+                      data=lambda a: [f"{task}-medium-v5" for task in a.tasks])
     if args.full:
         args.updates = args.cql_updates = 1_000_000
         args.seeds = args.cql_seeds = 3
@@ -117,7 +121,7 @@ def main() -> None:
             for t, f, s, ln in itertools.product(args.tasks, args.fractions,
                                                  range(args.cql_seeds if a == "cql" else args.seeds), (False, True))]
     runs: list[dict] = []
-    if args.resume and (RESULTS / f"{args.name}.json").exists():
+    if args.resume and (args.out / f"{args.name}.json").exists():
         runs, jobs, before = resume(args, jobs)
         started -= before  # the file's wall time adds up over its processes
     with ProcessPoolExecutor(args.workers) as pool:
@@ -136,12 +140,12 @@ def resume(args, jobs: list[tuple]) -> tuple[list[dict], list[tuple], float]:
     (seconds). Only a file made with the same settings is resumed (a mixed file would
     average runs of different sizes), and every stored run is a job of those settings, so
     nothing stored is dropped."""
-    stored = json.loads((RESULTS / f"{args.name}.json").read_text())
-    ignore = {"workers", "resume", "name"}
+    stored = json.loads((args.out / f"{args.name}.json").read_text())
+    ignore = {"workers", "resume", "name", "out"}
     differ = sorted(k for k, v in vars(args).items()
                     if k not in ignore and k in stored["settings"] and stored["settings"][k] != v)
     if differ:
-        raise SystemExit(f"r4_fraction --resume: {RESULTS / (args.name + '.json')} was made with other settings ("
+        raise SystemExit(f"r4_fraction --resume: {args.out / (args.name + '.json')} was made with other settings ("
                          + ", ".join(f"{k} {stored['settings'][k]!r}, not {vars(args)[k]!r}" for k in differ)
                          + "); pass the same ones, or --name for a new file")
     keys = [_key(job) for job in jobs]
@@ -183,7 +187,7 @@ def report(args, runs: list[dict], started: float) -> None:
                                           "cql": ROOT / "lit_qlearn/algorithms/cql.py",
                                           "iql": ROOT / "lit_qlearn/algorithms/iql.py"})}
     plot(args, table, runs)
-    write_result(args.name, result, started)
+    write_result(args.name, result, started, args.out)
 
 
 def plot(args, table: dict, runs: list[dict]) -> None:
@@ -213,7 +217,7 @@ def plot(args, table: dict, runs: list[dict]) -> None:
         ax.set_ylabel("normalised score")
         ax.set_ylim(0, 1.35 * ax.get_ylim()[1])  # room for the legend above the runs
         ax.legend(fontsize="small", ncol=2, loc="upper left", title="bars: means, dots: runs", title_fontsize="small")
-    save_figure(fig, RESULTS / f"{args.name}.png", f"R4: LayerNorm on fractions of medium data ({args.updates:,} "
+    save_figure(fig, args.out / f"{args.name}.png", f"R4: LayerNorm on fractions of medium data ({args.updates:,} "
                 f"updates{f', CQL {args.cql_updates:,}' if 'cql' in args.algos else ''})")
 
 

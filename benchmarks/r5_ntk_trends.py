@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, row_ratio  # noqa: E402
 
@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--widths", default="32,64,128,256,512,1024")
     parser.add_argument("--depths", default="1,2,3,4")
     parser.add_argument("--states", type=int, default=1000)
-    args = parser.parse_args()
+    # smoke: two widths and two depths, so that every trend (a slope) is computed
+    args = parse_args(parser, smoke={"seeds": 1, "widths": "8,16", "depths": "1,2", "states": 16})
     widths = [int(w) for w in args.widths.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     started = time.perf_counter()
@@ -195,8 +196,8 @@ def main() -> None:
         **environment({"ntk_py": Path(lit_qlearn.ntk.__file__), "r5_ntk_trends_py": Path(__file__)}),
     }
     plot(tables, widths, depths, width_at=256 if 256 in widths else widths[-1], depth_at=2 if 2 in depths else depths[0],
-         path=RESULTS / "r5_ntk_trends.png")
-    write_result("r5_ntk_trends", result, started)
+         path=args.out / "r5_ntk_trends.png")
+    write_result("r5_ntk_trends", result, started, args.out)
 
 
 if __name__ == "__main__":

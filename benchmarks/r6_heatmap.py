@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=2000, help="grid points per ntk_gram call (bounds memory)")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"grid": 11, "width": 64})
     started = time.perf_counter()
     axis = torch.linspace(-args.extent, args.extent, args.grid)
     gy, gx = torch.meshgrid(axis, axis, indexing="ij")
@@ -135,8 +135,8 @@ def main() -> None:
         "ring_ratio": {name: dict(zip(map(str, RADII), v)) for name, v in ring_ratio.items()},
         **environment({"ntk_py": Path(lit_qlearn.ntk.__file__), "r6_heatmap_py": Path(__file__)}),
     }
-    plot(maps, args.extent, ring_ratio, RESULTS / "r6_heatmap.png")
-    write_result("r6_heatmap", result, started)
+    plot(maps, args.extent, ring_ratio, args.out / "r6_heatmap.png")
+    write_result("r6_heatmap", result, started, args.out)
 
 
 if __name__ == "__main__":

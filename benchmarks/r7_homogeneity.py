@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram  # noqa: E402
 from lit_qlearn.toys import compass_directions, random_walk  # noqa: E402
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--q-limit", type=float, default=1e4, help="stop training when mean |Q| exceeds this")
     parser.add_argument("--max-steps", type=int, default=20_000)
     parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"max_steps": 50})
     started = time.perf_counter()
     torch.set_default_dtype(torch.float32)
     runs, measured, bias_share = {}, {}, {}
@@ -176,8 +176,8 @@ def main() -> None:
                                          "biases are listed under measured['with biases']"},
         **environment({"ntk_py": Path(lit_qlearn.ntk.__file__), "r7_homogeneity_py": Path(__file__)}),
     }
-    plot({n: r["history"] for n, r in runs.items()}, measured, RESULTS / "r7_homogeneity.png")
-    write_result("r7_homogeneity", result, started)
+    plot({n: r["history"] for n, r in runs.items()}, measured, args.out / "r7_homogeneity.png")
+    write_result("r7_homogeneity", result, started, args.out)
     for name, m in measured.items():
         print(f"  {name:12s} " + "  ".join(f"lambda={lam}: out {m[lam]['output']:.6g}, grad {m[lam]['gradient']:.6g}, "
                                            f"ntk {m[lam]['ntk']:.6g}" for lam in m))

@@ -14,7 +14,7 @@ offset t_0 = theta_0 / (eta sqrt(P)) that makes the slope in log t L t / (t + t_
 finite t). CrashPredictor's own logged ``params/norm_slope`` and
 ``crash/loglog_slope`` (fitted over its sliding window) at the end are reported beside.
 
-    python benchmarks/r8_adam.py [--updates 20000] [--every 100] [--seed 0]
+    python benchmarks/r8_adam.py [--updates 20000] [--every 100] [--seed 0] [--smoke]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT
 from _divergence import td3_run
 
@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="cpu")
-    args = parser.parse_args()
+    # smoke: measurements enough for the fits over the last half (4 points)
+    args = parse_args(parser, smoke={"updates": 40, "every": 5, "probe": 64}, data=lambda a: [a.dataset])
     torch.set_num_threads(1)
     started = time.perf_counter()
     run = td3_run(args.dataset, args.gamma, args.seed, args.updates, args.every, args.probe, None,
@@ -76,11 +77,11 @@ def main() -> None:
               "series": {k: run[k] for k in ("steps", "params/norm", "crash/td_error_norm", "crash/q_bound_ratio",
                                              "params/norm_slope", "crash/loglog_slope")},
               "environment": environment({"crash": ROOT / "lit_qlearn/callbacks/crash.py"})}
-    plot(steps, theta, u, late, theta_slope, loglog_slope, adam, layers, theta_loglog)
-    write_result("r8_adam", result, started)
+    plot(steps, theta, u, late, theta_slope, loglog_slope, adam, layers, theta_loglog, args.out / "r8_adam.png")
+    write_result("r8_adam", result, started, args.out)
 
 
-def plot(steps, theta, u, late, theta_slope, loglog_slope, adam, layers, theta_loglog) -> None:
+def plot(steps, theta, u, late, theta_slope, loglog_slope, adam, layers, theta_loglog, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,7 @@ def plot(steps, theta, u, late, theta_slope, loglog_slope, adam, layers, theta_l
     b.set_xlabel("updates")
     b.set_title(f"fitted log-log slope {loglog_slope:.3g} (against log ||theta||: {theta_loglog:.3g})")
     b.legend()
-    save_figure(fig, RESULTS / "r8_adam.png", "R8: a diverging Adam run (TD3, target = current)")
+    save_figure(fig, path, "R8: a diverging Adam run (TD3, target = current)")
 
 
 if __name__ == "__main__":

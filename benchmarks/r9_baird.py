@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result  # noqa: E402
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 
 GAMMA, ALPHA = 0.99, 0.01
 W0 = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0, 1.0)
@@ -170,7 +170,7 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--seeds", type=int, default=5, help="trajectories of the sampled rule")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 100, "seeds": 1})
     started = time.perf_counter()
     runs = {rule: {kind: [run(kind, rule, args.steps, seed) for seed in range(1 if rule == "expected" else args.seeds)]
                    for kind in KINDS} for rule in RULES}
@@ -214,8 +214,8 @@ def main() -> None:
                                   for rule in RULES},
         **environment({"r9_baird_py": Path(__file__)}),
     }
-    plot(runs, args.steps, RESULTS / "r9_baird.png")
-    write_result("r9_baird", result, started)
+    plot(runs, args.steps, args.out / "r9_baird.png")
+    write_result("r9_baird", result, started, args.out)
 
 
 if __name__ == "__main__":

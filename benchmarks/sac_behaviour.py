@@ -12,15 +12,17 @@ run cut short keeps its curve.
     python benchmarks/sac_behaviour.py --family walker2d [--steps 300000] [--seed 0]
 
 Writes benchmarks/results/sac_<family>.json (+ .png), lit_qlearn/policies/<family>-v5-sac.pt
-($LIT_QLEARN_POLICY_DIR if set) and <data dir>/<family>-medium-replay-v5.hdf5.
+($LIT_QLEARN_POLICY_DIR if set) and <data dir>/<family>-medium-replay-v5.hdf5. ``--smoke``
+(Hopper, 144 updates) writes all three under ``--out``: never over the shipped policy.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
-from _claims import RESULTS, argument_parser, claim, environment, save_figure, write_result
+from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
 from _common import ROOT
 
 # issue 12's learning target (Hopper only); the zoo's SAC reaches ~3000 / ~9500 / ~3900 at 1M steps
@@ -32,10 +34,21 @@ def main() -> None:
     from lit_qlearn.data.behaviour import medium_point
 
     parser = argument_parser(__doc__)
-    parser.add_argument("--family", choices=sorted(generated.ENV_IDS), required=True)
+    parser.add_argument("--family", choices=sorted(generated.ENV_IDS), help="the environment family (required)")
     parser.add_argument("--steps", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    for option in ("--learning-starts", "--eval-every", "--episodes", "--return-episodes"):
+        parser.add_argument(option, type=int, default=None, help="train_policy's option (default: its own)")
+    # smoke: 256 random steps, then evaluations at 328 and 400 environment steps (a medium and an expert)
+    args = parse_args(parser, smoke={"family": "hopper", "steps": 400, "learning_starts": 256, "eval_every": 72,
+                                     "episodes": 1, "return_episodes": 1})
+    if args.family is None:
+        parser.error("the following arguments are required: --family")
+    if args.smoke:  # the smoke policy and its medium-replay data must not replace the shipped ones
+        os.environ["LIT_QLEARN_POLICY_DIR"] = str(args.out / "policies")
+        os.environ["LIT_QLEARN_DATA_DIR"] = str(args.out / "data")
+    options = {k: v for k in ("learning_starts", "eval_every", "episodes", "return_episodes")
+               if (v := getattr(args, k)) is not None}
     started = time.perf_counter()
     env_id = generated.ENV_IDS[args.family]
     target = TARGETS.get(args.family)
@@ -58,26 +71,27 @@ def main() -> None:
         if not claims:
             claims.append(claim("at least two evaluations", "-", len(curve), len(curve) >= 2))
         result = {"claims": claims, "settings": vars(args) | {
-            "command": f"lit-qlearn datasets train {args.family} --steps {args.steps} --seed {args.seed}"},
+            "command": f"lit-qlearn datasets train {args.family} --steps {args.steps} --seed {args.seed}" if not options
+            else f"lit_qlearn.data.generated.train_policy({args.family!r}, {args.steps}, {args.seed}, **{options})"},
             "curve": curve, "medium": medium, "policy_file": policy,
             "environment": environment({"sac": ROOT / "lit_qlearn/algorithms/sac.py",
                                         "behaviour": ROOT / "lit_qlearn/data/behaviour.py"})}
-        plot(curve, medium, env_id, target)
-        write_result(f"sac_{args.family}", result, started)
+        plot(curve, medium, env_id, target, args.out)
+        write_result(f"sac_{args.family}", result, started, args.out)
 
     def on_eval(run) -> None:
         p = run.curve[-1]
         print(f"{p['env_steps']} env steps: return {p['return']:.0f} ({p['seconds']:.0f} s)", flush=True)
         report(run.curve)
 
-    path = generated.train_policy(args.family, args.steps, args.seed, on_eval=on_eval)
+    path = generated.train_policy(args.family, args.steps, args.seed, on_eval=on_eval, **options)
     entry = torch.load(path, weights_only=True)
     report(entry["curve"], {"path": str(path), "random_return": entry["random_return"],
                             **{level: {k: entry[level][k] for k in ("env_steps", "return")}
                                for level in ("medium", "expert")}})
 
 
-def plot(curve, medium, env_id: str, target: float | None) -> None:
+def plot(curve, medium, env_id: str, target: float | None, out) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +106,7 @@ def plot(curve, medium, env_id: str, target: float | None) -> None:
     ax.set_xlabel("environment steps")
     ax.set_ylabel("mean evaluation return (5 episodes)")
     ax.legend()
-    save_figure(fig, RESULTS / f"sac_{env_id.split('-')[0].lower()}.png", f"SAC on {env_id}")
+    save_figure(fig, out / f"sac_{env_id.split('-')[0].lower()}.png", f"SAC on {env_id}")
 
 
 if __name__ == "__main__":

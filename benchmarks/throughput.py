@@ -8,20 +8,18 @@ plain loop runs twice: with the fused kernel (same optimiser: the ratio is the
 pure cost of Lightning and the library) and with torch.optim.Adam's default
 (what a hand-written loop usually does). Runs alternate, in an order rotated
 every repeat, so that drift of the machine affects all alike; medians and
-ratios are written to benchmarks/results/throughput.json.
+ratios are written to benchmarks/results/throughput.json (or into ``--out``).
 
-    python benchmarks/throughput.py [--updates 1000] [--repeats 7] [--device cpu]
+    python benchmarks/throughput.py [--updates 1000] [--repeats 7] [--device cpu] [--out DIR] [--smoke]
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -29,20 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
+from _claims import argument_parser, parse_args
 from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.data import OfflineDataModule, ensure_default_dataset
 from lit_qlearn.networks import Actor, Critic
 
-RESULTS = Path(__file__).parent / "results"
 WARMUP = 50  # updates excluded from the timing on both sides
 
 
 def plain_td3bc(data, updates: int, batch_size: int, device: str, logdir: str, seed: int = 0,
                 fused: bool = False) -> float:
     """The hand-written loop, with ``torch.optim.Adam``'s default kernel or (``fused``)
-    the fused one lit_qlearn uses. Returns steady-state updates per second."""
+    the fused one lit_qlearn uses, on ``data`` (a ``Transitions``; its optional fields
+    are not used). Returns steady-state updates per second."""
     torch.manual_seed(seed)
-    obs, act, rew, next_obs, done = (t.to(device) for t in data)
+    obs, act, rew, next_obs, done = (t.to(device) for t in (data.obs, data.act, data.rew, data.next_obs,
+                                                           data.terminated))
     obs_dim, act_dim = obs.shape[1], act.shape[1]
     critic = Critic(obs_dim, act_dim, num_q=2).to(device)
     actor = Actor(obs_dim, act_dim).to(device)
@@ -121,14 +121,14 @@ def lightning_td3bc(dataset: str, updates: int, batch_size: int, device: str, lo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--updates", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dataset", default=None, help="D4RL-format file (default: the embedded Hopper data)")
-    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
-    args = parser.parse_args()
+    # smoke: the timing starts after WARMUP updates
+    args = parse_args(parser, smoke={"updates": WARMUP + 10, "repeats": 1}, data=lambda a: [a.dataset or "default"])
 
     dataset = args.dataset or str(ensure_default_dataset())
     dm = OfflineDataModule(dataset, batch_size=args.batch_size)
@@ -154,6 +154,7 @@ def main() -> None:
     ratio_default = med["lit"] / med["plain"]
     result = {
         "benchmark": "TD3+BC gradient updates per second, Lightning Trainer vs plain PyTorch loop",
+        "smoke": args.smoke,
         "dataset": dataset,
         "transitions": int(dm.num_transitions),
         "device": args.device,
@@ -173,8 +174,7 @@ def main() -> None:
                      "numpy": np.__version__},
         "machine": platform.machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out / "throughput.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"lightning / plain (same fused Adam) = {ratio_same:.3f} (target >= 0.9); "
           f"lightning / plain (default Adam) = {ratio_default:.3f} -> {out}")

@@ -43,6 +43,7 @@ __all__ = [
     "critic_members",
     "bootstrap_target",
     "publish",
+    "Cadence",
 ]
 
 
@@ -152,6 +153,52 @@ def publish(trainer: Any, metrics: dict[str, float], step: int) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
     trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+
+class Cadence:
+    """When a measurement every ``every`` steps is due, for a step counter that may
+    advance by more than one at a time.
+
+    ``due(step)`` is true whenever ``step`` reaches or passes the next multiple of
+    ``every``, then the next multiple is the first one after ``step``. A user's module
+    that steps two optimisers per batch advances ``trainer.global_step`` by 2 per batch
+    (by 1 and 2 in turn when its actor steps every other batch): ``step % every == 0``
+    misses every multiple the counter jumps over, where the cadence measures at the
+    first step at or past each one. With an increment of 1 both agree.
+
+    Invariant: after ``start(s)`` or ``due(s)``, ``next_due`` is the smallest multiple
+    of ``every`` above ``s``. A callback keeps ``next_due`` in its ``state_dict`` so a
+    resumed run goes on with the same cadence.
+
+    Args:
+        every: the period, an integer >= 1.
+    """
+
+    def __init__(self, every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Cadence: every must be an integer >= 1, got {every!r}")
+        self.every = every
+        self.next_due: int | None = None
+
+    def _after(self, step: int) -> int:
+        return (step // self.every + 1) * self.every
+
+    def start(self, step: int) -> None:
+        """Begin counting at ``step`` (the Trainer's step at train start; 0 for a fresh run).
+        A ``next_due`` restored from a checkpoint of this very step is kept; one that does
+        not fit ``step`` (the callback reused with a fresh Trainer) is recomputed."""
+        if self.next_due is None or not step < self.next_due <= step + self.every:
+            self.next_due = self._after(step)
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` reached or passed the next multiple of ``every``; if so the next
+        one is the first multiple after ``step`` (one measurement however many were passed)."""
+        if self.next_due is None:
+            self.start(0)
+        if step < self.next_due:
+            return False
+        self.next_due = self._after(step)
+        return True
 
 
 def check_probe_datamodule(datamodule: Any, who: str = "this callback") -> None:

@@ -119,3 +119,50 @@ def test_help_goes_to_stdout():
     proc = subprocess.run([sys.executable, "-m", "lit_qlearn.cli", "--help"], capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 0 and "lit-qlearn fit" in proc.stdout and not proc.stderr.strip()
+
+
+# ------------------------------------------------------------ errors before work
+
+
+def test_datasets_make_rejects_an_unknown_name_before_drawing_a_bar(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["datasets", "make", "unknown-name-v5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    # one line, no tqdm bar before it ("unknown-name-v5:   0%|" would be the bar's first frame)
+    assert err.count("\n") == 1 and "%|" not in err and "\r" not in err
+    assert err.startswith("lit-qlearn datasets: error: dataset 'unknown-name-v5' is not one lit_qlearn makes; these "
+                          "are:")
+    from lit_qlearn.data.generated import dataset_names
+
+    assert "hopper-medium-v5" in dataset_names() and all(name in err for name in dataset_names())
+
+
+@pytest.mark.parametrize("command", [["collect", "Hopper-v5"], ["datasets", "make", "hopper-random-v5", "--path"]])
+def test_an_output_in_a_missing_directory_is_an_error_and_creates_nothing(command, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    def rolled(*args, **kwargs):
+        raise AssertionError("an environment was made before the output directory was checked")
+
+    monkeypatch.setattr(importlib.import_module("lit_qlearn.data.collect"), "make_vector_env", rolled)
+    target = tmp_path / "no-such-dir" / "out.hdf5"
+    with pytest.raises(SystemExit) as exc:
+        main([*command, str(target), "--steps", "100"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "%|" not in err
+    assert f"error: {tmp_path / 'no-such-dir'}: directory does not exist (create it first)" in err
+    assert "out.hdf5" in err and not (tmp_path / "no-such-dir").exists()
+
+
+def test_fit_prints_no_lightningcli_args_warning(capsys, monkeypatch):
+    # As the console script runs it: sys.argv holds the same command line main() is given,
+    # which LightningCLI (handed it as `args`) used to warn about on every `lit-qlearn fit`.
+    import warnings
+
+    monkeypatch.setattr("sys.argv", ["lit-qlearn", "fit", "--help"])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as exc:
+        warnings.simplefilter("always")
+        main(["fit", "--help"])
+    assert exc.value.code == 0 and "--trainer.max_steps" in capsys.readouterr().out
+    assert not [w for w in caught if "args parameter" in str(w.message)]

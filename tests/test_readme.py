@@ -1,21 +1,141 @@
-"""The README's code runs as written."""
+"""Every ```python block of README.md runs as written.
+
+What the tests change around the text, never in it:
+
+* ``lightning.Trainer`` is a subclass that caps ``max_steps`` at ``STEPS`` (the README's
+  100,000 updates, or no limit, would take hours) and records itself, so that a test can
+  check the run really trained;
+* ``$LIT_QLEARN_DATA_DIR`` is a temporary directory holding the ``"default"`` dataset at
+  5,000 steps (the real one is 100k, made on first use; an existing file is reused
+  whatever its size, so the block's ``OfflineDataModule("default")`` finds this one);
+* the working directory is a temporary one (``lightning_logs`` goes there).
+"""
+import builtins
 import re
+import symtable
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
+Trainer = L.Trainer  # the real one, for the tests' own runs
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+STEPS = 3
+DEFAULT_STEPS = 5_000
+
+# A block that uses names it does not define continues the block before it, as a reader
+# running the README top to bottom would. Only this one may: every other block runs in a
+# fresh namespace, so a missing import in it fails.
+CONTINUATIONS = {"crash = CrashPredictor(": {"L", "model", "dm"}}
 
 
-def test_the_write_your_own_algorithm_example_trains():
-    (code,) = [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if "class MyDQN" in block]
-    namespace: dict = {}
-    exec("import torch\nfrom lit_qlearn.algorithms import QLearningModule\nfrom lit_qlearn.networks import mlp\n"
-         "from lit_qlearn.targets import TargetUpdate\nfrom lit_qlearn.td import td_loss\n" + code, namespace)
+def free_names(code: str) -> set[str]:
+    """Names ``code`` reads (at top level or in its functions and classes) that it neither
+    assigns, imports nor defines, and that are not builtins."""
+    top = symtable.symtable(code, "README.md", "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    used, tables = set(), [top]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        used |= {s.get_name() for s in table.get_symbols()
+                 if s.is_referenced() and (table is top or s.is_global())}
+    return used - defined - set(dir(builtins))
+
+
+def block_id(code: str) -> str:
+    return next(line for line in code.splitlines() if line.strip() and not line.startswith(("import", "from")))[:40]
+
+
+@pytest.fixture(scope="module")
+def readme_env(tmp_path_factory):
+    """The temporary data directory with a small "default" dataset, made once."""
+    from lit_qlearn.data import ensure_default_dataset
+
+    data_dir = tmp_path_factory.mktemp("readme_data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LIT_QLEARN_DATA_DIR", str(data_dir))
+    path = ensure_default_dataset(steps=DEFAULT_STEPS, progress=lambda n: None)
+    yield path
+    mp.undo()
+
+
+@pytest.fixture
+def trainers(monkeypatch, tmp_path, readme_env):
+    """Every Trainer a block makes, with max_steps capped at STEPS."""
+    monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(readme_env.parent))
+    monkeypatch.chdir(tmp_path)
+    made = []
+
+    class CappedTrainer(L.Trainer):
+        def __init__(self, *args, max_steps: int = -1, **kwargs):
+            kwargs.setdefault("enable_progress_bar", False)
+            super().__init__(*args, max_steps=STEPS if max_steps < 0 else min(max_steps, STEPS), **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(L, "Trainer", CappedTrainer)
+    return made
+
+
+def run_block(index: int, namespaces: dict[int, dict]) -> dict:
+    """Run block ``index`` as written (after the block it continues, if it is a continuation)."""
+    code = BLOCKS[index]
+    free = free_names(code)
+    if not free:
+        namespace: dict = {}
+    else:
+        allowed = [names for marker, names in CONTINUATIONS.items() if marker in code]
+        assert allowed and free <= allowed[0], f"README block {index} ({block_id(code)!r}) uses {free} undefined"
+        namespace = dict(namespaces.get(index - 1) or run_block(index - 1, namespaces))
+    exec(compile(code, f"README.md block {index}", "exec"), namespace)
+    namespaces[index] = namespace
+    return namespace
+
+
+def test_the_readme_has_the_blocks_these_tests_expect():
+    assert len(BLOCKS) == 4
+    assert [free_names(code) for code in BLOCKS] == [set(), {"L", "model", "dm"}, set(), set()]
+
+
+def test_usage_trains_on_the_default_data(trainers, readme_env):
+    ns = run_block(0, {})
+    (trainer,) = trainers
+    assert trainer.global_step == STEPS and ns["model"].updates == STEPS
+    # the file the block's "default" read: fraction=0.1 of its transitions (read here with h5py)
+    import h5py
+
+    with h5py.File(readme_env, "r") as f:
+        timeouts = f["timeouts"][()]
+    transitions = int((~timeouts[:-1]).sum())  # qlearning_dataset: no final row, no timeout rows
+    assert transitions > DEFAULT_STEPS * 0.9
+    assert ns["dm"].num_transitions == round(0.1 * transitions)
+
+
+def test_crash_predictor_continues_the_usage_example(trainers):
+    ns = run_block(1, {})
+    first, second = trainers
+    assert second.global_step == STEPS and ns["crash"] in second.callbacks
+    assert ns["crash"].checkpoint_path is None  # nothing unhealthy in 3 updates of a LayerNorm critic
+
+
+def test_online_dqn_trains(trainers):
+    ns = run_block(2, {})
+    (trainer,) = trainers
+    dm = ns["dm"]
+    assert trainer.global_step == STEPS and ns["model"].updates == STEPS
+    # 1000 random steps, then one phase of 256 environment steps before the first of its 128 updates
+    # (less the at most n_step - 1 = 2 steps still pending their 3-step return)
+    assert 1000 + 256 - 2 <= len(dm.buffer) <= 1000 + 256 and dm.hparams.prioritized
+
+
+def test_the_write_your_own_algorithm_example_trains(trainers):
+    ns = run_block(3, {})
     from lit_qlearn.data import OnlineDataModule
 
-    module = namespace["MyDQN"]()
+    torch.manual_seed(0)
+    module = ns["MyDQN"]()
     dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=32, batch_size=16, prioritized=True)
     seen = []
 
@@ -23,8 +143,8 @@ def test_the_write_your_own_algorithm_example_trains():
         def on_train_batch_end(self, trainer, pl_module, *args):
             seen.append(torch.equal(pl_module.q[0].weight, pl_module.q_target[0].weight))
 
-    trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Watch()])
+    trainer = Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[Watch()])
     trainer.fit(module, dm)
     assert module.updates == trainer.global_step == 100
     # the hard copy fires after update 100 only, inside the update; in between the target stays put

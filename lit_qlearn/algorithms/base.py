@@ -7,7 +7,9 @@ its two policies (:meth:`act`, :meth:`explore`).
 from __future__ import annotations
 
 import math
+import os
 import random
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +26,52 @@ from lit_qlearn.targets import TargetUpdate, make_target
 from lit_qlearn.td import td_target
 
 __all__ = ["QLearningModule"]
+
+
+# Lightning 2.6's ModelCheckpoint(every_n_train_steps=...) warns, in 15 lines, on every
+# save of a module with manual optimisation unless the module keeps pre-step copies of
+# weights in attributes named `saved_models` and `layer`. It does not apply here: a
+# QLearningModule counts one global_step per update (its counted optimiser only) and
+# moves its targets inside the update, so the checkpoint written at step k is the one
+# consistent state after k updates, the state that resume needs; pre-step weights would
+# pair the weights of k - 1 updates with the counters of k. Only that message, from that
+# module, is silenced, at fit start (installed at import, the filter would be lost to any
+# warnings.catch_warnings() block the import happened in; re-adding it is idempotent).
+def _quiet_manual_optimization_checkpoint_warning() -> None:
+    warnings.filterwarnings(
+        "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+        r"pre-optimization state was saved", category=UserWarning,
+        module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+
+
+def _explain_broken_checkpoints(strategy: Any) -> None:
+    """Make a failed ``Trainer.fit(ckpt_path=...)`` read one line naming the file and what
+    is wrong with it (:class:`~lit_qlearn.data.checkpoint.CheckpointError`): the Trainer
+    loads the file after every ``setup`` hook, through ``strategy.checkpoint_io``, and
+    torch's own errors for an empty, truncated or code-holding file are a stack of
+    internals, one of them advice to load with ``weights_only=False`` (which would run the
+    file's code). The loader is wrapped once per CheckpointIO object; a file that loads is
+    untouched, and an error the file itself does not explain is raised as it was."""
+    io = strategy.checkpoint_io
+    if getattr(io, "_lit_qlearn_explains", False):
+        return
+    load = io.load_checkpoint
+
+    def load_checkpoint(path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(path, *args, **kwargs)
+        except Exception as error:
+            from lit_qlearn.data.checkpoint import CheckpointError, read_checkpoint
+
+            if isinstance(path, (str, os.PathLike)) and "://" not in str(path):
+                try:
+                    read_checkpoint(path, mmap=True)
+                except CheckpointError as explained:
+                    raise explained from None
+            raise error
+
+    io.load_checkpoint = load_checkpoint
+    io._lit_qlearn_explains = True
 
 
 def _no_op() -> None:
@@ -133,6 +181,8 @@ class QLearningModule(LightningModule):
         self.build(spec)
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            _explain_broken_checkpoints(self.trainer.strategy)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None:
             if self.spec is None:
@@ -246,6 +296,7 @@ class QLearningModule(LightningModule):
     def on_fit_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
+        _quiet_manual_optimization_checkpoint_warning()
         wrapper = self.trainer.strategy.model
         # Kept out of nn.Module registration: the wrapper contains this module.
         self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
@@ -421,8 +472,13 @@ class QLearningModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.updates = int(checkpoint.get("lit_qlearn_updates", 0))
-        if self.spec is None and "lit_qlearn_spec" in checkpoint:
-            self.build_for(DataSpec.from_dict(checkpoint["lit_qlearn_spec"]))
+        if "lit_qlearn_spec" in checkpoint:
+            spec = DataSpec.from_dict(checkpoint["lit_qlearn_spec"])
+            if self.spec is None:
+                self.build_for(spec)
+            # obs_mean / obs_std come back with the state dict; whether act() / explore() apply
+            # them is the trained data's, also for a module built with sizes (whose spec has none)
+            self._normalizes = spec.obs_mean is not None
         states = checkpoint.get("lit_qlearn_rng")
         # Only a resumed fit takes the random state back; loading weights leaves it alone.
         if states and self._trainer is not None and self.trainer.state.fn == "fit":

@@ -6,6 +6,7 @@ linearly in t and reaches zero at the crash step T = 1/(C lambda eta).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lit_qlearn.callbacks.monitors import ProbeCallback
@@ -137,12 +138,17 @@ class CrashPredictor(ProbeCallback):
     * ``"checkpoint_and_stop"``: the Trainer stops and the state of the *last healthy
       measurement* (the one before) is written to ``dirpath`` (default
       ``<log_dir>/checkpoints``) as ``last-healthy-step=<step>.ckpt``; its path is
-      :attr:`checkpoint_path`, its step :attr:`healthy_step`. To that end every
-      healthy measurement keeps one CPU copy of the module's ``state_dict`` and the
-      optimisers' states (replacing the previous copy); the checkpoint holds those
-      weights, buffers and optimiser states, and the rest (loop counters, callback
-      states) of the step that stopped. Nothing is written when no measurement was
-      healthy, or when the kept state is not finite.
+      :attr:`checkpoint_path`, its step :attr:`healthy_step`. The file is the checkpoint
+      ``Trainer.save_checkpoint`` would have written at that step, taken where a
+      ``ModelCheckpoint`` takes it (after every other callback's ``on_train_batch_end``):
+      weights, target networks, optimiser states, loop counters and ``global_step``, the
+      module's update count and random states, the callbacks' and the DataModule's
+      states, all of that step. So ``fit(ckpt_path=...)`` goes on from that step exactly
+      as from an ordinary checkpoint of it. To that end every healthy measurement keeps
+      one CPU copy of that checkpoint (replacing the previous copy): its cost is one
+      checkpoint's worth of copying per measurement (a DataModule that saves its replay
+      buffer copies the buffer too). Nothing is written when no measurement was healthy,
+      or when the kept weights or optimiser states are not finite.
 
     A NaN between measurements is seen at the next one; with ``guard=True`` it stops
     the run at once (``"stop"`` / ``"checkpoint_and_stop"``): the critic's parameters
@@ -158,7 +164,8 @@ class CrashPredictor(ProbeCallback):
     step and rank zero writes the checkpoint whichever rank saw the divergence.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps``-th update.
+        every_n_steps: measure at each multiple of it the step reaches or passes
+            (:class:`~lit_qlearn.callbacks.ProbeCallback`).
         probe_size: number of probe transitions.
         probe_seed: seed of the probe draw.
         probe_source: ``"datamodule"`` or ``"batches"``, see :class:`ProbeCallback`.
@@ -228,10 +235,13 @@ class CrashPredictor(ProbeCallback):
         self.healthy_step: int | None = None
         self.stopped_step: int | None = None
         # Resolved at the first measurement (None: no bound); the healthy state (not
-        # checkpointed: a second copy of the model in every checkpoint would be waste).
+        # checkpointed: a second copy of the model in every checkpoint would be waste):
+        # {"step": k, "checkpoint": the checkpoint dict of step k on the CPU}.
         self.bound: float | None = None
         self._bound_resolved = False
         self._healthy: dict[str, Any] | None = None
+        self._capture_at: int | None = None  # the healthy step whose checkpoint is taken at batch end
+        self._capture: _HealthyCapture | None = None
         self._adam_slope: float | None = None
         self._guarded: list[Tensor] = []
 
@@ -244,8 +254,20 @@ class CrashPredictor(ProbeCallback):
                 "guard": self.guard, "q_bound": self.q_bound}
 
     # --------------------------------------------------------------- set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.action == "checkpoint_and_stop" and self._capture is None:
+            # The healthy checkpoint is taken by a companion placed after every other
+            # callback and before the checkpoint callbacks (Lightning keeps those last), the
+            # very point where a ModelCheckpoint of that step dumps its state.
+            self._capture = _HealthyCapture(self)
+            callbacks = trainer.callbacks
+            at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
+            callbacks.insert(at, self._capture)
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._healthy = self._capture_at = None  # nothing kept from an earlier fit
         network = pl_module.q_network()
         if self.num_layers is None:
             self._layers = sum(isinstance(m, nn.Linear) for m in network.modules())
@@ -287,7 +309,10 @@ class CrashPredictor(ProbeCallback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
-        self._healthy = None
+        self._healthy = self._capture_at = None
+        if self._capture is not None and self._capture in trainer.callbacks:
+            trainer.callbacks.remove(self._capture)
+        self._capture = None
         super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------ measuring
@@ -371,9 +396,19 @@ class CrashPredictor(ProbeCallback):
 
     # ------------------------------------------------------------ acting
     def _keep_healthy(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        """One CPU copy of the module's and the optimisers' states at this healthy step."""
+        """Mark this healthy step: its checkpoint is taken at the end of the batch
+        (:class:`_HealthyCapture`), once every other callback has seen the step."""
         if self.action == "checkpoint_and_stop" and not self.fired:
-            self._healthy = {"step": step, **_training_state(trainer, pl_module)}
+            self._capture_at = step
+
+    def _capture_healthy(self, trainer: Trainer) -> None:
+        """Keep, on the CPU, the checkpoint ``Trainer.save_checkpoint`` would write now
+        (called on every rank: the dump gathers every rank's random state)."""
+        if self._capture_at is None or self._capture_at != trainer.global_step:
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        self._healthy = {"step": self._capture_at, "checkpoint": _cpu_copy(checkpoint)}
+        self._capture_at = None
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
         self.fired = True
@@ -391,19 +426,18 @@ class CrashPredictor(ProbeCallback):
     def _write_healthy(self, trainer: Trainer, pl_module: LightningModule) -> str:
         """Write the kept healthy state as a checkpoint; return what was done, for the warning."""
         kept = self._healthy
-        finite = kept is not None and _all_finite(_tensors(kept))
+        finite = kept is not None and _all_finite(_tensors([kept["checkpoint"]["state_dict"],
+                                                            kept["checkpoint"].get("optimizer_states", [])]))
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             return ("no measurement before was healthy, no checkpoint is written" if kept is None
                     else "the last healthy state is not finite, no checkpoint is written")
         directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
         path = directory / f"last-healthy-step={kept['step']}.ckpt"
         self.healthy_step = kept["step"]
-        current = _training_state(trainer, pl_module)
-        _load_training_state(trainer, pl_module, kept)
-        try:
-            trainer.save_checkpoint(path)
-        finally:
-            _load_training_state(trainer, pl_module, current)  # the run ends in the state it reached
+        # What Trainer.save_checkpoint does with a dump, with the dump of the healthy step;
+        # the live run is untouched and ends in the state it reached.
+        trainer.strategy.save_checkpoint(kept["checkpoint"], path)
+        trainer.strategy.barrier("CrashPredictor.last_healthy")
         self.checkpoint_path = str(path)
         return f"the state of the last healthy measurement (step {kept['step']}) is written to {path}"
 
@@ -455,16 +489,19 @@ def _tensors(state: Any) -> Iterator[Tensor]:
             yield from _tensors(value)
 
 
-def _training_state(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """CPU copies of the module's ``state_dict`` and every optimiser's state."""
-    def copy(t: Tensor) -> Tensor:
-        return t.detach().to("cpu", copy=True)
-
-    return {"module": apply_to_collection(pl_module.state_dict(), Tensor, copy),
-            "optimizers": [apply_to_collection(o.state_dict(), Tensor, copy) for o in trainer.optimizers]}
+def _cpu_copy(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a checkpoint dict whose tensors are detached copies on the CPU
+    (each copied once: ``deepcopy`` finds the CPU copies in its memo)."""
+    memo: dict[int, Any] = {id(t): t.detach().to("cpu", copy=True) for t in _tensors(checkpoint)}
+    return copy.deepcopy(checkpoint, memo)
 
 
-def _load_training_state(trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
-    pl_module.load_state_dict(state["module"])
-    for optimizer, optimizer_state in zip(trainer.optimizers, state["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
+class _HealthyCapture(Callback):
+    """CrashPredictor's companion: at the end of a healthy measurement's batch, after the
+    other callbacks and before the checkpoint callbacks, it takes that step's checkpoint."""
+
+    def __init__(self, predictor: CrashPredictor) -> None:
+        self.predictor = predictor
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.predictor._capture_healthy(trainer)

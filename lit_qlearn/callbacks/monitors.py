@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.ntk import METHODS, SOLVERS, check_choice, gram_cosine, gram_stats, ntk_gram, seem
-from lit_qlearn.probe import ProbeProtocolError, check_probe_datamodule, check_probe_module, publish
+from lit_qlearn.probe import Cadence, ProbeProtocolError, check_probe_datamodule, check_probe_module, publish
 
 __all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor"]
 
@@ -46,9 +47,12 @@ class ProbeCallback(Callback):
     measurement hygiene, logging at the exact step and checkpointed state.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps``-th optimiser step
-            (``trainer.global_step``; for lit_qlearn's modules that is the update count).
-        probe_size: number of probe transitions.
+        every_n_steps: measure whenever ``trainer.global_step`` (for lit_qlearn's modules
+            the update count) reaches or passes the next multiple of ``every_n_steps``,
+            whatever its increment per batch (:class:`~lit_qlearn.probe.Cadence`); the
+            scalars are written at that step.
+        probe_size: number of probe transitions (when the DataModule has fewer, one
+            warning, and the probe set is what it has).
         probe_seed: seed of the probe draw (the same on every rank).
         probe_source: ``"datamodule"`` (its ``probe_batch(n, seed)``, DESIGN.md 4) or
             ``"batches"`` (the first training batches, for online training; under DDP
@@ -71,7 +75,8 @@ class ProbeCallback(Callback):
         self.method = method
         self.dtype = dtype
         self.probe: Transitions | None = None
-        self.last_step = -1
+        self.last_step = -1  # the step of the latest measurement
+        self.cadence = Cadence(every_n_steps)
         self._pending: list[Transitions] = []
 
     def options(self) -> dict[str, Any]:
@@ -97,6 +102,12 @@ class ProbeCallback(Callback):
         if self.probe is None and self.probe_source == "datamodule":
             probe = trainer.datamodule.probe_batch(self.probe_size, seed=self.probe_seed)
             self.probe = probe.map(lambda t: t.detach().cpu().clone())
+            if len(self.probe.obs) < self.probe_size:  # a DataModule serves min(n, what it holds)
+                rank_zero_warn(
+                    f"{type(self).__name__}: probe_size={self.probe_size} transitions requested, but "
+                    f"{type(trainer.datamodule).__name__} has only {len(self.probe.obs)}; the probe set is cut to "
+                    f"{len(self.probe.obs)} (lower probe_size, or let the replay buffer fill first)",
+                    category=UserWarning)
         if self.probe is not None:  # the protocol run on real rows: shapes, q_network()(obs, act)
             self._check_on_probe(pl_module)
 
@@ -118,14 +129,21 @@ class ProbeCallback(Callback):
             self._check_on_probe(trainer.lightning_module)
 
     # ----------------------------------------------------------- measuring
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not at fit start: a resumed fit has restored global_step by now.
+        self.cadence.start(trainer.global_step)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        step = trainer.global_step
+        # Consulted at every batch, so a multiple passed while the probe set is still being
+        # collected is skipped, not measured late.
+        due = self.cadence.due(step)
         if self.probe is None:
             if self.probe_source == "batches":
                 self._collect_from_batch(trainer, batch)
             return
-        step = trainer.global_step
-        if step % self.every_n_steps != 0 or step == self.last_step:
+        if not due:
             return
         self.last_step = step
         probe = self.probe.map(lambda t: t.to(pl_module.device))
@@ -152,13 +170,14 @@ class ProbeCallback(Callback):
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        state = {"last_step": self.last_step}
+        state = {"last_step": self.last_step, "next_due": self.cadence.next_due}
         if self.probe is not None:  # absent optional fields stay absent (Transitions' defaults)
             state["probe"] = {k: v for k, v in self.probe._asdict().items() if v is not None}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
+        self.cadence.next_due = state_dict.get("next_due")  # None (older checkpoints): from the step at train start
         if "probe" in state_dict:
             self.probe = Transitions(**state_dict["probe"])
 
@@ -173,7 +192,7 @@ class NTKGramCallback(ProbeCallback):
     an image ``ntk/gram`` of the Gram to TensorBoard.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps``-th update.
+        every_n_steps: measure at each multiple of it the step reaches or passes (:class:`ProbeCallback`).
         probe_size: number of probe transitions.
         probe_seed: seed of the probe draw (the same on every rank).
         probe_source: "datamodule" (its probe_batch) or "batches" (the first training batches).
@@ -248,7 +267,7 @@ class SEEMMonitor(ProbeCallback):
     stable or diverging critic alike. ``solver="dense"`` gives every digit (7 s).
 
     Args:
-        every_n_steps: measure after every ``every_n_steps``-th update.
+        every_n_steps: measure at each multiple of it the step reaches or passes (:class:`ProbeCallback`).
         probe_size: number of probe transitions.
         probe_seed: seed of the probe draw (the same on every rank).
         probe_source: "datamodule" (its probe_batch) or "batches" (the first training batches).

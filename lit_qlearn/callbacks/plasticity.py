@@ -33,7 +33,8 @@ class PlasticityMonitor(ProbeCallback):
     ``benchmarks/results/plasticity_cost.json``.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps``-th optimiser step.
+        every_n_steps: measure at each multiple of it the step reaches or passes
+            (:class:`~lit_qlearn.callbacks.ProbeCallback`).
         probe_size: number of probe transitions (at least the penultimate width, so
             that the feature rank can reach it).
         probe_seed: seed of the probe draw (the same on every rank).

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.ntk import METHODS, PreconditionedStep, check_choice, check_preconditioner_args, preconditioned_step
-from lit_qlearn.probe import ProbeProtocolError, bootstrap_target, check_probe_module, critic_members
+from lit_qlearn.probe import Cadence, ProbeProtocolError, bootstrap_target, check_probe_module, critic_members
 
 __all__ = ["PreQNLineSearch"]
 
@@ -45,7 +45,8 @@ class PreQNLineSearch(Callback):
 
     Logs ``preqn/cos`` (the smallest over critic members), ``preqn/shrink_steps``
     (the largest), ``preqn/step_norm`` (over all members) and ``preqn/accepted``
-    (fraction of members meeting the criterion) on the Trainer's logging steps;
+    (fraction of members meeting the criterion) whenever ``global_step`` reaches or passes
+    a multiple of the Trainer's ``log_every_n_steps`` (:class:`~lit_qlearn.probe.Cadence`);
     :attr:`last` holds the latest :class:`~lit_qlearn.ntk.PreconditionedStep` per member.
 
     Args:
@@ -69,6 +70,7 @@ class PreQNLineSearch(Callback):
         self._rng: tuple[Tensor, list[Tensor]] | None = None
         self._trainer: Trainer | None = None
         self._module: LightningModule | None = None
+        self._log_cadence: Cadence | None = None
 
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -88,6 +90,11 @@ class PreQNLineSearch(Callback):
             )
         self._optimizer, self._trainer, self._module = optimizer, trainer, pl_module
         optimizer.step = types.MethodType(_step, self)  # the instance attribute shadows the class's step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A resumed fit has restored global_step by now; next_due follows from it (Cadence's invariant).
+        self._log_cadence = Cadence(max(1, int(trainer.log_every_n_steps)))
+        self._log_cadence.start(trainer.global_step)
 
     def _unwrap(self) -> None:
         if self._optimizer is not None:
@@ -143,7 +150,8 @@ class PreQNLineSearch(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if not self.last or trainer.logger is None or step % max(1, trainer.log_every_n_steps) != 0:
+        due = self._log_cadence is not None and self._log_cadence.due(step)  # consulted at every batch
+        if not due or not self.last or trainer.logger is None:
             return
         metrics = {
             "preqn/cos": min(s.cos for s in self.last),

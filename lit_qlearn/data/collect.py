@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_qlearn.data.d4rl import DatasetError, one_line, write_d4rl
+from lit_qlearn.data.checkpoint import CheckpointError, read_checkpoint
+from lit_qlearn.data.d4rl import DatasetError, check_output_dir, check_output_path, one_line, write_d4rl
 from lit_qlearn.data.rollout import Rollout, make_env, make_vector_env
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "normalized_score",
     "make_env",
     "load_policy",
+    "policy_classes",
     "collect",
     "default_dataset_path",
     "ensure_default_dataset",
@@ -90,28 +92,69 @@ def normalized_score(returns: float | np.ndarray, ref: tuple[float, float]) -> f
 # ------------------------------------------------------------------------- policies
 
 
-def _policy_from_checkpoint(path: pathlib.Path) -> Policy:
-    """Protocol: the checkpoint dict has ``"lit_qlearn_class"``, the dotted path of a
-    LightningModule class; ``cls.load_from_checkpoint`` rebuilds it and its
+def policy_classes() -> dict[str, type]:
+    """The classes a checkpoint's ``lit_qlearn_class`` may name for :func:`collect` to
+    rebuild: lit_qlearn's own algorithms (the names :mod:`lit_qlearn.algorithms` exports),
+    under both of their dotted paths (``lit_qlearn.algorithms.TD3``, ``lit_qlearn.algorithms.td3.TD3``)."""
+    import lit_qlearn.algorithms as algorithms
+
+    classes: dict[str, type] = {}
+    for name in algorithms.__all__:
+        cls = getattr(algorithms, name)
+        classes[f"lit_qlearn.algorithms.{name}"] = classes[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return classes
+
+
+def _class_named(spec: str | type) -> type:
+    """The class a user names (a class, or ``"package.module:Class"``): importing it is the
+    user's choice, made on the command line or in code, never a file's."""
+    from lightning.pytorch import LightningModule
+
+    cls: Any = spec
+    if isinstance(spec, str):
+        module_name, _, class_name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+        if not module_name or not class_name:
+            raise DatasetError(f"policy class {spec!r}: expected 'package.module:Class'")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as e:
+            raise DatasetError(f"policy class {spec!r} cannot be imported ({type(e).__name__}: {one_line(e)})") from e
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise DatasetError(f"policy class {spec!r} is not a LightningModule class")
+    return cls
+
+
+def _policy_from_checkpoint(path: pathlib.Path, policy_class: str | type | None = None) -> Policy:
+    """Protocol: the checkpoint dict has ``"lit_qlearn_class"``, the dotted path of one of
+    lit_qlearn's algorithms (:func:`policy_classes`; any other class only when the user
+    names it as ``policy_class``); ``cls.load_from_checkpoint`` rebuilds it and its
     ``act(obs_np) -> np.ndarray`` (which normalises states itself) is the policy."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DatasetError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {one_line(e)[:200]})") from e
-    class_path = ckpt.get("lit_qlearn_class") if isinstance(ckpt, dict) else None
-    if not isinstance(class_path, str) or "." not in class_path:
+    ckpt = read_checkpoint(path)
+    class_path = ckpt.get("lit_qlearn_class")
+    if policy_class is not None:
+        cls = _class_named(policy_class)
+    elif not isinstance(class_path, str) or not class_path:
         raise DatasetError(
             f"{path}: checkpoint has no 'lit_qlearn_class' key (expected the dotted class path "
-            f"of a lit_qlearn algorithm, e.g. 'lit_qlearn.algorithms.TD3')"
+            f"of a lit_qlearn algorithm, e.g. 'lit_qlearn.algorithms.TD3'); name its class with --policy-class"
         )
-    module_name, _, class_name = class_path.rpartition(".")
+    else:
+        cls = policy_classes().get(class_path)
+        if cls is None:
+            # importing the module a file names would run that module's code: the file may
+            # only choose among the package's own classes; anything else the user names
+            module_name, _, class_name = class_path.rpartition(".")
+            raise CheckpointError(
+                f"{path}: its lit_qlearn_class {class_path!r} is not one of lit_qlearn's algorithms and was not "
+                f"imported; if you trust that code, name it: --policy-class {module_name}:{class_name} "
+                "(collect(policy_class=...) in Python)")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
-        raise DatasetError(f"{path}: 'lit_qlearn_class' = {class_path!r} cannot be imported ({e})") from e
-    module = cls.load_from_checkpoint(path, map_location="cpu")
+        module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. weights of another class
+        raise DatasetError(f"{path}: {cls.__name__}.load_from_checkpoint failed "
+                           f"({type(e).__name__}: {one_line(e)[:300]})") from e
     if not callable(getattr(module, "act", None)):
-        raise DatasetError(f"{path}: {class_path} has no act(obs) -> action method to collect with")
+        raise DatasetError(f"{path}: {cls.__name__} has no act(obs) -> action method to collect with")
     module.eval()
 
     def act(obs: np.ndarray) -> np.ndarray:
@@ -121,9 +164,12 @@ def _policy_from_checkpoint(path: pathlib.Path) -> Policy:
     return act
 
 
-def load_policy(policy: str | os.PathLike | Policy, env: gym.Env) -> tuple[Policy, str]:
+def load_policy(
+    policy: str | os.PathLike | Policy, env: gym.Env, policy_class: str | type | None = None
+) -> tuple[Policy, str]:
     """``(callable obs -> action, description)`` for ``"random"`` (the env's seeded
-    action space), a callable, or a ``.ckpt`` path."""
+    action space), a callable, or a ``.ckpt`` path (rebuilt as ``policy_class`` if given,
+    see :func:`_policy_from_checkpoint`)."""
     if callable(policy):
         return policy, f"callable:{getattr(policy, '__qualname__', type(policy).__name__)}"
     if policy == "random":
@@ -132,7 +178,7 @@ def load_policy(policy: str | os.PathLike | Policy, env: gym.Env) -> tuple[Polic
     if path.suffix == ".ckpt" or path.is_file():
         if not path.is_file():
             raise DatasetError(f"policy checkpoint {path} not found")
-        return _policy_from_checkpoint(path), f"checkpoint:{path}"
+        return _policy_from_checkpoint(path, policy_class), f"checkpoint:{path}"
     raise DatasetError(f"policy {os.fspath(policy)!r} is not 'random', a callable, or a .ckpt file")
 
 
@@ -148,6 +194,7 @@ def collect(
     max_episode_steps: int | None = None,
     progress: Callable[[int], Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    policy_class: str | type | None = None,
 ) -> pathlib.Path:
     """Roll ``policy`` in ``env_id`` for ``steps`` steps and write a D4RL-format file.
 
@@ -156,7 +203,9 @@ def collect(
     ``metadata`` is merged into the file's (and wins).
 
     ``policy``: ``"random"``, a callable ``obs (ds,) float32 -> action (da,)``, or a path
-    to a checkpoint of a lit_qlearn algorithm (see :func:`load_policy`). Seeded: the
+    to a checkpoint of a lit_qlearn algorithm (see :func:`load_policy`; a checkpoint of
+    another class needs ``policy_class``, the class or ``"package.module:Class"``, since a
+    file may not choose the code it is rebuilt with). Seeded: the
     first ``env.reset(seed=seed)`` and ``env.action_space.seed(seed)``; later resets
     continue the env's RNG. Row i holds the state before step i.
 
@@ -167,14 +216,20 @@ def collect(
     policy_mean_return (their mean return, NaN if none), and for the random policy
     ``ref_min_score`` = that mean and ``ref_max_score`` = D4RL's expert reference of the
     family (when the family is known). Returns the file path (default:
-    ``<data dir>/<env_id>-<policy>-s<seed>.hdf5``).
+    ``<data dir>/<env_id>-<policy>-s<seed>.hdf5``). The output is checked before the
+    first step: the data directory is created if absent, but a ``path`` in a directory
+    that does not exist is an error (a typo should not become a new directory tree).
     """
     if steps < 2:
         raise DatasetError(f"steps must be >= 2 to give one transition, got {steps}")
+    if path is not None:
+        path = check_output_path(path)
+    else:
+        check_output_dir(_data_dir(), create=True, hint=DATA_DIR_HINT)
     limits = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
     envs = make_vector_env(env_id, 1, **limits)
     try:
-        act, description = load_policy(policy, envs.envs[0])
+        act, description = load_policy(policy, envs.envs[0], policy_class)
         space = envs.single_action_space
         rollout = Rollout(envs, seed=seed)
         rollout.reset()
@@ -237,6 +292,9 @@ def collect(
 # ------------------------------------------------------------- the embedded default
 
 
+DATA_DIR_HINT = "set LIT_QLEARN_DATA_DIR to a writable data directory"
+
+
 def _data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("LIT_QLEARN_DATA_DIR") or "~/.cache/lit_qlearn/datasets").expanduser()
 
@@ -254,10 +312,11 @@ def ensure_default_dataset(steps: int = 100_000, seed: int = 0,
     (``make_dataset("hopper-medium-v5", steps, ...)``, D4RL's medium data at a tenth of
     its size; about 30 s for 100k steps on one CPU core), with a progress bar unless
     ``progress`` is given. An existing file is reused whatever its size."""
-    from lit_qlearn.data.generated import ensure_dataset
+    from lit_qlearn.data.generated import check_request, ensure_dataset
 
     path = default_dataset_path()
     if not path.is_file():
+        check_request("hopper-medium-v5", steps, seed, path)  # a data directory that cannot take it: say so first
         rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} Hopper-v5 steps of the shipped medium "
                        f"SAC policy) at {path}")
     return ensure_dataset("hopper-medium-v5", path, steps, seed, progress)

@@ -37,6 +37,8 @@ __all__ = [
     "write_d4rl",
     "validate_arrays",
     "check_finite",
+    "check_output_dir",
+    "check_output_path",
 ]
 
 # key -> (expected shape, quoted in error messages; allowed ranks)
@@ -87,9 +89,14 @@ def resolve_dataset_path(path_or_name: str | os.PathLike) -> pathlib.Path:
     is looked up as ``<dir>/<name>.hdf5`` (or d4rl's ``hopper_medium-v2.hdf5``) in
     :func:`d4rl_dataset_dirs`. Raises :class:`DatasetError` naming what was searched."""
     path = pathlib.Path(path_or_name).expanduser()
-    if path.is_file():
-        return path
-    if path.exists():
+    try:
+        if path.is_file():
+            return path
+        exists = path.exists()
+    except OSError as e:  # e.g. a directory on the way that this user may not search
+        raise DatasetError(f"{path}: cannot be looked up ({e.strerror or one_line(e)}; expected a readable "
+                           "D4RL-format .hdf5 file)") from None
+    if exists:
         raise DatasetError(f"{path}: is not a file (expected a D4RL-format .hdf5 file)")
     text = os.fspath(path_or_name)
     if os.sep in text or (os.altsep and os.altsep in text):
@@ -104,6 +111,45 @@ def resolve_dataset_path(path_or_name: str | os.PathLike) -> pathlib.Path:
         f"dataset {text!r} not found: no file {' or '.join(candidates)} in "
         f"{', '.join(map(str, dirs))} (set D4RL_DATASET_DIR or pass a file path)"
     )
+
+
+def check_output_dir(directory: str | os.PathLike, create: bool = False, hint: str = "",
+                     holds: str = "the output") -> pathlib.Path:
+    """``directory`` (expanded) once it is known to accept a new file, checked before any
+    data is made: it exists (``create``: is created, for the package's own data directory;
+    a directory a user named is theirs to create) and a file can be written in it. Raises
+    :class:`DatasetError` naming the directory and what was expected; ``hint`` (e.g. the
+    variable that sets the directory) ends the message, ``holds`` says what goes there."""
+    directory = pathlib.Path(directory).expanduser()
+    expected = f"expected a writable directory to hold {holds}" + (f"; {hint}" if hint else "")
+    if create:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(f"{directory}: cannot create the directory ({e.strerror or one_line(e)}); "
+                               f"{expected}") from None
+    elif not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "directory does not exist (create it first)"
+        raise DatasetError(f"{directory}: {what}; {expected}")
+    try:
+        # a real write, not os.access(): root passes every permission bit but not a
+        # read-only mount, and a full or quota-bound disk fails here too
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        reason = e.strerror or one_line(e)
+        raise DatasetError(f"{directory}: cannot write a file there ({reason}); {expected}") from None
+    return directory
+
+
+def check_output_path(path: str | os.PathLike, create_dir: bool = False, hint: str = "") -> pathlib.Path:
+    """``path`` (expanded) once a file is known to be writable there: not a directory, in a
+    directory that passes :func:`check_output_dir` (``create_dir`` as its ``create``)."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory (expected the path of an .hdf5 file to write)")
+    check_output_dir(path.parent, create_dir, hint, holds=path.name)
+    return path
 
 
 # ---------------------------------------------------------------------- validation
@@ -341,8 +387,12 @@ def write_d4rl(
         )
     validate_arrays(arrays, source)
     arrays.setdefault("timeouts", np.zeros(len(arrays["rewards"]), dtype=bool))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot write the file ({e.strerror or one_line(e)}; expected a writable "
+                           f"directory {path.parent})") from None
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as f:
@@ -351,7 +401,9 @@ def write_d4rl(
             _write_metadata(f, metadata or {})
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         pathlib.Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, or `path` an existing directory
+            raise DatasetError(f"{path}: cannot write the file ({e.strerror or one_line(e)})") from None
         raise
     return path

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_qlearn.data.collect import _data_dir, collect
-from lit_qlearn.data.d4rl import DatasetError, load_d4rl_raw, read_d4rl_metadata, resolve_dataset_path, write_d4rl
+from lit_qlearn.data.collect import DATA_DIR_HINT, _data_dir, collect
+from lit_qlearn.data.d4rl import (DatasetError, check_output_path, load_d4rl_raw, read_d4rl_metadata,
+                                  resolve_dataset_path, write_d4rl)
 from lit_qlearn.data.types import DataSpec
 
-__all__ = ["LEVELS", "ENV_IDS", "dataset_names", "parse_name", "make_dataset", "ensure_dataset", "resolve",
-           "shipped_actor", "train_policy", "write_policy_file", "policy_dir", "total_steps"]
+__all__ = ["LEVELS", "ENV_IDS", "dataset_names", "parse_name", "check_request", "make_dataset", "ensure_dataset",
+           "resolve", "shipped_actor", "check_train", "train_policy", "write_policy_file", "policy_dir", "total_steps"]
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
@@ -53,6 +54,35 @@ def parse_name(name: str) -> tuple[str, str] | None:
     """``(family, level)`` of a generated dataset name such as ``hopper-medium-v5``, else None."""
     match = _NAME.match(os.fspath(name))
     return (match["family"], match["level"]) if match and match["family"] in ENV_IDS else None
+
+
+def _output_path(name: str, path: str | os.PathLike | None) -> pathlib.Path:
+    """Where ``make_dataset`` writes ``name``, checked writable (:func:`check_output_path`):
+    the package's data directory is created if absent; a directory the user named is not."""
+    path = pathlib.Path(path).expanduser() if path is not None else _data_dir() / f"{name}.hdf5"
+    own = os.path.abspath(path.parent) == os.path.abspath(_data_dir())
+    return check_output_path(path, create_dir=own, hint=DATA_DIR_HINT if own else "")
+
+
+def check_request(name: str, steps: int | None = None, seed: int | None = None,
+                  path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Everything :func:`make_dataset` needs before its first environment step, checked in
+    milliseconds: a name it makes, the family's policy file, options that apply, and an
+    output path a file can be written to. Returns that path; raises :class:`DatasetError`."""
+    parsed = parse_name(name)
+    if parsed is None:
+        raise DatasetError(f"dataset {name!r} is not one lit_qlearn makes; these are: {', '.join(dataset_names())}")
+    family, level = parsed
+    entry = _policy_file(family)
+    if level == "medium-replay":
+        for option, value in (("steps", steps), ("seed", seed)):
+            if value is not None:
+                raise DatasetError(f"{name}: --{option} does not apply: medium-replay is the SAC run's own buffer "
+                                   f"(up to its medium step {entry['medium']['env_steps']}, training seed "
+                                   f"{entry.get('train', {}).get('seed')})")
+    elif steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2):
+        raise DatasetError(f"{name}: steps must be an integer >= 2 (one transition), got {steps!r}")
+    return _output_path(name, path)
 
 
 def _policy_file(family: str) -> dict[str, Any]:
@@ -100,21 +130,14 @@ def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | 
     each); ``seed``: the rollout's (default 0). ``medium-replay`` takes neither: its size
     is the run's medium step and its seed the run's recorded one. Metadata: the policy, its measured return and
     environment steps, the seed, the steps, the package version, the reference scores,
-    the command that trained the policy."""
-    parsed = parse_name(name)
-    if parsed is None:
-        raise DatasetError(f"dataset {name!r} is not one lit_qlearn makes; these are: {', '.join(dataset_names())}")
-    family, level = parsed
+    the command that trained the policy. Every input is checked before the first step
+    (:func:`check_request`)."""
+    path = check_request(name, steps, seed, path)
+    family, level = parse_name(name)
     entry = _policy_file(family)
-    path = pathlib.Path(path) if path is not None else _data_dir() / f"{name}.hdf5"
     common = _metadata(name, entry)
     env_id = ENV_IDS[family]
     if level == "medium-replay":
-        for option, value in (("steps", steps), ("seed", seed)):
-            if value is not None:
-                raise DatasetError(f"{name}: --{option} does not apply: medium-replay is the SAC run's own buffer "
-                                   f"(up to its medium step {entry['medium']['env_steps']}, training seed "
-                                   f"{entry.get('train', {}).get('seed')})")
         return _medium_replay(name, entry, path, progress, common)
     steps = 1_000_000 if steps is None else steps
     seed = 0 if seed is None else seed
@@ -196,13 +219,16 @@ def ensure_dataset(name: str, path: str | os.PathLike | None = None, steps: int 
                    seed: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
     """The cached file of a generated dataset (default ``<data dir>/<name>.hdf5``), made on
     first use by :func:`make_dataset` (1M steps unless ``steps``), with a progress bar
-    unless ``progress`` is given. An existing file is reused whatever its size."""
-    path = pathlib.Path(path) if path is not None else _data_dir() / f"{name}.hdf5"
+    unless ``progress`` is given. An existing file is reused whatever its size (so a
+    read-only directory that holds it is fine); a missing one is checked makeable and
+    writable (:func:`check_request`) before the bar is drawn."""
+    path = pathlib.Path(path).expanduser() if path is not None else _data_dir() / f"{name}.hdf5"
     if not path.is_file():
         from contextlib import nullcontext
 
         from tqdm.auto import tqdm
 
+        check_request(name, steps, seed, path)  # before the bar: a bad name or directory costs no work
         with tqdm(total=total_steps(name, steps), desc=name, unit="step") if progress is None else nullcontext() as bar:
             make_dataset(name, steps, path, seed, progress=progress or bar.update)
     return path
@@ -210,13 +236,22 @@ def ensure_dataset(name: str, path: str | os.PathLike | None = None, steps: int 
 
 def resolve(name: str | os.PathLike) -> pathlib.Path:
     """A D4RL file path or name (:func:`~lit_qlearn.data.d4rl.resolve_dataset_path`); a
-    generated dataset's name that is not on disk yet is made and cached first."""
+    generated dataset's name that is not on disk yet is made and cached first. A bare name
+    found nowhere is an error that lists the names lit_qlearn makes itself."""
+    text = os.fspath(name)
     try:
         return resolve_dataset_path(name)
-    except DatasetError:
-        if parse_name(os.fspath(name)) is None:
-            raise
-        return ensure_dataset(os.fspath(name))
+    except DatasetError as e:
+        if parse_name(text) is not None:
+            return ensure_dataset(text)
+        if os.sep in text or (os.altsep and os.altsep in text) or pathlib.Path(text).exists():
+            raise  # a path the user typed: the message already names it
+        # D4RL's downloads cannot exist on a machine without internet: say what can
+        ours = dataset_names()
+        counterpart = re.sub(r"-v\d+$", "-v5", text.removesuffix(".hdf5"))  # hopper-medium-v2 -> -v5
+        alike = f" ({counterpart!r} is lit_qlearn's own counterpart)" if counterpart in ours else ""
+        raise DatasetError(f"{e}; or a dataset lit_qlearn makes itself on first use{alike}: "
+                           f"{', '.join(['default', *ours])}") from None
 
 
 def train_policy(family: str, steps: int = 300_000, seed: int = 0, *, return_episodes: int = 10,
@@ -226,11 +261,11 @@ def train_policy(family: str, steps: int = 300_000, seed: int = 0, *, return_epi
     (:func:`lit_qlearn.data.behaviour.train_sac` with ``options``), write the policy file
     (:func:`write_policy_file`, returns measured over ``return_episodes`` episodes) and the
     run's ``medium-replay`` dataset into the data directory (so it need not be rerun
-    here). Returns the policy file."""
+    here). Returns the policy file. Both outputs are checked writable before training
+    (:func:`check_train`)."""
     from lit_qlearn.data.behaviour import train_sac
 
-    if family not in ENV_IDS:
-        raise DatasetError(f"no environment for family {family!r}; these are: {', '.join(ENV_IDS)}")
+    check_train(family)
     run = train_sac(ENV_IDS[family], steps, seed, on_eval=on_eval, progress=progress, **options)
     command = f"lit-qlearn datasets train {family} --steps {steps} --seed {seed}"
     target = write_policy_file(run, family, return_episodes, command)
@@ -238,6 +273,17 @@ def train_policy(family: str, steps: int = 300_000, seed: int = 0, *, return_epi
     name = f"{family}-medium-replay-v5"
     write_replay(_data_dir() / f"{name}.hdf5", run, entry["medium"]["env_steps"], entry, _metadata(name, entry))
     return target
+
+
+def check_train(family: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """What :func:`train_policy` checks before its SAC run (hours of work): a known
+    family, a writable policy directory (``$LIT_QLEARN_POLICY_DIR``; the default is
+    inside the installed package) and data directory. Returns (policy file, replay file)."""
+    if family not in ENV_IDS:
+        raise DatasetError(f"no environment for family {family!r}; these are: {', '.join(ENV_IDS)}")
+    policy = check_output_path(policy_dir() / f"{family}-v5-sac.pt", create_dir=True,
+                               hint="set LIT_QLEARN_POLICY_DIR to a writable policy directory")
+    return policy, _output_path(f"{family}-medium-replay-v5", None)
 
 
 def write_policy_file(run: Any, family: str = "hopper", episodes: int = 10, command: str | None = None

@@ -189,14 +189,15 @@ class OfflineDataModule(L.LightningDataModule):
 
     Args:
         dataset: ``"default"`` (100k Hopper-v5 steps of the shipped medium SAC policy, made on first use, see
-            :func:`ensure_default_dataset`); ``"minari:<dataset_id>"``; or a D4RL-format
-            file path / D4RL name (``hopper-medium-v2``, looked up in ``~/.d4rl/datasets``).
+            :func:`ensure_default_dataset`); a dataset lit_qlearn makes (``hopper-medium-v5``, ...:
+            :func:`~lit_qlearn.data.generated.dataset_names`, made on first use); ``"minari:<dataset_id>"``;
+            or a D4RL-format file path / D4RL name (``hopper-medium-v2``, looked up in ``~/.d4rl/datasets``).
         env_id: gymnasium env for evaluation and the shape check; default: the file's
             ``metadata/env_id``, else the D4RL family in the name (``hopper`` ->
             ``Hopper-v5``), else None (no env).
         fraction: share of *transitions* kept, in (0, 1] (the paper's X% datasets).
         seed: seed of the subset, the minibatch sampler and nothing else.
-        batch_size: transitions per training batch.
+        batch_size: transitions per training batch, at most the number of kept transitions.
         normalize_states: TD3+BC state normalisation, mean / (std + 1e-3) over the kept
             observations, applied to obs and next_obs.
         reward_transform: None, ``"locomotion"``, ``"antmaze"`` or ``"antmaze_cql"``
@@ -360,12 +361,21 @@ class OfflineDataModule(L.LightningDataModule):
         profiler hook, ``record_function``, costs ~25 us of that).
         """
         self._require()
+        hp = self.hparams
+        if hp.batch_size > self.num_transitions:
+            # Sampling is with replacement, so it would run, but every batch would hold rows
+            # twice or more: almost always a fraction or a file smaller than meant. Checked
+            # here, before the first update, and not in setup, so that reading a small
+            # dataset's data, spec or probe set needs no batch_size.
+            kept = f"keeps {self.num_transitions} transitions at fraction={hp.fraction}" if hp.fraction < 1 \
+                else f"holds {self.num_transitions} transitions"
+            raise DatasetError(f"batch_size ({hp.batch_size}) is larger than the dataset: {hp.dataset!r} {kept}; "
+                               f"expected batch_size <= {self.num_transitions}")
         # Lightning warns about any IterableDataset with __len__ because several workers
         # could duplicate data; with num_workers=0 they cannot, and the length gives the
         # progress bar and estimated_stepping_batches their totals.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         if self._batches is None:  # one sampler per DataModule, so its epoch count persists
-            hp = self.hparams
             self._batches = _RandomBatches(self._gather, self.num_transitions, hp.batch_size, hp.steps_per_epoch,
                                            hp.seed, lambda: self.trainer)
         # its own generator: making the iterator then draws nothing from the global RNG (exact resume)

@@ -11,6 +11,7 @@ import gymnasium as gym
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -61,6 +62,12 @@ class OnlineDataModule(L.LightningDataModule):
     each rank steps its own environments (seeds ``seed + 1000 * rank``) into its own
     buffer; :meth:`probe_batch` serves rank zero's probe set to every rank.
 
+    A resumed fit restores the buffer, the sampler, the phase and the environment step
+    count. Its environments restart from a reset (one warning), since the checkpoint
+    stores them pickled and unpickling runs whatever code the file holds; with
+    ``trust_checkpoint=True``, for checkpoints you trust, they continue their episodes
+    exactly, and the run ends as an uninterrupted one would.
+
     Args:
         env_id: gymnasium environment id.
         num_envs: sub-environments stepped together (per rank).
@@ -75,14 +82,13 @@ class OnlineDataModule(L.LightningDataModule):
         train_freq: environment steps (over all sub-environments) per training phase.
         gradient_steps: updates per training phase.
         buffer_device: where the buffer lives: "cpu" or "module" (the training device).
-        save_buffer: put the buffer and the environments' state into checkpoints (can be large): a resumed
-            run then continues exactly where environments pickle (classic control, Atari, the toys);
-            MuJoCo environments do not keep their physics through pickling, so they restart from a reset.
+        save_buffer: put the buffer and the pickled environments (not MuJoCo's) into checkpoints (can be large).
         max_episode_steps: override of the environment's time limit.
         env_wrapper: None, or "atari" (Nature-DQN preprocessing and a 4-frame stack, see make_env).
         seed: seed of the environments, the random prefill and the batch sampler.
         steps_per_epoch: batches per Lightning epoch (use Trainer(max_steps=...) to stop).
         probe_size: default n of :meth:`probe_batch`.
+        trust_checkpoint: unpickle a resumed checkpoint's environments (runs its code; default: reset them).
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class OnlineDataModule(L.LightningDataModule):
         seed: int = 0,
         steps_per_epoch: int = 1000,
         probe_size: int = 2560,
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         for name, value, low in (("num_envs", num_envs, 1), ("capacity", capacity, 1),
@@ -118,11 +125,19 @@ class OnlineDataModule(L.LightningDataModule):
         if learning_starts < batch_size:
             raise DatasetError(f"OnlineDataModule: learning_starts ({learning_starts}) must be at least "
                                f"batch_size ({batch_size}), so that the first batch can be drawn")
+        if capacity < batch_size:  # a full buffer smaller than a batch: every batch repeats rows
+            raise DatasetError(f"OnlineDataModule: capacity ({capacity}) must be at least batch_size ({batch_size}), "
+                               "the transitions one batch draws from the replay buffer")
         if not 0.0 <= beta <= 1.0:
             raise DatasetError(f"OnlineDataModule: beta must be in [0, 1], got {beta!r}")
         if buffer_device not in ("cpu", "module"):
             raise DatasetError(f"OnlineDataModule: buffer_device must be 'cpu' or 'module', got {buffer_device!r}")
-        self.save_hyperparameters()
+        # trust is the user's word, never the file's: kept out of the hyper-parameters a
+        # checkpoint stores (load_from_checkpoint would otherwise hand it back from the file)
+        self.save_hyperparameters(ignore=["trust_checkpoint"])
+        if not isinstance(trust_checkpoint, bool):  # "false" would be truthy: only a real yes unpickles
+            raise DatasetError(f"OnlineDataModule: trust_checkpoint must be True or False, got {trust_checkpoint!r}")
+        self.trust_checkpoint = trust_checkpoint
         self.env_id = env_id
         self.rollout: Rollout | None = None
         self.buffer: ReplayBuffer | None = None
@@ -160,6 +175,22 @@ class OnlineDataModule(L.LightningDataModule):
     @property
     def spec(self) -> DataSpec:
         return self._spec
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        weights_only: bool | None = True,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> OnlineDataModule:
+        """Lightning's, with ``trust_checkpoint`` the caller's word: the file's
+        hyper-parameters fill the other constructor arguments, and a file that claimed
+        trust would otherwise grant it to itself."""
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            weights_only=weights_only, trust_checkpoint=trust_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------ set-up
     def _rank(self) -> int:
@@ -308,7 +339,8 @@ class OnlineDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's state (under DDP gathered, since rank zero writes the one file):
         the sampler, the phase, the environment step count and, with ``save_buffer``, the
-        buffer and the pickled environments (where their state survives pickling)."""
+        buffer and the pickled environments (where their state survives pickling), saved
+        so that a resume with ``trust_checkpoint=True`` can continue them exactly."""
         if self.buffer is None:
             return {}
         state: dict[str, Any] = {"since_phase": self._since_phase, "generator": self._generator.get_state(),
@@ -349,13 +381,20 @@ class OnlineDataModule(L.LightningDataModule):
         self._ready = True
         if "buffer" in state:
             self.buffer.load_state_dict(state["buffer"])
-        if "envs" in state:
-            import pickle  # the checkpoint's own pickled environments: load only checkpoints you trust
+        if "envs" in state and self.trust_checkpoint:
+            import pickle  # the user trusts this file by name (trust_checkpoint=True): its bytes may run code
 
             envs, obs, ret, length = pickle.loads(state["envs"].numpy().tobytes())
             self.rollout.envs.close()
             self.rollout.envs, self.rollout.obs, self.rollout._return, self.rollout._length = envs, obs, ret, length
         else:
+            if "envs" in state:
+                # a pickle passes torch.load(weights_only=True) as a uint8 tensor; unpickling it
+                # could run any code, so without the user's word its bytes are never read
+                rank_zero_warn("OnlineDataModule: the checkpoint's environments were not unpickled (that could run "
+                               "code hidden in the file); they restart from a reset, the replay buffer and counters "
+                               "are restored. Pass trust_checkpoint=True (lit-qlearn fit: --data.trust_checkpoint "
+                               "true) to continue them exactly from a checkpoint you trust", stacklevel=2)
             # a fresh episode in every environment, seeded apart from the run's start: no
             # pending n-step row may join the old episode to the new one
             self.rollout.reset(seed=self._seed + int(state["env_steps"]))

@@ -152,8 +152,9 @@ def test_checkpoint_target_is_not_one_step_stale(tiny_td3bc, tmp_path):
 
 def test_online_dqn_resumed_mid_run_is_bit_identical(tmp_path):
     def make():
+        # trust_checkpoint: the environments' episodes continue exactly (our own checkpoint)
         dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=64, batch_size=32, capacity=200,
-                              prioritized=True, n_step=2)
+                              prioritized=True, n_step=2, trust_checkpoint=True)
         return DQN(gamma=0.9, hidden=(16,), target_every=3, epsilon_steps=30), dm
 
     module = _resume_equals_uninterrupted(make, tmp_path, steps=30, cut=15, callbacks=[lambda: SEEMMonitor(

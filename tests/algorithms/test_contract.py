@@ -28,8 +28,9 @@ ALGORITHMS = {
 
 def data(name, chain_file):
     if name == "DQN":
+        # trust_checkpoint: the resume unpickles the environments it saved (our own file)
         return OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=40, batch_size=16, capacity=200,
-                                prioritized=True)
+                                prioritized=True, trust_checkpoint=True)
     return OfflineDataModule(str(chain_file), batch_size=16, normalize_states=False, steps_per_epoch=7)
 
 

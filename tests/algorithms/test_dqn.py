@@ -67,20 +67,153 @@ def test_truncation_is_not_termination_in_the_buffer():
     assert torch.equal(batch.next_obs.argmax(1), moved)
 
 
-def test_double_and_plain_next_values_by_hand():
-    module = DQN(obs_shape=(3,), num_actions=4, hidden=(8,))
-    next_obs = torch.randn(6, 3)
-    batch = Transitions(torch.randn(6, 3), torch.zeros(6, dtype=torch.long), torch.ones(6), next_obs,
-                        torch.tensor([0.0, 1, 0, 0, 1, 0]))
+def _mlp_by_hand(weights, x):
+    """``Linear -> ReLU -> ... -> Linear`` written out: ``weights`` is ``[W1, b1, W2, b2, ...]``."""
+    layers = list(zip(weights[::2], weights[1::2]))
+    for i, (w, b) in enumerate(layers):
+        x = x @ w.T + b
+        if i < len(layers) - 1:
+            x = x.clamp(min=0.0)
+    return x
+
+
+def _fixed_dqn(seed=8, **kwargs):
+    """A tiny DQN (3 -> 6 -> 4) whose online and target networks hold independent seeded
+    weights, so their argmaxes disagree, and a batch of 8 rows: terminal rows 1 and 4,
+    time-limit truncations at rows 2 and 5 (not terminal: they bootstrap like any other
+    row), n-step discounts gamma^k with k = 1, 2, 3, and importance weights far from 1."""
+    g = torch.Generator().manual_seed(seed)
+    module = DQN(obs_shape=(3,), num_actions=4, hidden=(6,), gamma=0.9, **kwargs)
     with torch.no_grad():
-        for p in module.q_target.parameters():  # a target different from the online network
-            p.add_(0.3 * torch.randn_like(p))
-        online, target = module.q_net(next_obs), module.q_target(next_obs)
-        double = target[torch.arange(6), online.argmax(1)]
-        torch.testing.assert_close(module.next_value(batch), double)
-        torch.testing.assert_close(module.td_target(batch), 1 + 0.99 * (1 - batch.terminated) * double)
-        module.double = False
-        torch.testing.assert_close(module.next_value(batch), target.max(1).values)
+        for net in (module.q_net, module.q_target):
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    batch = Transitions(
+        obs=torch.randn(8, 3, generator=g), act=torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]),
+        rew=2.0 * torch.randn(8, generator=g), next_obs=1.5 * torch.randn(8, 3, generator=g),
+        terminated=torch.tensor([0.0, 1, 0, 0, 1, 0, 0, 0]),
+        discount=torch.tensor([0.9, 0.81, 0.729, 0.9, 0.81, 0.729, 0.9, 0.81]),
+        weight=torch.tensor([1.0, 0.2, 0.5, 1.0, 0.7, 0.3, 0.9, 0.1]))
+    return module, batch
+
+
+def test_double_and_plain_next_values_by_hand():
+    module, batch = _fixed_dqn()
+    with torch.no_grad():
+        online = _mlp_by_hand([p.clone() for p in module.q_net.parameters()], batch.next_obs)
+        target = _mlp_by_hand([p.clone() for p in module.q_target.parameters()], batch.next_obs)
+    rows = torch.arange(8)
+    double = target[rows, online.argmax(1)]  # van Hasselt et al.: online network picks, target values
+    plain = target.max(1).values
+    # The test can tell "argmax of the online network" from "argmax of the target": they differ
+    # on most rows, and there the two values are far apart.
+    disagree = online.argmax(1) != target.argmax(1)
+    assert disagree.sum() >= 6 and ((plain - double).abs()[disagree] > 0.1).all()
+    torch.testing.assert_close(module.next_value(batch), double)
+    # y = r + gamma^k (1 - terminated) V(s'): the terminal rows keep r alone; truncated rows bootstrap
+    y = batch.rew + batch.discount * (1 - batch.terminated) * double
+    torch.testing.assert_close(module.td_target(batch), y)
+    assert torch.equal(module.td_target(batch)[[1, 4]], batch.rew[[1, 4]])
+    # without a discount column the module's gamma discounts one step
+    torch.testing.assert_close(module.td_target(batch._replace(discount=None)),
+                               batch.rew + 0.9 * (1 - batch.terminated) * double)
+    module.double = False
+    torch.testing.assert_close(module.next_value(batch), plain)
+    torch.testing.assert_close(module.td_target(batch), batch.rew + batch.discount * (1 - batch.terminated) * plain)
+
+
+def _adam_step_by_hand(params, grads, state, t, lr, eps, betas=(0.9, 0.999)):
+    """Kingma & Ba's Algorithm 1, step ``t`` (1-based), in place on ``params``."""
+    b1, b2 = betas
+    for p, g, (m, v) in zip(params, grads, state):
+        m.mul_(b1).add_((1 - b1) * g)
+        v.mul_(b2).add_((1 - b2) * g * g)
+        p.sub_(lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
+
+
+@pytest.mark.parametrize("loss", ["huber", "mse"])
+def test_whole_update_matches_a_hand_reference(loss):
+    """Two updates through the Trainer against the same two updates written out: the
+    double-Q target, the weighted Huber / squared loss, autograd, the global-norm clip
+    (binding), Adam. Adam's eps is large enough that the step depends on the gradient's
+    size (a first Adam step is otherwise ~lr * sign(g), blind to the clip)."""
+    from torch.utils.data import DataLoader
+
+    lr, eps, max_norm = 0.05, 0.05, 0.3
+    module, batch = _fixed_dqn(loss=loss, lr=lr, adam_eps=eps, max_grad_norm=max_norm, double=True)
+    params = [p.detach().clone() for p in module.q_net.parameters()]
+    target = [p.detach().clone() for p in module.q_target.parameters()]
+    unclipped = [p.clone() for p in params]
+    state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    state_unclipped = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    rows = torch.arange(8)
+
+    def grads_at(weights):
+        weights = [w.clone().requires_grad_(True) for w in weights]
+        with torch.no_grad():
+            a_next = _mlp_by_hand(weights, batch.next_obs).argmax(1)
+            y = batch.rew + batch.discount * (1 - batch.terminated) * _mlp_by_hand(target, batch.next_obs)[rows, a_next]
+        delta = _mlp_by_hand(weights, batch.obs)[rows, batch.act] - y
+        if loss == "huber":  # smooth L1, threshold 1
+            per_sample = torch.where(delta.abs() < 1, 0.5 * delta**2, delta.abs() - 0.5)
+        else:
+            per_sample = delta**2
+        grads = torch.autograd.grad((batch.weight * per_sample).mean(), weights)
+        return grads, delta.detach()
+
+    for t in (1, 2):
+        grads, delta = grads_at(params)
+        if t == 1:  # both Huber regimes are exercised
+            assert (delta.abs() > 1).any() and (delta.abs() < 1).any()
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        assert norm > 2 * max_norm  # the clip binds
+        _adam_step_by_hand(params, [g * max_norm / (norm + 1e-6) for g in grads], state, t, lr, eps)
+        _adam_step_by_hand(unclipped, grads_at(unclipped)[0], state_unclipped, t, lr, eps)
+
+    loader = DataLoader([batch, batch], batch_size=None, collate_fn=lambda b: b)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=loader)
+    assert module.updates == 2
+    for got, want, other in zip(module.q_net.parameters(), params, unclipped):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    # the reference without the clip lands elsewhere: the comparison sees the clip
+    assert max((a - b).abs().max() for a, b in zip(params, unclipped)) > 1e-3
+    # the target network did not move (a hard copy every 1000 updates)
+    for got, want in zip(module.q_target.parameters(), target):
+        assert torch.equal(got, want)
+
+
+def test_dueling_head_by_hand():
+    g = torch.Generator().manual_seed(1)
+    module = DQN(obs_shape=(3,), num_actions=4, hidden=(5,), dueling=True)
+    net = module.q_net
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        obs = torch.randn(6, 3, generator=g)
+        value = _mlp_by_hand([p.clone() for p in net.value.parameters()], obs)  # (6, 1)
+        advantage = _mlp_by_hand([p.clone() for p in net.head.parameters()], obs)  # (6, 4)
+        assert advantage.mean(1).abs().min() > 0.05  # the mean subtraction matters on every row
+        q = value + advantage - advantage.mean(1, keepdim=True)  # Wang et al. Eq. (9)
+        torch.testing.assert_close(net(obs), q)
+        torch.testing.assert_close(module.q_value(obs, torch.tensor([0, 1, 2, 3, 0, 1])), q[torch.arange(6),
+                                                                                         [0, 1, 2, 3, 0, 1]])
+        torch.testing.assert_close(module.greedy_action(obs), q.argmax(1))
+
+
+def test_epsilon_schedule_by_hand_at_several_env_steps():
+    module = DQN(obs_shape=(3,), num_actions=4, hidden=(8,), epsilon_start=0.8, epsilon_end=0.1, epsilon_steps=250)
+    # eps(t) = 0.8 + min(1, t / 250) (0.1 - 0.8)
+    steps = [0, 1, 60, 125, 249, 250, 251, 10**6]
+    assert [module.epsilon(t) for t in steps] == pytest.approx([0.8, 0.7972, 0.632, 0.45, 0.1028, 0.1, 0.1, 0.1])
+    obs = np.random.default_rng(0).normal(size=(6000, 3)).astype(np.float32)
+    greedy = module.act(obs)
+    assert len(np.unique(greedy)) > 1  # so "differs from greedy" is not "differs from one action"
+    torch.manual_seed(0)
+    for t, eps in [(60, 0.632), (125, 0.45)]:
+        # a uniformly random action with probability eps, which differs from the greedy one 3/4 of the time
+        assert abs(np.mean(module.explore(obs, t) != greedy) - 0.75 * eps) < 0.02
 
 
 def test_dueling_head_subtracts_the_mean_advantage():
@@ -240,3 +373,30 @@ def test_importance_weights_reach_the_loss(scale):
     fit(module, dm, 1)
     moved = any(not torch.equal(a, b) for a, b in zip(before, module.q_net.parameters()))
     assert moved == (scale > 0)  # zero weights: zero gradient, and Adam's first step is then zero
+
+
+def test_act_and_explore_normalise_raw_states_like_the_training_data(tmp_path):
+    """Trained on normalised states, the policies take raw environment states: act and
+    explore must feed (s - mean) / (std + 1e-3) (the data's statistics, TD3+BC's
+    epsilon) to the Q-network, which a raw state would put far off its training range."""
+    from lit_qlearn.data import OfflineDataModule, write_d4rl
+
+    rng = np.random.default_rng(0)
+    obs = (rng.normal(size=(400, 3)) * [3.0, 0.5, 2.0] + [5.0, -4.0, 1.0]).astype(np.float32)
+    path = write_d4rl(tmp_path / "discrete.hdf5", {
+        "observations": obs, "actions": rng.integers(0, 4, size=400), "rewards": rng.normal(size=400).astype(np.float32),
+        "terminals": np.zeros(400, dtype=bool)})
+    L.seed_everything(0, verbose=False)
+    module = DQN(hidden=(16,), epsilon_start=0.0, epsilon_end=0.0)
+    fit(module, OfflineDataModule(str(path), batch_size=32, normalize_states=True), 1)
+    # D4RL's qlearning_dataset drops the last row (no next state): the statistics of rows 0..398
+    kept = obs[:-1].astype(np.float64)
+    mean, std = kept.mean(0), kept.std(0) + 1e-3
+    raw = (rng.normal(size=(500, 3)) * [3.0, 0.5, 2.0] + [5.0, -4.0, 1.0]).astype(np.float32)
+    with torch.no_grad():
+        by_hand = module.q_net(torch.as_tensor((raw - mean) / std, dtype=torch.float32)).argmax(1).numpy()
+        unnormalised = module.q_net(torch.as_tensor(raw)).argmax(1).numpy()
+    assert np.mean(by_hand != unnormalised) > 0.2  # feeding raw states would change many actions
+    assert np.array_equal(module.act(raw), by_hand)
+    assert np.array_equal(module.explore(raw, 10**6), by_hand)  # epsilon 0: the greedy action
+    assert module.act(raw[0]) == by_hand[0]

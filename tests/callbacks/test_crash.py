@@ -7,11 +7,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
+from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.callbacks import CrashPredictor, predict_crash_step
+from lit_qlearn.data import OfflineDataModule
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ, compass_directions
-from tests.conftest import run_ddp_script
+from tests.conftest import CHAIN_STATES, fit, run_ddp_script
 
 
 def diverging(t, crash, layers, c=0.3):
@@ -201,7 +204,11 @@ def test_checkpoint_and_stop_keeps_the_measurement_before_the_forecast(r1_crash,
         torch.testing.assert_close(value, spy.module[stop - 1][name], rtol=0, atol=0)
     for name, value in module.state_dict().items():  # the run itself ends in the state it reached
         torch.testing.assert_close(value, spy.module[stop][name], rtol=0, atol=0)
-    assert checkpoint["callbacks"][callback.state_key]["fired"] is True
+    # The file is the state of the healthy step: counters and this callback's own state
+    # included (it had not fired yet; its window ends at that step).
+    assert checkpoint["global_step"] == checkpoint["lit_qlearn_updates"] == stop - 1
+    kept = checkpoint["callbacks"][callback.state_key]
+    assert kept["fired"] is False and kept["history"][-1][0] == stop - 1 and kept["next_due"] == stop
 
 
 def test_bellman_bound_stops_and_keeps_the_last_healthy_state(tmp_path):
@@ -246,6 +253,84 @@ def test_bellman_bound_stops_and_keeps_the_last_healthy_state(tmp_path):
     for index, state in spy.optimizer[healthy]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(saved[index][key], state[key], rtol=0, atol=0)
+
+
+def _same(a, b, where="checkpoint"):
+    """Recursive bit-for-bit equality of two checkpoint entries."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for key in a:
+            _same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*")
+def test_last_healthy_checkpoint_is_an_ordinary_checkpoint_of_its_step(chain_file, tmp_path):
+    """Issue 19, item 4. TD3+BC on the chain (Adam, twin critics and their targets, the
+    actor's delayed steps, target-policy noise from the global RNG, a DataModule sampling
+    with its own generator, 40 batches an epoch) stopped by the q_bound at a detection
+    step D: last-healthy-step=K.ckpt equals, entry for entry and bit for bit, the file a
+    ModelCheckpoint writes at step K of the same run without the callback (only the
+    callbacks' slots differ), and fit(ckpt_path=...) from either ends in the same state."""
+    def make():
+        L.seed_everything(0, verbose=False)
+        dm = OfflineDataModule(str(chain_file), batch_size=64, normalize_states=False, seed=0, steps_per_epoch=40)
+        return TD3BC(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(32, 32), actor_hidden=(32, 32),
+                     eval_every=0), dm
+
+    class Batches(L.Callback):  # a callback listed after the predictor, with a state of its own
+        def __init__(self):
+            self.batches = 0
+
+        def on_train_batch_end(self, *args):
+            self.batches += 1
+
+        def state_dict(self):
+            return {"batches": self.batches}
+
+    every = 10
+    crash = CrashPredictor(every_n_steps=every, probe_size=64, action="checkpoint_and_stop", min_r2=1.1,
+                           threshold=math.inf, q_bound=0.5, dirpath=tmp_path / "healthy")
+    trainer = fit(*make(), 400, callbacks=[crash, Batches()])
+    detected, k = trainer.global_step, crash.healthy_step
+    assert detected == crash.stopped_step < 400 and k == detected - every and k > 40  # past an epoch's end
+    assert crash.checkpoint_path.endswith(f"last-healthy-step={k}.ckpt")
+
+    fit(*make(), k, callbacks=[Batches(), ModelCheckpoint(dirpath=tmp_path / "ordinary", every_n_train_steps=k,
+                                                          save_top_k=-1)], enable_checkpointing=True)
+    (ordinary,) = (tmp_path / "ordinary").glob(f"*step={k}.ckpt")
+    healthy_ckpt = torch.load(crash.checkpoint_path, weights_only=False)
+    ordinary_ckpt = torch.load(ordinary, weights_only=False)
+    assert healthy_ckpt["global_step"] == healthy_ckpt["lit_qlearn_updates"] == k and healthy_ckpt["epoch"] == k // 40
+    assert healthy_ckpt["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]["total"][
+        "completed"] == k
+    # Every callback's state is of step k too, the ones after the predictor included.
+    key = Batches().state_key
+    assert healthy_ckpt["callbacks"][key] == ordinary_ckpt["callbacks"][key] == {"batches": k}
+    assert healthy_ckpt["callbacks"][crash.state_key]["history"][-1][0] == k
+    healthy_ckpt.pop("callbacks"), ordinary_ckpt.pop("callbacks")
+    _same(healthy_ckpt, ordinary_ckpt)  # weights, targets, Adam moments, loops, RNG, DataModule, ...
+
+    class Start(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.at = (trainer.global_step, pl_module.updates, trainer.current_epoch)
+
+    ends = []
+    for path in (crash.checkpoint_path, ordinary):
+        start = Start()
+        module, dm = make()
+        trainer = fit(module, dm, detected + 20, ckpt_path=path, callbacks=[start])
+        assert start.at == (k, k, k // 40) and trainer.global_step == module.updates == detected + 20
+        ends.append(({n: v.clone() for n, v in module.state_dict().items()},
+                     [o.state_dict() for o in trainer.optimizers]))
+    _same(ends[0], ends[1], "resumed run")
 
 
 def test_user_bound_overrides_and_zero_rewards_give_none(tmp_path):
@@ -377,7 +462,11 @@ def test_ddp_stop_and_checkpoint_decisions_are_reduced(tmp_path):
         assert got["global_step"] == got["stopped_step"] == single.stopped_step
         assert got["healthy_step"] == single.healthy_step == single.stopped_step - 5
         assert Path(got["checkpoint_path"]).name == Path(single.checkpoint_path).name
-    written = torch.load(ranks[0]["checkpoint_path"], weights_only=False)["state_dict"]
+    checkpoint = torch.load(ranks[0]["checkpoint_path"], weights_only=False)
+    # The healthy step's counters, and every rank's random state of that step (gathered in the dump).
+    assert checkpoint["global_step"] == checkpoint["lit_qlearn_updates"] == single.healthy_step
+    assert len(checkpoint["lit_qlearn_rng"]) == 2
+    written = checkpoint["state_dict"]
     reference = torch.load(single.checkpoint_path, weights_only=False)["state_dict"]
     for name, value in reference.items():
         torch.testing.assert_close(written[name], value, rtol=1e-5, atol=1e-6)

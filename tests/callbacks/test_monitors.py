@@ -72,14 +72,41 @@ def chain_dm(chain_file):
     return OfflineDataModule(str(chain_file), batch_size=16, normalize_states=False, steps_per_epoch=50)
 
 
-def test_users_module_numbers_match_closed_form_linear_kernel(chain_dm):
-    module = UserModule()
+OBS_DIM = 9  # with the action and the bias, 11 features: a probe of up to 11 rows has full rank
+
+
+@pytest.fixture
+def random_dm(tmp_path):
+    """Gaussian states in R^9 (next state = the next row), uniform actions in [-1, 1]."""
+    from lit_qlearn.data import write_d4rl
+
+    rng = np.random.default_rng(0)
+    n = 200
+    path = write_d4rl(tmp_path / "random.hdf5", {
+        "observations": rng.normal(size=(n, OBS_DIM)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, size=(n, 1)).astype(np.float32),
+        "rewards": rng.normal(size=n).astype(np.float32), "terminals": np.arange(n) % 25 == 24})
+    return OfflineDataModule(str(path), batch_size=16, normalize_states=False, steps_per_epoch=50)
+
+
+def _linear_seem(module, probe, act_star):
+    """Closed form for a linear critic Q = w.(s, a) + b: G(X', X) = F(X') F(X)^T with features
+    F = (s, a, 1), so A = (gamma F(X*) F(X)^T - F(X) F(X)^T) / P (the authors' 1/P, P = d + 1)."""
+    ones = np.ones((len(probe.obs), 1))
+    f = np.concatenate([probe.obs.double().numpy(), probe.act.double().numpy(), ones], -1)
+    f_star = np.concatenate([probe.next_obs.double().numpy(), np.asarray(act_star, dtype=float), ones], -1)
+    assert np.linalg.matrix_rank(f) == len(f)  # full rank: no null space pins the top eigenvalue to 0
+    a = (module.gamma * f_star @ f.T - f @ f.T) / f.shape[1]
+    return a, np.linalg.eigvals(a).real.max()
+
+
+def test_users_module_numbers_match_closed_form_linear_kernel(random_dm):
+    module = UserModule(obs_dim=OBS_DIM)
     ntk_cb = NTKGramCallback(every_n_steps=3, probe_size=40)
-    # 6 probe points < rank 7 of the linear kernel: A has no null space, its top eigenvalue is not 0.
-    seem_cb = SEEMMonitor(every_n_steps=3, probe_size=6, solver="dense", dtype=torch.float64)
-    trainer = run(module, chain_dm, 3, [ntk_cb, seem_cb])
+    seem_cb = SEEMMonitor(every_n_steps=3, probe_size=8, solver="dense", dtype=torch.float64)
+    trainer = run(module, random_dm, 3, [ntk_cb, seem_cb])
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    probe = chain_dm.probe_batch(40, seed=0)
+    probe = random_dm.probe_batch(40, seed=0)
     x = torch.cat([probe.obs, probe.act], -1).double().numpy()
     # Linear model: G = X X^T + 1 (weight and bias), for any parameters.
     g = x @ x.T + 1
@@ -88,21 +115,102 @@ def test_users_module_numbers_match_closed_form_linear_kernel(chain_dm):
     assert m["ntk/offdiag_abs_mean"] == pytest.approx(off / (40 * 39), rel=1e-5)
     assert m["ntk/row_ratio_mean"] == pytest.approx(((np.abs(g).sum(1) - np.diag(g)) / (40 * np.diag(g))).mean(),
                                                     rel=1e-5)
-    p6 = chain_dm.probe_batch(6, seed=0)
-    x = torch.cat([p6.obs, p6.act], -1).double().numpy()
-    x_star = np.concatenate([p6.next_obs.numpy(), (p6.next_obs @ module.policy).numpy()], -1).astype(float)
-    a = (UserModule.gamma * (x_star @ x.T + 1) - (x @ x.T + 1)) / (x.shape[1] + 1)  # authors' 1/P, P = d + 1
-    top = np.linalg.eigvals(a).real.max()
-    assert m["seem/max_eig"] == pytest.approx(top, rel=1e-5)
-    assert m["seem/max_eig_normalized"] == pytest.approx(top / np.linalg.norm(a), rel=1e-5)
+    p8 = random_dm.probe_batch(8, seed=0)
+    a, top = _linear_seem(module, p8, (p8.next_obs @ module.policy).numpy())  # X* = (s', pi(s'))
+    # far from 0 relative to A's size, so a relative tolerance means something
+    assert abs(top) > 0.01 * np.linalg.norm(a)
+    assert m["seem/max_eig"] == pytest.approx(top, rel=1e-6)
+    assert m["seem/max_eig_normalized"] == pytest.approx(top / np.linalg.norm(a), rel=1e-6)
+    # X* built from the data's action instead of the policy's: a different number, far outside the tolerance
+    _, with_data_action = _linear_seem(module, p8, p8.act.numpy())
+    assert abs(with_data_action - top) > 0.5 * abs(top)
     evals, evecs = np.linalg.eig(a)
     share = np.abs(evecs[:, np.argmax(evals.real)]) ** 2
     share /= share.sum()
     assert m["seem/participation"] == pytest.approx(1 / (share**2).sum(), rel=1e-5)
     np.testing.assert_allclose(seem_cb.eigenvector.abs().numpy() ** 2, share, rtol=1e-5, atol=1e-9)
     with torch.no_grad():
-        assert m["seem/q_data_mean"] == pytest.approx(module.q(p6.obs, p6.act).mean().item(), rel=1e-5)
+        assert m["seem/q_data_mean"] == pytest.approx(module.q(p8.obs, p8.act).mean().item(), rel=1e-5)
+        assert m["seem/q_policy_mean"] == pytest.approx(
+            module.q(p8.next_obs, p8.next_obs @ module.policy).mean().item(), rel=1e-5)
     assert "ntk/cos_prev" not in m and "seem/action_cos_prev" not in m  # one evaluation so far
+
+
+class TanhQ(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, obs, act):
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+class TanhUserModule(UserModule):
+    """The user's module with a tanh MLP critic: its NTK depends on the parameters."""
+
+    gamma = 0.99
+
+    def __init__(self, obs_dim=OBS_DIM, act_dim=1):
+        super().__init__(obs_dim, act_dim)
+        torch.manual_seed(0)
+        self.q = TanhQ(obs_dim + act_dim)
+
+
+def _jacobian(net, obs, act):
+    """Per-sample gradients dQ(s_i, a_i)/dtheta ``(N, P)`` with torch.func, in float64."""
+    import copy
+
+    net = copy.deepcopy(net).double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def q(p, o, a):
+        return torch.func.functional_call(net, p, (o[None], a[None])).squeeze(0)
+
+    jac = torch.func.vmap(torch.func.jacrev(q), in_dims=(None, 0, 0))(params, obs.double(), act.double())
+    return torch.cat([jac[k].reshape(len(obs), -1) for k in params], 1)
+
+
+def test_seem_uses_the_greedy_action_at_the_next_state_torch_func(random_dm):
+    """SEEM's X* is (s', greedy_action(s')), not the data's action: on a tanh critic, the
+    monitors' numbers against Grams of torch.func Jacobians, and the SEEM that X* = (s', a)
+    would give is far from the logged one. NTKGramCallback's statistics on the same probe."""
+    module = TanhUserModule()
+    ntk_cb = NTKGramCallback(every_n_steps=4, probe_size=12)
+    seem_cb = SEEMMonitor(every_n_steps=4, probe_size=8, solver="dense", dtype=torch.float64)
+    trainer = run(module, random_dm, 4, [ntk_cb, seem_cb])
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    net = module.q_network()
+
+    p12 = random_dm.probe_batch(12, seed=0)
+    j = _jacobian(net, p12.obs, p12.act)
+    g = (j @ j.T).numpy()
+    n = len(g)
+    off = np.abs(g).sum(1) - np.abs(np.diag(g))
+    assert m["ntk/diag_mean"] == pytest.approx(np.diag(g).mean(), rel=1e-4)
+    assert m["ntk/offdiag_abs_mean"] == pytest.approx(off.sum() / (n * (n - 1)), rel=1e-4)
+    assert m["ntk/row_ratio_mean"] == pytest.approx((off / (n * np.diag(g))).mean(), rel=1e-4)
+
+    p8 = random_dm.probe_batch(8, seed=0)
+    pi_next = p8.next_obs @ module.policy  # the user's greedy action at s', by hand
+    a = _seem_matrix(module, p8, p8.next_obs, pi_next)
+    top, frob = np.linalg.eigvals(a).real.max(), np.linalg.norm(a)
+    assert abs(top) > 0.01 * frob
+    assert m["seem/max_eig"] == pytest.approx(top, rel=1e-6)
+    assert m["seem/max_eig_normalized"] == pytest.approx(top / frob, rel=1e-6)
+    with torch.no_grad():
+        assert m["seem/q_policy_mean"] == pytest.approx(module.q(p8.next_obs, pi_next).mean().item(), rel=1e-6)
+    # X* from the data's action, or from the current state: other numbers, far outside the tolerance
+    for states, actions in ((p8.next_obs, p8.act), (p8.obs, p8.obs @ module.policy)):
+        wrong = np.linalg.eigvals(_seem_matrix(module, p8, states, actions)).real.max()
+        assert abs(wrong - top) > 0.1 * abs(top)
+
+
+def _seem_matrix(module, probe, states, actions):
+    """A = (gamma G(X*, X) - G(X, X)) / P with X = the probe's (s, a), X* = (states, actions),
+    G from torch.func Jacobians (the authors' 1/P)."""
+    net = module.q_network()
+    jx, jstar = _jacobian(net, probe.obs, probe.act), _jacobian(net, states, actions)
+    return ((module.gamma * jstar @ jx.T - jx @ jx.T) / jx.shape[1]).numpy()
 
 
 def test_cadence_cosines_and_tensorboard(tiny_td3bc, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from lit_qlearn.data import (
     REF_SCORES, DatasetError, collect, default_dataset_path, ensure_default_dataset, read_d4rl, reference_scores,
 )
+from lit_qlearn.data.checkpoint import CheckpointError
 from lit_qlearn.data.d4rl import load_d4rl_raw
 
 
@@ -117,10 +118,17 @@ def _save_checkpoint(path, value, with_class=True):
 
 def test_checkpoint_policy(tmp_path):
     ckpt = _save_checkpoint(tmp_path / "actor.ckpt", value=-1.0)
-    path = collect("Pendulum-v1", ckpt, steps=8, path=tmp_path / "k.hdf5", max_episode_steps=4)
-    raw, meta = load_d4rl_raw(path)
-    np.testing.assert_array_equal(raw["actions"], np.full((8, 1), -0.75, np.float32))
-    assert meta["policy"] == f"checkpoint:{ckpt}"
+    # a class outside lit_qlearn.algorithms is rebuilt only when the caller names it (a file
+    # may not choose the code it is loaded with); lit_qlearn's own: tests/test_checkpoint_safety.py
+    with pytest.raises(CheckpointError, match=r"'.*ConstantActor' is not one of lit_qlearn's algorithms.*"
+                                              r"--policy-class .*:ConstantActor"):
+        collect("Pendulum-v1", ckpt, steps=8, path=tmp_path / "k.hdf5", max_episode_steps=4)
+    for named in (ConstantActor, f"{ConstantActor.__module__}:ConstantActor"):
+        path = collect("Pendulum-v1", ckpt, steps=8, path=tmp_path / "k.hdf5", max_episode_steps=4,
+                       policy_class=named)
+        raw, meta = load_d4rl_raw(path)
+        np.testing.assert_array_equal(raw["actions"], np.full((8, 1), -0.75, np.float32))
+        assert meta["policy"] == f"checkpoint:{ckpt}"
 
 
 def test_checkpoint_without_class_key(tmp_path):

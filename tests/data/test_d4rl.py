@@ -198,3 +198,35 @@ def test_a_dataset_with_zero_rows_is_a_dataset_error(tmp_path):
         f["rewards"], f["terminals"], f["timeouts"] = np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, bool)
     with pytest.raises(DatasetError, match="empty.hdf5: holds no rows"):
         read_d4rl(path)
+
+
+# ------------------------------------------------------------ OS errors on data paths
+
+
+@pytest.mark.parametrize("where, reason", [("under a file", "File exists"), ("a directory", "Is a directory")])
+def test_write_os_errors_are_dataset_errors_naming_the_path(where, reason, arrays, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    target = blocker / "out.hdf5" if where == "under a file" else tmp_path / "a-dir"
+    if where == "a directory":
+        target.mkdir()
+    with pytest.raises(DatasetError) as e:
+        write_d4rl(target, arrays(n=10))
+    assert str(e.value).startswith(f"{target}: cannot write the file ({reason}")
+    assert blocker.read_text() == "keep me" and not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*/.*"))
+
+
+def test_a_path_that_cannot_be_looked_up_is_a_dataset_error(tmp_path, monkeypatch):
+    # Tests run as root, whom an unsearchable directory does not stop: the stat a normal
+    # user's lookup would fail with EACCES is made to fail that way here.
+    import errno
+    import pathlib
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "is_file", denied)
+    with pytest.raises(DatasetError) as e:
+        resolve_dataset_path(tmp_path / "locked" / "x.hdf5")
+    assert str(e.value) == (f"{tmp_path / 'locked' / 'x.hdf5'}: cannot be looked up (Permission denied; expected a "
+                            "readable D4RL-format .hdf5 file)")

@@ -164,3 +164,123 @@ def test_replay_arrays_marks_terminations_and_truncations():
     assert replay_arrays(buf, 2)["timeouts"].tolist() == [False, False]
     with pytest.raises(ValueError, match="rows must be in"):
         replay_arrays(buf, 6)
+
+
+# ------------------------------------------------------------ errors before work
+
+
+def _no_generation(monkeypatch):
+    """Make every way of generating data fail loudly: a check that comes too late shows
+    as this AssertionError instead of the DatasetError the tests expect."""
+    import importlib
+
+    import lit_qlearn.data.behaviour as behaviour
+
+    collect_module = importlib.import_module("lit_qlearn.data.collect")  # (lit_qlearn.data.collect is the function)
+
+    def started(*args, **kwargs):
+        raise AssertionError("data generation started before the output directory was checked")
+
+    monkeypatch.setattr(generated, "collect", started)
+    monkeypatch.setattr(behaviour, "train_sac", started)
+    monkeypatch.setattr(collect_module, "make_vector_env", started)
+
+
+def _unwritable(how, tmp_path, monkeypatch):
+    """An unwritable data directory, and the directory the error must name. Tests run as
+    root, whom file modes do not stop, so 'under a file' and 'is a file' are real failures
+    of the file system, and 'refuses files' simulates a read-only directory by making the
+    one probe write fail as it would there (EACCES)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    if how == "under a file":
+        return blocker / "datasets", "Not a directory"
+    if how == "is a file":
+        return blocker, "File exists"
+    import errno
+    import tempfile
+
+    import lit_qlearn.data.d4rl as d4rl
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(d4rl.tempfile, "TemporaryFile", refuse)
+    assert tempfile.TemporaryFile is refuse  # (the one module, patched for this test only)
+    (tmp_path / "read-only").mkdir()
+    return tmp_path / "read-only", "Permission denied"
+
+
+@pytest.mark.parametrize("how", ["under a file", "is a file", "refuses files"])
+@pytest.mark.parametrize("entry", ["ensure_default_dataset", "OfflineDataModule", "make_dataset", "collect"])
+def test_an_unwritable_data_directory_fails_before_any_generation(how, entry, tmp_path, monkeypatch):
+    import time
+
+    from lit_qlearn.data import collect, ensure_default_dataset
+
+    data_dir, reason = _unwritable(how, tmp_path, monkeypatch)
+    monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(data_dir))
+    _no_generation(monkeypatch)
+    calls = {
+        "ensure_default_dataset": lambda: ensure_default_dataset(),
+        "OfflineDataModule": lambda: OfflineDataModule("hopper-medium-v5").prepare_data(),
+        "make_dataset": lambda: generated.make_dataset("hopper-random-v5", steps=1000),
+        "collect": lambda: collect("Hopper-v5", "random", steps=1000),  # default path: the data directory
+    }
+    started = time.perf_counter()
+    with pytest.raises(DatasetError) as e:
+        calls[entry]()
+    assert time.perf_counter() - started < 2.0
+    msg = str(e.value)
+    assert msg.startswith(f"{data_dir}: ") and reason in msg and "expected a writable directory" in msg
+    assert "set LIT_QLEARN_DATA_DIR" in msg and "\n" not in msg
+    assert not (data_dir.is_dir() and any(data_dir.iterdir()))  # nothing written
+
+
+def test_a_cached_dataset_in_a_read_only_directory_is_reused(tmp_path, monkeypatch):
+    # the writability check is for making a file: an existing one needs none
+    monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(tmp_path / "data"))
+    from lit_qlearn.data import ensure_default_dataset
+
+    path = ensure_default_dataset(steps=50, progress=lambda n: None)
+    _unwritable("refuses files", tmp_path, monkeypatch)
+    _no_generation(monkeypatch)
+    assert ensure_default_dataset() == path
+
+
+def test_the_data_directory_is_created_but_a_users_directory_is_not(policies, tmp_path, monkeypatch):
+    _no_generation(monkeypatch)
+    monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(tmp_path / "new" / "data"))
+    # the package's own cache directory: made (the check passes, then generation starts)
+    with pytest.raises(AssertionError, match="data generation started"):
+        generated.make_dataset("hopper-random-v5", steps=100)
+    assert (tmp_path / "new" / "data").is_dir()
+    # a directory the user named: an error naming it, and nothing created
+    with pytest.raises(DatasetError) as e:
+        generated.make_dataset("hopper-random-v5", steps=100, path=tmp_path / "typo" / "r.hdf5")
+    assert str(e.value).startswith(f"{tmp_path / 'typo'}: directory does not exist (create it first)")
+    assert "r.hdf5" in str(e.value) and not (tmp_path / "typo").exists()
+    with pytest.raises(DatasetError, match="is a directory"):
+        generated.make_dataset("hopper-random-v5", steps=100, path=tmp_path)
+
+
+def test_train_checks_its_outputs_before_training(tmp_path, monkeypatch):
+    _no_generation(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LIT_QLEARN_POLICY_DIR", str(blocker / "policies"))
+    monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(DatasetError, match="set LIT_QLEARN_POLICY_DIR to a writable policy directory") as e:
+        generated.train_policy("hopper", steps=1000)
+    assert str(e.value).startswith(str(blocker / "policies"))
+    monkeypatch.setenv("LIT_QLEARN_POLICY_DIR", str(tmp_path / "policies"))
+    monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(blocker / "data"))
+    with pytest.raises(DatasetError, match="set LIT_QLEARN_DATA_DIR"):
+        generated.train_policy("hopper", steps=1000)
+
+
+def test_make_checks_every_option_before_the_first_step(policies, monkeypatch):
+    _no_generation(monkeypatch)
+    for steps in (1, 0, 2.5, True):
+        with pytest.raises(DatasetError, match=rf"hopper-random-v5: steps must be an integer >= 2 .* got {steps!r}"):
+            generated.make_dataset("hopper-random-v5", steps=steps)

@@ -344,3 +344,39 @@ def test_discrete_actions_end_to_end(tmp_path):
     batch = _epoch(dm)[0]
     assert batch.act.dtype == torch.int64 and batch.act.shape == (16,)
     np.testing.assert_array_equal(dm.data.terminated.numpy(), d["terminals"])
+
+
+def test_a_batch_larger_than_the_dataset_is_an_error_before_training(toy):
+    path, d = toy
+    n = len(d["rewards"])
+    kept = round(0.25 * n)  # subset_indices keeps max(1, round(fraction * n)) transitions
+    dm = _dm(path, fraction=0.25, batch_size=kept + 1, normalize_states=False)
+    with pytest.raises(DatasetError) as e:
+        dm.train_dataloader()
+    assert str(e.value) == (f"batch_size ({kept + 1}) is larger than the dataset: {str(path)!r} keeps {kept} "
+                            f"transitions at fraction=0.25; expected batch_size <= {kept}")
+    # reading the small dataset needs no batch_size: data, spec and probe set still work
+    assert len(dm.data.rew) == kept and dm.spec.obs_dim == 3 and len(dm.probe_batch(10).rew) == 10
+    with pytest.raises(DatasetError, match=rf"'.*toy.hdf5' holds {n} transitions; expected batch_size <= {n}"):
+        _dm(path, batch_size=n + 1).train_dataloader()
+    # a batch of exactly the dataset's size is allowed
+    (batch,) = list(_dm(path, fraction=0.25, batch_size=kept, steps_per_epoch=1).train_dataloader())
+    assert batch.obs.shape == (kept, 3)
+
+
+def test_a_d4rl_name_found_nowhere_lists_the_datasets_lit_qlearn_makes(isolated_dirs):
+    from lit_qlearn.data.generated import dataset_names
+
+    with pytest.raises(DatasetError) as e:
+        OfflineDataModule("hopper-medium-v2").setup("fit")
+    msg = str(e.value)
+    assert msg.startswith("dataset 'hopper-medium-v2' not found: no file hopper-medium-v2.hdf5 or "
+                          f"hopper_medium-v2.hdf5 in {isolated_dirs / 'd4rl'}")
+    assert "('hopper-medium-v5' is lit_qlearn's own counterpart): default, hopper-random-v5, hopper-medium-v5" in msg
+    assert len(dataset_names()) == 15 and all(name in msg for name in dataset_names()) and "\n" not in msg
+    # no counterpart to offer for a name of no family; a path is not a name (its message stays short)
+    with pytest.raises(DatasetError, match=r"not found: .*; or a dataset lit_qlearn makes itself on first use: defa"):
+        OfflineDataModule("antmaze-umaze-v2").setup("fit")
+    with pytest.raises(DatasetError) as e:
+        OfflineDataModule(str(isolated_dirs / "nope.hdf5")).setup("fit")
+    assert str(e.value) == f"{isolated_dirs / 'nope.hdf5'}: dataset file not found"

@@ -157,3 +157,62 @@ def test_spec_of_discrete_and_continuous_environments():
     pendulum = OnlineDataModule("Pendulum-v1").spec
     assert not pendulum.discrete and pendulum.action_low == (-2.0,) and pendulum.action_high == (2.0,)
     assert ChainEnv.optimal_q(0.5)[4, 1] == 1.0
+
+
+@pytest.mark.parametrize("beta_steps", [8, None])  # None: annealed over the Trainer's max_steps (12)
+def test_prioritised_batches_are_weighted_with_the_annealed_beta(beta_steps):
+    """Every served batch carries w_i = (p_i / p_min)^(-beta_t), p_min over the whole buffer
+    (Schaul et al.'s normalisation by the largest weight, (N P_min)^(-beta)), with beta_t
+    annealed from beta to 1: beta_t = beta + (1 - beta) min(1, (t - 1) / beta_steps) for
+    update t (t - 1 updates are done when its batch is drawn). The test sets every
+    priority itself, so p is known without reading the buffer."""
+    from lit_qlearn.algorithms import DQN
+
+    alpha, beta, steps = 0.7, 0.2, 12
+    eps = 1e-6  # PrioritizedReplayBuffer's default, which OnlineDataModule keeps
+    dm = OnlineDataModule(CHAIN, learning_starts=40, batch_size=16, capacity=500, prioritized=True, alpha=alpha,
+                          beta=beta, beta_steps=beta_steps, seed=0)
+    rng = np.random.default_rng(0)
+    known = {"p": np.ones(0), "max": 1.0}  # priorities the test set, and the largest so far (1.0 at start)
+    checked = []
+
+    class TestSetsPriorities(DQN):
+        def update(self, batch):
+            super().update(batch)
+            return None  # no TD errors for the buffer: the callback below sets every priority
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            t = pl_module.updates + 1  # the update this batch is for
+            # slots filled since the test's last priorities entered with the largest priority seen
+            p = np.concatenate([known["p"], np.full(len(dm.buffer) - len(known["p"]), known["max"])])
+            beta_t = beta + (1 - beta) * min(1.0, (t - 1) / (beta_steps or steps))
+            expected = (p[batch.index.numpy()] / p.min()) ** (-beta_t)
+            np.testing.assert_allclose(batch.weight.numpy(), expected, rtol=1e-5)
+            checked.append((t, beta_t, float(batch.weight.min())))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            n = len(dm.buffer)
+            td = rng.uniform(0.0, 4.0, size=n)
+            td[rng.integers(n)] = 0.0  # p_min = eps^alpha somewhere in the buffer
+            dm.update_priorities(torch.arange(n), torch.as_tensor(td))
+            known["p"] = (np.abs(td) + eps) ** alpha  # Schaul et al.'s proportional priority, by hand
+            known["max"] = max(known["max"], known["p"].max())
+
+    L.seed_everything(0, verbose=False)
+    L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", callbacks=[Check()]).fit(
+        TestSetsPriorities(gamma=0.9, hidden=(8,)), dm)
+    assert [t for t, _, _ in checked] == list(range(1, steps + 1))
+    # beta moved from 0.2 towards 1 (reaching it with beta_steps=8), and the weights are far
+    # from 1, so a batch weighted with the initial beta would fail above
+    assert checked[-1][1] == pytest.approx(1.0 if beta_steps else beta + (1 - beta) * 11 / 12)
+    assert all(w < 0.2 for _, _, w in checked[1:])
+
+
+def test_a_capacity_below_the_batch_size_is_an_error_at_construction():
+    with pytest.raises(DatasetError) as e:
+        OnlineDataModule(CHAIN, capacity=63, learning_starts=64, batch_size=64)
+    assert str(e.value) == ("OnlineDataModule: capacity (63) must be at least batch_size (64), the transitions one "
+                            "batch draws from the replay buffer")
+    assert OnlineDataModule(CHAIN, capacity=64, learning_starts=64, batch_size=64).hparams.capacity == 64

@@ -333,3 +333,28 @@ def test_usage_errors_name_the_argument():
         PrioritizedReplayBuffer(9, (3,), num_envs=2).load_state_dict(buf.state_dict())
     with pytest.raises(ValueError, match="alpha"):
         ReplayBuffer(8, (3,), num_envs=2).load_state_dict(buf.state_dict())
+
+
+def test_weights_are_normalised_by_the_smallest_priority_in_the_buffer_not_the_batch():
+    """w_i = (N P(i))^(-beta) / max_j (N P(j))^(-beta) = (p_i / p_min)^(-beta) with p_min over
+    every filled slot, drawn or not (Schaul et al. 2016, Alg. 1). Slot 0 holds a priority so
+    small that it is never drawn, so normalising by the batch's own largest weight would give
+    a batch maximum of 1 and fail. Checked at several beta, then after slot 0 is overwritten."""
+    n, alpha, eps = 10, 0.6, 1e-3
+    buf = _filled(n, n, alpha=alpha, eps=eps)
+    td = np.random.default_rng(3).uniform(0.5, 4.0, size=n)
+    td[0] = 0.0  # p_0 = eps^alpha ~ 0.016, P(0) ~ 1e-3
+    buf.update_priorities(torch.arange(n), torch.as_tensor(td))
+    p = (td + eps) ** alpha
+    g = torch.Generator().manual_seed(0)
+    for beta in (0.0, 0.3, 0.7, 1.0):
+        batch = buf.sample(8, beta=beta, generator=g)
+        assert 0 not in batch.index.tolist()
+        np.testing.assert_allclose(batch.weight.numpy(), (p[batch.index.numpy()] / p.min()) ** (-beta), rtol=1e-6)
+        if beta > 0:
+            assert batch.weight.max() < 0.5  # a batch-max normaliser would give 1
+    # a new row overwrites slot 0 with the largest priority: the smallest is now another slot's
+    buf.add([[n]], [0.0], [n], [[n + 1]], [False], [False])
+    p[0] = p.max()
+    batch = buf.sample(8, beta=0.5, generator=g)
+    np.testing.assert_allclose(batch.weight.numpy(), (p[batch.index.numpy()] / p.min()) ** -0.5, rtol=1e-6)
