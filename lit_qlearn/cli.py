@@ -235,6 +235,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _TRAINING.update(started=False, interrupted=False)
     _quiet_interrupt_notice()
+    # Lightning 2.6 builds torch's deprecated LeafSpec on every training step's output and
+    # torch >= 2.10 warns about it, once per run, in every command: a note from one
+    # dependency to the other that nothing a user of this command can act on. Only that
+    # message, raised from that Lightning module, is silenced, and only in this console.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
     commands = {"fit": fit_main, "collect": collect_main, "datasets": datasets_main, "demo": demo}
     if not argv or argv[0] not in commands:
         wanted_help = bool(argv) and argv[0] in ("-h", "--help")

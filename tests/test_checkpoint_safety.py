@@ -323,6 +323,7 @@ def test_a_broken_checkpoint_given_to_trainer_fit_is_one_line(kind, online_ckpt,
     assert "weights_only=False" not in message
     assert not (tmp_path / "ran").exists()
 
+
 # ------------------------------------------------------------------ Ctrl-C
 def _exit_status(argv):
     try:
@@ -355,15 +356,18 @@ def test_ctrl_c_in_any_commands_trainer_is_one_line_and_status_130(monkeypatch, 
 
     monkeypatch.setattr(cli, "demo", trains)
     lightning_log = logging.getLogger("lightning.pytorch")
-    before, level = signal.getsignal(signal.SIGINT), lightning_log.level
+    outer, level = signal.getsignal(signal.SIGINT), lightning_log.level
+    # Python's own Ctrl-C handler, as in a terminal (a run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and then no Ctrl-C arrives at all)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     lightning_log.setLevel(logging.WARNING)
     try:
         status = _exit_status(["demo"])
         after = signal.getsignal(signal.SIGINT)
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, outer)
         lightning_log.setLevel(level)
-    assert before is after is signal.default_int_handler  # main() put Python's handler back
+    assert after is signal.default_int_handler  # main() put Python's handler back
     assert status == 130
     assert capsys.readouterr().err.splitlines()[-1] == "lit-qlearn demo: interrupted"
 
@@ -383,8 +387,11 @@ def test_ctrl_c_during_fit_is_one_line_and_status_130(tmp_path):
     # notice, shuts down, exits 1); the command still says one line and exits 130
     argv = [*CLI_FIT, "--trainer.max_steps", "1000"]
     argv[argv.index("lit_qlearn.algorithms.DQN")] = "tests.test_checkpoint_safety.SignalsItself"
+    # the child starts with SIGINT's default disposition, as from a terminal, even when this
+    # test runs in the background of a non-interactive shell (which would hand it SIGINT ignored)
     proc = subprocess.run([sys.executable, "-m", "lit_qlearn.cli", *argv], capture_output=True, text=True,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == "lit-qlearn fit: interrupted"
     assert "KeyboardInterrupt" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr

@@ -166,3 +166,30 @@ def test_fit_prints_no_lightningcli_args_warning(capsys, monkeypatch):
         main(["fit", "--help"])
     assert exc.value.code == 0 and "--trainer.max_steps" in capsys.readouterr().out
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def test_a_fit_with_step_checkpoints_prints_none_of_lightnings_inapplicable_warnings(tmp_path):
+    # A real `lit-qlearn fit` as a user types it (its own process, the console script's
+    # sys.argv), with a ModelCheckpoint every 10 updates of a manually optimised module:
+    # neither LightningCLI's "args parameter" warning, nor ModelCheckpoint's 15 lines on
+    # manual optimisation, nor torch's LeafSpec note to Lightning reach the console.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    argv = ["fit", "--model", "lit_qlearn.algorithms.DQN", "--model.hidden", "[8]", "--data",
+            "lit_qlearn.data.OnlineDataModule", "--data.env_id", "CartPole-v1", "--data.learning_starts", "64",
+            "--data.batch_size", "32", "--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=10",
+            "--trainer.callbacks.save_top_k=-1"]
+    code = "import sys; from lit_qlearn.cli import main; sys.argv = ['lit-qlearn', *sys.argv[1:]]; main()"
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = sorted(p.name for p in tmp_path.rglob("*.ckpt"))
+    assert saved == ["epoch=0-step=10.ckpt", "epoch=0-step=20.ckpt", "epoch=0-step=30.ckpt"]  # the checkpoints were written
+    console = proc.stdout + proc.stderr
+    for message in ("args parameter", "manual optimization", "LeafSpec"):
+        assert message not in console, console[-2000:]

@@ -400,3 +400,65 @@ def test_act_and_explore_normalise_raw_states_like_the_training_data(tmp_path):
     assert np.array_equal(module.act(raw), by_hand)
     assert np.array_equal(module.explore(raw, 10**6), by_hand)  # epsilon 0: the greedy action
     assert module.act(raw[0]) == by_hand[0]
+
+
+def test_plain_dqn_target_equals_stable_baselines3s(monkeypatch):
+    """A second, independent reference: SB3's DQN regresses Q(s, a) on
+    ``r + (1 - done) * discount * max_a Q'(s', a)``, our ``double=False`` target. Both get
+    the same weights and batch (terminal rows, n-step discounts); SB3's target is read
+    from its own training step."""
+    pytest.importorskip("stable_baselines3")
+    import types
+
+    import gymnasium as gym
+    from stable_baselines3 import DQN as SB3DQN
+    from stable_baselines3.common.buffers import ReplayBufferSamples
+    from stable_baselines3.common.logger import configure
+
+    obs_dim, actions, b = 4, 3, 8
+
+    class Env(gym.Env):
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        action_space = gym.spaces.Discrete(actions)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(obs_dim, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(obs_dim, np.float32), 0.0, False, False, {}
+
+    torch.manual_seed(0)
+    model = SB3DQN("MlpPolicy", Env(), policy_kwargs=dict(net_arch=[16]), gamma=GAMMA, learning_starts=0,
+                   buffer_size=10, device="cpu", seed=0)
+    module = DQN(obs_shape=(obs_dim,), num_actions=actions, gamma=GAMMA, hidden=(16,), double=False, eval_every=0)
+    with torch.no_grad():
+        for p in model.q_net_target.parameters():  # a target network that differs from the online one
+            p.add_(0.5 * torch.randn(p.shape))
+        module.q_net.head.load_state_dict(model.q_net.q_net.state_dict())
+        module.q_target.head.load_state_dict(model.q_net_target.q_net.state_dict())
+    g = torch.Generator().manual_seed(3)
+    batch = Transitions(obs=torch.randn(b, obs_dim, generator=g), act=torch.randint(actions, (b,), generator=g),
+                        rew=torch.randn(b, generator=g), next_obs=torch.randn(b, obs_dim, generator=g),
+                        terminated=torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.float32),
+                        discount=torch.tensor([GAMMA, GAMMA, GAMMA**2, GAMMA**3, GAMMA, GAMMA, GAMMA**2, GAMMA]))
+    seen = []
+    real_f = __import__("stable_baselines3.dqn.dqn", fromlist=["F"]).F
+
+    def smooth_l1_loss(current, target, *args, **kwargs):
+        seen.append(target.detach().clone())
+        return real_f.smooth_l1_loss(current, target, *args, **kwargs)
+
+    samples = ReplayBufferSamples(batch.obs, batch.act[:, None], batch.next_obs, batch.terminated[:, None],
+                                  batch.rew[:, None], batch.discount[:, None])
+    model.set_logger(configure(None, []))
+    monkeypatch.setattr(model.replay_buffer, "sample", lambda *args, **kwargs: samples)
+    monkeypatch.setattr("stable_baselines3.dqn.dqn.F", types.SimpleNamespace(smooth_l1_loss=smooth_l1_loss))
+    model.train(gradient_steps=1, batch_size=b)
+    (expected,) = seen
+    y = module.td_target(batch)
+    torch.testing.assert_close(y, expected.squeeze(-1), rtol=1e-6, atol=1e-6)
+    assert (y - batch.rew)[batch.terminated == 0].abs().min() > 0.05  # the bootstrap matters on every live row
+    # and the comparison can tell the two DQN targets apart: double-Q's differs here
+    module.double = True
+    assert (module.td_target(batch) - y).abs().max() > 0.05
