@@ -60,6 +60,8 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any],
     if unknown:  # a typo here would silently leave a full-size default in the smoke run
         raise ValueError(f"parse_args: smoke sizes for options the parser does not have: {unknown}")
     args = parser.parse_args()
+    if args.out is not None and args.out.suffix == ".json":  # --out named a results file before it named a directory
+        parser.error(f"--out is the directory the results are written into, got the file name {args.out}")
     if args.smoke:
         parser.set_defaults(**smoke)
         args = parser.parse_args()

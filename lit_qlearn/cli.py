@@ -115,6 +115,8 @@ def _check_ckpt_path(config: Any) -> None:
         return
     if config.get("weights_only") is None:
         config["weights_only"] = True
+    if config["weights_only"] is False:
+        return  # the user's word (--weights_only false) that the file and the code it names are trusted
     name = str(ckpt_path)
     if name in ("last", "hpc", "best", "registry") or name.startswith("registry:") or "://" in name:
         return  # Lightning's keywords and remote files: nothing local to read ahead
@@ -228,19 +230,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     ValueError / TypeError raised once ``fit`` has begun updating is no input error
     (inputs are checked at setup) and keeps its traceback. Ctrl-C prints
     ``lit-qlearn CMD: interrupted`` and exits with status 130 (128 + SIGINT)."""
-    import os
-    import signal
-    import threading
-
     argv = list(sys.argv[1:] if argv is None else argv)
     _TRAINING.update(started=False, interrupted=False)
     _quiet_interrupt_notice()
     # Lightning 2.6 builds torch's deprecated LeafSpec on every training step's output and
     # torch >= 2.10 warns about it, once per run, in every command: a note from one
     # dependency to the other that nothing a user of this command can act on. Only that
-    # message, raised from that Lightning module, is silenced, and only in this console.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # message, raised from that Lightning module, is silenced, and only while a command runs.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+        _run(argv)
+
+
+def _run(argv: list[str]) -> None:
+    """:func:`main` without its console set-up: run ``argv[0]`` with the rest."""
+    import os
+    import signal
+    import threading
+
     commands = {"fit": fit_main, "collect": collect_main, "datasets": datasets_main, "demo": demo}
     if not argv or argv[0] not in commands:
         wanted_help = bool(argv) and argv[0] in ("-h", "--help")

@@ -99,7 +99,7 @@ def _trust_warnings(caught):
 
 
 # ------------------------------------------------------------------ Trainer.fit(ckpt_path=...)
-def test_resume_restores_buffer_and_counters_and_resets_the_environments(online_ckpt):
+def test_resume_restores_buffer_and_counters_and_resets_the_environments(online_ckpt, tmp_path):
     good, evil, marker, saved_obs = online_ckpt
     saved = torch.load(good, weights_only=True)["OnlineDataModule"]["ranks"][0]
     seen = {}
@@ -112,7 +112,7 @@ def test_resume_restores_buffer_and_counters_and_resets_the_environments(online_
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(8, OnlineDataModule(CHAIN, **DM), ckpt_path=evil, callbacks=[Restored()])
+        _fit(8, OnlineDataModule(CHAIN, **DM), ckpt_path=evil, callbacks=[Restored()], root=tmp_path)
     assert not marker.exists(), "the checkpoint's pickled environments were unpickled without trust_checkpoint"
     (warning,) = _trust_warnings(caught)  # one warning, naming the option
     assert "restart from a reset" in str(warning.message)
@@ -240,6 +240,42 @@ def test_cli_fit_loads_even_a_remote_checkpoint_weights_only():
         OnlineDataModule(CHAIN, trust_checkpoint="false")
 
 
+
+# ------------------------------------------------------------------ load_from_checkpoint in Python
+@pytest.mark.parametrize("loader", ["module", "datamodule", "collect"])
+@pytest.mark.parametrize("key", ["_instantiator", "_class_path"])
+def test_load_from_checkpoint_imports_nothing_a_checkpoint_names(key, loader, online_ckpt, tmp_path, monkeypatch):
+    # Lightning refuses both keys itself from 2.6.6 on; an older Lightning imported them. Its
+    # allowlist is widened here to the file's names, as an older Lightning would behave: the
+    # refusal must be lit_qlearn's own.
+    import lightning.pytorch.core.saving as saving
+
+    name = f"{key.strip('_')}_{loader}_side_effect"
+    marker = _module_with_side_effect(tmp_path, monkeypatch, name)
+    ckpt = torch.load(online_ckpt[0], weights_only=True)
+    hparams = ckpt["datamodule_hyper_parameters" if loader == "datamodule" else "hyper_parameters"]
+    if key == "_instantiator":
+        hparams["_instantiator"] = f"{name}.Algo"
+        monkeypatch.setattr(saving, "_ALLOWED_INSTANTIATORS", {*saving._ALLOWED_INSTANTIATORS, f"{name}.Algo"})
+    else:
+        hparams["_class_path"] = f"{name}.Algo"
+        monkeypatch.setattr(saving, "_is_imported_subclass", lambda *args: True, raising=False)
+    path = tmp_path / "names-code.ckpt"
+    torch.save(ckpt, path)
+    from lit_qlearn.data.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"{path}: its hyper-parameters name the \w+ '{name}.Algo'"):
+        if loader == "module":
+            DQN.load_from_checkpoint(path)
+        elif loader == "datamodule":
+            OnlineDataModule.load_from_checkpoint(path)
+        else:
+            from lit_qlearn.data import collect
+
+            collect(CHAIN, path, steps=20, path=tmp_path / "d.hdf5")
+    assert not marker.exists() and name not in sys.modules
+
+
 # ------------------------------------------------------------------ lit-qlearn collect --policy
 def test_collect_builds_lit_qlearns_own_class_from_a_checkpoint(online_ckpt, tmp_path):
     from lit_qlearn.data import read_d4rl
@@ -323,6 +359,38 @@ def test_a_broken_checkpoint_given_to_trainer_fit_is_one_line(kind, online_ckpt,
     assert "weights_only=False" not in message
     assert not (tmp_path / "ran").exists()
 
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_broken_checkpoint_given_to_load_from_checkpoint_is_one_line(kind, online_ckpt, tmp_path):
+    path = _broken(kind, online_ckpt[0], tmp_path)
+    from lit_qlearn.data.checkpoint import CheckpointError
+
+    for cls in (DQN, OnlineDataModule):
+        with pytest.raises(CheckpointError) as exc:
+            cls.load_from_checkpoint(path)
+        message = str(exc.value)
+        assert message.startswith(f"{path}: ") and BROKEN[kind] in message and "\n" not in message
+        assert "weights_only=False" not in message
+    assert not (tmp_path / "ran").exists()
+    # the caller's own word that the file may hold objects: read by Lightning, as asked
+    if kind == "pickled-code":
+        with pytest.raises(Exception) as exc:
+            DQN.load_from_checkpoint(path, weights_only=False)
+        assert not isinstance(exc.value, CheckpointError) and (tmp_path / "ran").exists()
+
+
+def test_cli_weights_only_false_is_the_users_opt_in(online_ckpt, tmp_path):
+    # --weights_only false: the user trusts the file, so the command's own reading of it as
+    # data steps aside and Lightning loads it as asked; without the flag it is refused
+    from lit_qlearn.cli import _check_ckpt_path
+    from lit_qlearn.data.checkpoint import CheckpointError
+
+    path = _broken("pickled-code", online_ckpt[0], tmp_path)
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
+        _check_ckpt_path({"ckpt_path": str(path), "weights_only": None})
+    config = {"ckpt_path": str(path), "weights_only": False}
+    _check_ckpt_path(config)
+    assert config["weights_only"] is False and not (tmp_path / "ran").exists()
 
 # ------------------------------------------------------------------ Ctrl-C
 def _exit_status(argv):

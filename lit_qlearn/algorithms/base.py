@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from lit_qlearn.data.checkpoint import CheckpointError, check_named_code, explain_load_failure, read_checkpoint
 from lit_qlearn.data.types import DataSpec, Transitions, data_spec
 from lit_qlearn.probe import publish
 from lit_qlearn.targets import TargetUpdate, make_target
@@ -35,13 +36,16 @@ __all__ = ["QLearningModule"]
 # moves its targets inside the update, so the checkpoint written at step k is the one
 # consistent state after k updates, the state that resume needs; pre-step weights would
 # pair the weights of k - 1 updates with the counters of k. Only that message, from that
-# module, is silenced, at fit start (installed at import, the filter would be lost to any
-# warnings.catch_warnings() block the import happened in; re-adding it is idempotent).
-def _quiet_manual_optimization_checkpoint_warning() -> None:
+# module, is silenced, from fit start to teardown (installed at import, the filter would
+# be lost to any warnings.catch_warnings() block the import happened in).
+def _quiet_manual_optimization_checkpoint_warning() -> tuple[Any, ...]:
+    """Install the filter (at fit start) and return its entry, for teardown to remove: a
+    user's own manually optimised module fitted later in the process still gets the warning."""
     warnings.filterwarnings(
         "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
         r"pre-optimization state was saved", category=UserWarning,
         module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+    return warnings.filters[0]
 
 
 def _explain_broken_checkpoints(strategy: Any) -> None:
@@ -61,13 +65,10 @@ def _explain_broken_checkpoints(strategy: Any) -> None:
         try:
             return load(path, *args, **kwargs)
         except Exception as error:
-            from lit_qlearn.data.checkpoint import CheckpointError, read_checkpoint
-
-            if isinstance(path, (str, os.PathLike)) and "://" not in str(path):
-                try:
-                    read_checkpoint(path, mmap=True)
-                except CheckpointError as explained:
-                    raise explained from None
+            try:
+                explain_load_failure(path)
+            except CheckpointError as explained:
+                raise explained from None
             raise error
 
     io.load_checkpoint = load_checkpoint
@@ -296,7 +297,7 @@ class QLearningModule(LightningModule):
     def on_fit_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        _quiet_manual_optimization_checkpoint_warning()
+        self.__dict__["_checkpoint_warning_filter"] = _quiet_manual_optimization_checkpoint_warning()
         wrapper = self.trainer.strategy.model
         # Kept out of nn.Module registration: the wrapper contains this module.
         self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
@@ -455,6 +456,22 @@ class QLearningModule(LightningModule):
         publish(self.trainer, metrics, self.updates)
 
     # -------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None,
+        weights_only: bool | None = None, **kwargs: Any,
+    ) -> Any:
+        """Lightning's, with the file read as data first (a local file, unless
+        ``weights_only=False``, the caller's word that it may hold code): a broken file is a
+        one-line :class:`~lit_qlearn.data.checkpoint.CheckpointError` naming it, and
+        hyper-parameters that name code to import (an instantiator, a class that is not this
+        one or an imported subclass) are refused before Lightning would import them."""
+        local = isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path)
+        if local and weights_only is not False:
+            check_named_code(read_checkpoint(checkpoint_path, mmap=True), checkpoint_path, cls)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_qlearn_updates"] = self.updates
         # Lets `load_from_checkpoint` and `lit_qlearn.data.collect` rebuild the module alone.
@@ -502,6 +519,12 @@ class QLearningModule(LightningModule):
             torch.set_flush_denormal(False)  # the process default
 
     def teardown(self, stage: str) -> None:
+        entry = self.__dict__.pop("_checkpoint_warning_filter", None)
+        if entry is not None and entry in warnings.filters:
+            warnings.filters.remove(entry)
+            mutated = getattr(warnings, "_filters_mutated", None)  # (CPython: drop its cached decisions)
+            if mutated is not None:
+                mutated()
         if self._eval_env is not None:
             self._eval_env.close()
             self._eval_env = None

@@ -13,13 +13,14 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 from typing import Any
 
 import torch
 
 from lit_qlearn.data.d4rl import DatasetError, one_line
 
-__all__ = ["CheckpointError", "read_checkpoint"]
+__all__ = ["CheckpointError", "read_checkpoint", "check_named_code", "explain_load_failure"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 
@@ -77,3 +78,42 @@ def _reason(err: BaseException) -> str:
     text = one_line(err).split(". ")[0][:160]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
+
+
+#: The one instantiator a checkpoint's hyper-parameters may name: the one LightningCLI writes.
+CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def check_named_code(checkpoint: dict[str, Any], path: str | os.PathLike, cls: type) -> None:
+    """Raise :class:`CheckpointError` if ``checkpoint``'s hyper-parameters name code that
+    ``cls.load_from_checkpoint`` would import: an ``_instantiator`` other than
+    LightningCLI's, or a ``_class_path`` that is not ``cls`` or a subclass of it already
+    imported (nothing is imported to find out). Lightning refuses both itself from 2.6.6
+    on; this holds whatever Lightning is installed."""
+    # the key Lightning rebuilds ``cls`` from: "hyper_parameters" for a module,
+    # "datamodule_hyper_parameters" for a DataModule
+    hparams = checkpoint.get(getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters"))
+    if not isinstance(hparams, dict):
+        return
+    instantiator = hparams.get("_instantiator")
+    if instantiator is not None and instantiator != CLI_INSTANTIATOR:
+        raise CheckpointError(f"{path}: its hyper-parameters name the instantiator {instantiator!r}, which was not "
+                              "imported (a checkpoint chooses no code to run)")
+    class_path = hparams.get("_class_path")
+    if class_path is None:
+        return
+    module_name, _, name = str(class_path).rpartition(".")
+    named = getattr(sys.modules.get(module_name), name, None)
+    if not (isinstance(named, type) and issubclass(named, cls)):
+        raise CheckpointError(f"{path}: its hyper-parameters name the class {class_path!r}, which is not "
+                              f"{cls.__name__} or an imported subclass of it and was not imported; if you trust "
+                              "that code, import it first")
+
+
+def explain_load_failure(path: Any) -> None:
+    """After loading ``path`` failed: raise the one-line :class:`CheckpointError` that says
+    what is wrong with the file, if the file explains the failure (missing, empty,
+    truncated, not a checkpoint, holding code); return if it reads as a sound
+    checkpoint (the failure was something else) or is no local path."""
+    if isinstance(path, (str, os.PathLike)) and "://" not in str(path):
+        read_checkpoint(path, mmap=True)

@@ -150,6 +150,8 @@ def _policy_from_checkpoint(path: pathlib.Path, policy_class: str | type | None 
                 "(collect(policy_class=...) in Python)")
     try:
         module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except CheckpointError:  # already one line naming the file
+        raise
     except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. weights of another class
         raise DatasetError(f"{path}: {cls.__name__}.load_from_checkpoint failed "
                            f"({type(e).__name__}: {one_line(e)[:300]})") from e

@@ -214,8 +214,6 @@ def _unwritable(how, tmp_path, monkeypatch):
 @pytest.mark.parametrize("how", ["under a file", "is a file", "refuses files"])
 @pytest.mark.parametrize("entry", ["ensure_default_dataset", "OfflineDataModule", "make_dataset", "collect"])
 def test_an_unwritable_data_directory_fails_before_any_generation(how, entry, tmp_path, monkeypatch):
-    import time
-
     from lit_qlearn.data import collect, ensure_default_dataset
 
     data_dir, reason = _unwritable(how, tmp_path, monkeypatch)
@@ -227,10 +225,8 @@ def test_an_unwritable_data_directory_fails_before_any_generation(how, entry, tm
         "make_dataset": lambda: generated.make_dataset("hopper-random-v5", steps=1000),
         "collect": lambda: collect("Hopper-v5", "random", steps=1000),  # default path: the data directory
     }
-    started = time.perf_counter()
-    with pytest.raises(DatasetError) as e:
+    with pytest.raises(DatasetError) as e:  # before any generation: _no_generation fails the test if one starts
         calls[entry]()
-    assert time.perf_counter() - started < 2.0
     msg = str(e.value)
     assert msg.startswith(f"{data_dir}: ") and reason in msg and "expected a writable directory" in msg
     assert "set LIT_QLEARN_DATA_DIR" in msg and "\n" not in msg
