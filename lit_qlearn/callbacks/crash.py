@@ -6,9 +6,9 @@ linearly in t and reaches zero at the crash step T = 1/(C lambda eta).
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,11 +144,19 @@ class CrashPredictor(ProbeCallback):
       weights, target networks, optimiser states, loop counters and ``global_step``, the
       module's update count and random states, the callbacks' and the DataModule's
       states, all of that step. So ``fit(ckpt_path=...)`` goes on from that step exactly
-      as from an ordinary checkpoint of it. To that end every healthy measurement keeps
-      one CPU copy of that checkpoint (replacing the previous copy): its cost is one
-      checkpoint's worth of copying per measurement (a DataModule that saves its replay
-      buffer copies the buffer too). Nothing is written when no measurement was healthy,
-      or when the kept weights or optimiser states are not finite.
+      as from an ordinary checkpoint of it. To that end every healthy measurement writes
+      that checkpoint with ``Trainer.save_checkpoint`` (as a ``ModelCheckpoint`` does, on
+      every rank, rank zero writing) to the hidden file ``dirpath/.last-healthy.tmp.ckpt``,
+      replacing the previous one by a rename, so that a run killed mid-write keeps the
+      previous whole file; at detection that file is renamed ``last-healthy-step=<step>.ckpt``,
+      and at the end of a run without detection, or of one that raises, it is removed
+      (a killed process leaves it: an ordinary checkpoint of that step). Its cost is one
+      checkpoint write per healthy measurement, what a ``ModelCheckpoint`` saving at every
+      measurement would cost, on disk and not in memory (a DataModule that saves its
+      replay buffer writes the buffer too). A healthy measurement whose weights or
+      optimiser states are not all finite (a NaN the probe does not see) is not kept:
+      the file is then that of the last healthy measurement before it whose state was
+      finite. Nothing is written when no measurement was healthy with a finite state.
 
     A NaN between measurements is seen at the next one; with ``guard=True`` it stops
     the run at once (``"stop"`` / ``"checkpoint_and_stop"``): the critic's parameters
@@ -235,11 +243,12 @@ class CrashPredictor(ProbeCallback):
         self.healthy_step: int | None = None
         self.stopped_step: int | None = None
         # Resolved at the first measurement (None: no bound); the healthy state (not
-        # checkpointed: a second copy of the model in every checkpoint would be waste):
-        # {"step": k, "checkpoint": the checkpoint dict of step k on the CPU}.
+        # checkpointed: it lives in its own file): the step k whose checkpoint is the
+        # temporary file, and the directory holding it.
         self.bound: float | None = None
         self._bound_resolved = False
-        self._healthy: dict[str, Any] | None = None
+        self._healthy_step: int | None = None
+        self._directory: Path | None = None
         self._capture_at: int | None = None  # the healthy step whose checkpoint is taken at batch end
         self._capture: _HealthyCapture | None = None
         self._adam_slope: float | None = None
@@ -267,7 +276,7 @@ class CrashPredictor(ProbeCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._healthy = self._capture_at = None  # nothing kept from an earlier fit
+        self._healthy_step = self._capture_at = self._directory = None  # nothing kept from an earlier fit
         network = pl_module.q_network()
         if self.num_layers is None:
             self._layers = sum(isinstance(m, nn.Linear) for m in network.modules())
@@ -309,11 +318,15 @@ class CrashPredictor(ProbeCallback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
-        self._healthy = self._capture_at = None
+        self._discard_healthy(trainer)  # no detection (else renamed already): nothing left behind
         if self._capture is not None and self._capture in trainer.callbacks:
             trainer.callbacks.remove(self._capture)
         self._capture = None
         super().teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown hook after an exception (Ctrl-C included).
+        self._discard_healthy(trainer)
 
     # ------------------------------------------------------------ measuring
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -402,13 +415,31 @@ class CrashPredictor(ProbeCallback):
             self._capture_at = step
 
     def _capture_healthy(self, trainer: Trainer) -> None:
-        """Keep, on the CPU, the checkpoint ``Trainer.save_checkpoint`` would write now
-        (called on every rank: the dump gathers every rank's random state)."""
+        """Write this step's checkpoint with ``Trainer.save_checkpoint`` to the temporary
+        file, when the weights and optimiser states are finite (called on every rank: the
+        save is collective, it gathers every rank's random state and rank zero writes)."""
         if self._capture_at is None or self._capture_at != trainer.global_step:
             return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        self._healthy = {"step": self._capture_at, "checkpoint": _cpu_copy(checkpoint)}
-        self._capture_at = None
+        step, self._capture_at = self._capture_at, None
+        # What the checkpoint would hold of the model and optimisers (references, no copy):
+        # one fused norm over them; reduced, so that every rank takes part in the save or none.
+        states = [trainer.lightning_module.state_dict(), [list(o.state.values()) for o in trainer.optimizers]]
+        if not trainer.strategy.reduce_boolean_decision(_all_finite(_tensors(states)), all=True):
+            return  # keep the previous healthy file, whose state was finite
+        if self._directory is None:  # resolved once, on every rank (trainer.log_dir is collective)
+            self._directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        partial, kept = self._directory / _PARTIAL_NAME, self._directory / _KEPT_NAME
+        trainer.save_checkpoint(partial, weights_only=False)  # ends with a barrier: the file is whole
+        if trainer.is_global_zero:
+            os.replace(partial, kept)  # atomic: the kept file is always one whole checkpoint
+        self._healthy_step = step
+
+    def _discard_healthy(self, trainer: Trainer) -> None:
+        """Remove the temporary files (rank zero, which wrote them)."""
+        if self._directory is not None and trainer.is_global_zero:
+            for name in (_KEPT_NAME, _PARTIAL_NAME):
+                _remove(self._directory / name)
+        self._healthy_step = self._capture_at = None
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
         self.fired = True
@@ -424,22 +455,18 @@ class CrashPredictor(ProbeCallback):
         trainer.should_stop = True
 
     def _write_healthy(self, trainer: Trainer, pl_module: LightningModule) -> str:
-        """Write the kept healthy state as a checkpoint; return what was done, for the warning."""
-        kept = self._healthy
-        finite = kept is not None and _all_finite(_tensors([kept["checkpoint"]["state_dict"],
-                                                            kept["checkpoint"].get("optimizer_states", [])]))
-        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
-            return ("no measurement before was healthy, no checkpoint is written" if kept is None
-                    else "the last healthy state is not finite, no checkpoint is written")
-        directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
-        path = directory / f"last-healthy-step={kept['step']}.ckpt"
-        self.healthy_step = kept["step"]
-        # What Trainer.save_checkpoint does with a dump, with the dump of the healthy step;
-        # the live run is untouched and ends in the state it reached.
-        trainer.strategy.save_checkpoint(kept["checkpoint"], path)
+        """Rename the kept healthy checkpoint ``last-healthy-step=<step>.ckpt``; return what
+        was done, for the warning. The live run is untouched and ends in the state it reached."""
+        step = self._healthy_step
+        if step is None or self._directory is None:  # the same on every rank: captures are collective
+            return "no measurement before was healthy with a finite state, no checkpoint is written"
+        path = self._directory / f"last-healthy-step={step}.ckpt"
+        if trainer.is_global_zero:
+            os.replace(self._directory / _KEPT_NAME, path)
         trainer.strategy.barrier("CrashPredictor.last_healthy")
-        self.checkpoint_path = str(path)
-        return f"the state of the last healthy measurement (step {kept['step']}) is written to {path}"
+        self._healthy_step = None  # renamed: nothing for teardown to remove
+        self.healthy_step, self.checkpoint_path = step, str(path)
+        return f"the state of the last healthy measurement (step {step}) is written to {path}"
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -489,11 +516,19 @@ def _tensors(state: Any) -> Iterator[Tensor]:
             yield from _tensors(value)
 
 
-def _cpu_copy(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of a checkpoint dict whose tensors are detached copies on the CPU
-    (each copied once: ``deepcopy`` finds the CPU copies in its memo)."""
-    memo: dict[int, Any] = {id(t): t.detach().to("cpu", copy=True) for t in _tensors(checkpoint)}
-    return copy.deepcopy(checkpoint, memo)
+# The healthy checkpoint while the run goes on (hidden; its stem does not start with
+# "last", so ModelCheckpoint's ckpt_path="last" search never takes it), and the file
+# being written before it replaces the kept one.
+_KEPT_NAME = ".last-healthy.tmp.ckpt"
+_PARTIAL_NAME = ".last-healthy.partial.ckpt"
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, or the directory a sharded strategy's save_checkpoint writes; no error if absent."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class _HealthyCapture(Callback):

@@ -106,7 +106,8 @@ class ProbeCallback(Callback):
                 rank_zero_warn(
                     f"{type(self).__name__}: probe_size={self.probe_size} transitions requested, but "
                     f"{type(trainer.datamodule).__name__} has only {len(self.probe.obs)}; the probe set is cut to "
-                    f"{len(self.probe.obs)} (lower probe_size, or let the replay buffer fill first)",
+                    f"{len(self.probe.obs)} (lower probe_size; an online DataModule draws it from the learning_starts "
+                    "transitions it gathers before the first update: raise learning_starts)",
                     category=UserWarning)
         if self.probe is not None:  # the protocol run on real rows: shapes, q_network()(obs, act)
             self._check_on_probe(pl_module)

@@ -478,3 +478,75 @@ def test_state_key_names_every_option():
                             action="stop", horizon=7, restart_on_action_change=False, action_rtol=0.1,
                             dirpath="somewhere", law="sgd", guard=True, q_bound=10.0).items():
         assert CrashPredictor(**{name: value}).state_key != reference, name
+
+
+class DirectorySpy(L.Callback):
+    """At each batch start (``global_step`` = g updates done): the files in ``directory`` and
+    the ``global_step`` each holds, ``seen[g] = {name: step}``; raises at step ``fail_at``."""
+
+    def __init__(self, directory, fail_at=None):
+        self.directory, self.fail_at, self.seen = Path(directory), fail_at, {}
+
+    def on_train_batch_start(self, trainer, *args):
+        files = sorted(self.directory.iterdir()) if self.directory.exists() else []
+        self.seen[trainer.global_step] = {f.name: torch.load(f, weights_only=False)["global_step"] for f in files}
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.fail_at:
+            raise RuntimeError("planted failure")
+
+
+@pytest.mark.parametrize("ending", ["no detection", "detection", "exception"])
+def test_the_healthy_checkpoint_is_one_file_on_disk_and_no_temporary_file_is_left(tmp_path, ending):
+    """checkpoint_and_stop keeps the last healthy step's checkpoint as one hidden file in
+    dirpath, replaced at every healthy measurement; a run with detection ends with exactly
+    last-healthy-step=K.ckpt, one without (or one that raises) with an empty directory."""
+    every, steps = 5, 40 if ending != "detection" else 120
+    # R1 at lr 0.02: max |Q| on the probe crosses DDP_Q_BOUND at about step 70, 4e3 never before 120.
+    callback = CrashPredictor(every_n_steps=every, action="checkpoint_and_stop", min_r2=1.1, threshold=math.inf,
+                              q_bound=DDP_Q_BOUND if ending == "detection" else 4e3, dirpath=tmp_path / "ckpt")
+    spy = DirectorySpy(tmp_path / "ckpt", fail_at=23 if ending == "exception" else None)
+    if ending == "exception":
+        with pytest.raises(RuntimeError, match="planted failure"):
+            r1_fit(callback, max_steps=steps, extra=[spy])
+    else:
+        _, trainer, _ = r1_fit(callback, max_steps=steps, extra=[spy])
+    # While the run goes on: one hidden file, holding the last multiple of `every` done.
+    for g, files in spy.seen.items():
+        if g < every:
+            assert files == {}, g
+        else:
+            ((name, step),) = files.items()
+            assert name.startswith(".") and step == every * (g // every), (g, files)
+    assert max(spy.seen) == (22 if ending == "exception" else trainer.global_step - 1)  # the last batch start
+    left = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    if ending != "detection":
+        assert left == [] and callback.checkpoint_path is None and callback.stopped_step is None
+        return
+    k = trainer.global_step - every
+    assert trainer.global_step == callback.stopped_step < steps and callback.healthy_step == k
+    assert left == [f"last-healthy-step={k}.ckpt"] and callback.checkpoint_path == str(tmp_path / "ckpt" / left[0])
+    assert torch.load(callback.checkpoint_path, weights_only=False)["global_step"] == k
+
+
+def test_a_healthy_measurement_with_a_non_finite_state_is_not_kept(tmp_path):
+    """The probe is finite at step 10 but Adam's second moment holds a NaN (planted after
+    the measurement): that state is not kept. The NaN reaches the weights at step 11, the
+    measurement at 15 is non-finite, and the file written is that of step 5, finite."""
+    every = 5
+
+    class PoisonAdam(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2 * every:
+                state = next(iter(trainer.optimizers[0].state.values()))
+                state["exp_avg_sq"].view(-1)[0] = math.nan
+
+    callback = CrashPredictor(every_n_steps=every, action="checkpoint_and_stop", min_r2=1.1, threshold=math.inf,
+                              dirpath=tmp_path)
+    _, trainer, logger = r1_fit(callback, lr=1e-3, optimizer="adam", max_steps=40, extra=[PoisonAdam()])
+    assert logger.series("crash/td_error_norm").keys() == {5, 10}  # 15: non-finite, not recorded
+    assert trainer.global_step == callback.stopped_step == 3 * every and callback.healthy_step == every
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"last-healthy-step={every}.ckpt"]
+    checkpoint = torch.load(callback.checkpoint_path, weights_only=False)
+    assert checkpoint["global_step"] == every
+    assert all(torch.isfinite(t).all() for s in checkpoint["optimizer_states"][0]["state"].values() for t in s.values())
