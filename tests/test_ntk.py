@@ -531,3 +531,52 @@ def test_contraction_fraction_by_hand():
     assert contraction_fraction(K, 0.0) == 1.0
     # weights rho = [1, 3, 1], gamma = 0: row 0: 1*3 + 1*1 = 4 > 2*1; row 1: 1 <= 4*3; row 2: 1 <= 1*1
     assert contraction_fraction(K, 0.0, rho=torch.tensor([1.0, 3.0, 1.0], dtype=F64)) == pytest.approx(2 / 3)
+
+
+# ------------------------------- 9. mutation-testing additions (issue 19)
+# Each test below was written against a planted single-line bug that the suite above let
+# through; the bug it catches is named in its docstring.
+
+
+def test_stable_critic_keeps_the_sign_and_the_largest_real_part_on_every_path():
+    """A stable critic: the top eigenvalue of A is complex with a *negative* real part, and the
+    eigenvalue of largest modulus is another one. Catches: ``normalized = |lambda| / ||A||_F``
+    (sign lost), and picking the largest modulus instead of the largest real part in the
+    ``return_spectrum`` path or in the dense eigenpair path."""
+    model, x, (obs_next, act_next) = _seem_problem()
+    x_star = (obs_next, act_next / 8)  # mild bootstrap actions: no self-excitation
+    gamma = 0.9
+    a = (gamma * reference_gram(model, x, other=x_star) - reference_gram(model, x)).numpy()
+    evals = np.linalg.eigvals(a)
+    top = evals[np.argmax(evals.real)]
+    frob = np.linalg.norm(a, "fro")
+    assert top.real < -5e-4 * frob and abs(top.imag) > 5e-4 * frob  # negative real part, complex pair
+    assert np.argmax(np.abs(evals)) != np.argmax(evals.real)  # the largest modulus is elsewhere
+    for kwargs in ({}, {"return_spectrum": True}, {"return_vector": True, "solver": "dense"},
+                   {"return_spectrum": True, "return_vector": True}, {"solver": "arnoldi"}):
+        r = seem(model, x, x_star, gamma, return_matrix=True, **kwargs)
+        assert r.value == pytest.approx(top.real, rel=1e-6), kwargs
+        assert r.normalized == pytest.approx(top.real / frob, rel=1e-6), kwargs
+        assert r.normalized < 0, kwargs
+        assert abs(r.eigenvalue.imag) == pytest.approx(abs(top.imag), rel=1e-6), kwargs
+        if r.eigenvector is not None:  # A v = lambda v for the eigenvalue of largest real part
+            v = r.eigenvector
+            assert torch.linalg.vector_norm(r.matrix.to(v.dtype) @ v - r.eigenvalue * v).item() <= 1e-8 * frob
+
+
+def test_arnoldi_accepts_only_below_its_residual_tolerance():
+    """Restarted Arnoldi with a small Krylov space needs several cycles; the accepted Ritz pair
+    must meet the documented residual ``||A v - theta v|| <= tol ||A||_F`` (tol = 1e-8 in float64),
+    not a looser one (a planted 1000x looser acceptance stops cycles early at ~3e-6)."""
+    n = 200
+    gen = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(n, 1, generator=gen, dtype=F64))
+    a = torch.randn(n, n, generator=gen, dtype=F64) / math.sqrt(n) + 1.3 * (q @ q.T)  # top ~1.375, next ~0.99
+    frob = torch.linalg.matrix_norm(a).item()
+    want = _dense_top(a)
+    for tol, rel in ((None, 1e-8), (1e-6, 1e-5)):
+        value, v, used = max_real_eigenpair(a, "arnoldi", krylov=8, restarts=200, tol=tol)
+        assert used == "arnoldi"
+        residual = torch.linalg.vector_norm(a.to(v.dtype) @ v - value * v).item()
+        assert residual <= (tol or 1e-8) * frob
+        assert value.real == pytest.approx(want.real, rel=rel)

@@ -120,3 +120,44 @@ def test_measurements_leave_no_trace():
     assert all(p.grad is None for p in net.parameters())
     # measured in eval mode: dropout off, so the features are deterministic
     assert metrics["feature_rank"] == effective_rank(net.eval()[:-1](x).detach())
+
+
+# ------------------------------- mutation-testing additions (issue 19)
+# Each test below catches a planted single-line bug the tests above let through (named in its docstring).
+
+
+def test_per_layer_fractions_count_a_score_equal_to_tau():
+    """``dormant_fraction/<layer>`` counts ``s_i <= tau`` like the pooled fraction: with tau = 0
+    exactly the units that never fire (h1 of 4 in layer 1, g1 of 2 in layer 3). Catches ``<``."""
+    metrics = plasticity_metrics(hand_net(), CORNERS, tau=0.0)
+    assert metrics["dormant_fraction/1"] == 1 / 4
+    assert metrics["dormant_fraction/3"] == 1 / 2
+    assert metrics["dormant_fraction"] == 2 / 6
+
+
+def test_effective_rank_share_exactly_one_minus_delta():
+    """srank is the smallest k with share_k >= 1 - delta: a share landing exactly on 1 - delta
+    counts. Singular values (2, 1, 1), sum 4, shares 0.5, 0.75, 1 (exact in binary)."""
+    x = torch.diag(torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
+    assert effective_rank(x, delta=0.25) == 2
+    assert effective_rank(x, delta=0.5) == 1
+    assert effective_rank(x, delta=0.2) == 3
+
+
+def test_weight_norm_skips_frozen_parameters_and_metrics_use_delta():
+    """``weight_norm`` is over trainable parameters only (the frozen bias -100 of layer 1 is out),
+    and ``plasticity_metrics`` passes its ``delta`` to the feature rank (the penultimate features
+    of a lone Linear are its inputs, whose singular values are known)."""
+    net = hand_net()
+    net[0].bias.requires_grad_(False)
+    # ||theta||^2 without layer 1's bias: 1 + 1 + 1e-4 + 4 (layer 1 weights) + 1 (layer 2) + 9 + 16 + 144
+    assert weight_norm(net) == pytest.approx(math.sqrt(6.0001 + 1 + 169), rel=1e-6)
+    assert plasticity_metrics(net, CORNERS)["weight_norm"] == pytest.approx(math.sqrt(6.0001 + 1 + 169), rel=1e-6)
+    torch.manual_seed(0)
+    sigma = torch.tensor([50.0, 30.0, 15.0, 4.5, 0.3, 0.2], dtype=torch.float64)  # shares 0.5, 0.8, 0.95, 0.995, ...
+    u, _ = torch.linalg.qr(torch.randn(40, 6, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    x = (u * sigma) @ v.T
+    head = nn.Linear(6, 1).double()
+    for delta, rank in ((0.01, 4), (0.06, 3), (0.3, 2), (0.6, 1)):
+        assert plasticity_metrics(head, x, delta=delta)["feature_rank"] == rank
