@@ -1,8 +1,10 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from lit_qlearn.networks import Actor, Critic, Sin, mlp
+from lit_qlearn.networks import Actor, Critic, Sin, SquashedGaussianActor, mlp
 
 
 def layer_types(net):
@@ -105,3 +107,47 @@ def test_actor_respects_action_bounds():
     torch.testing.assert_close(actor.action_scale, torch.tensor([2.0, 0.5]))
     with pytest.raises(ValueError, match="action_high"):
         Actor(4, 1, action_low=1.0, action_high=0.0)
+
+
+# ------------------------------------------- gaps found by planting bugs in the update lines
+def test_q_function_evaluates_its_member_on_state_then_action():
+    """``critic.q_function(i)(s, a)`` is member i on ``cat(s, a)`` (the order the critic and the
+    NTK probes share), by hand: one Linear, ReLU, one Linear."""
+    torch.manual_seed(0)
+    critic = Critic(3, 2, num_q=2, hidden=(4,))
+    obs, act = torch.randn(5, 3), torch.randn(5, 2)
+    with torch.no_grad():
+        for i in range(2):
+            first, last = critic.members[i][0], critic.members[i][2]
+            x = torch.cat([obs, act], dim=-1)
+            by_hand = ((x @ first.weight.T + first.bias).clamp(min=0) @ last.weight.T + last.bias).squeeze(-1)
+            swapped = torch.cat([act, obs[:, :1], obs[:, 1:]], dim=-1)  # the other order of the 5 inputs
+            assert (by_hand - ((swapped @ first.weight.T + first.bias).clamp(min=0) @ last.weight.T
+                               + last.bias).squeeze(-1)).abs().max() > 0.05
+            torch.testing.assert_close(critic.q_function(i)(obs, act), by_hand)
+            torch.testing.assert_close(critic(obs, act)[i], by_hand)
+
+
+def test_squashed_gaussian_log_prob_of_an_action_on_the_bound_is_finite_and_by_hand():
+    """An action exactly on the bound (a dataset's clipped action) has a finite log-density:
+    ``tanh^-1`` of the normalised action clamped to 1 - 1e-6, then the change of variables
+    ``log N(u; mean, std) - sum log(scale (1 - tanh(u)^2))``, written out here in float64."""
+    torch.manual_seed(0)
+    low, high = torch.tensor([-2.0, 0.0]), torch.tensor([1.0, 1.0])
+    actor = SquashedGaussianActor(3, 2, low.tolist(), high.tolist(), hidden=(8,))
+    obs = torch.randn(4, 3)
+    action = torch.stack([high, low, (low + high) / 2, torch.tensor([0.5, 0.25])])  # on the bounds, then inside
+    with torch.no_grad():
+        logp = actor.log_prob(obs, action)
+        first, last = actor.net[0], actor.net[2]
+        out = ((obs @ first.weight.T + first.bias).clamp(min=0) @ last.weight.T + last.bias).double()
+    mean, raw = out[:, :2], out[:, 2:]
+    log_std = -5.0 + 0.5 * 7.0 * (torch.tanh(raw) + 1.0)
+    mid, scale = (high + low) / 2, (high - low) / 2
+    y = ((action - mid) / scale).clamp(-1 + 1e-6, 1 - 1e-6).double()  # the clamp in float32, as the actor's
+    scale = scale.double()
+    u = 0.5 * torch.log((1 + y) / (1 - y))  # atanh
+    gauss = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    expected = (gauss - torch.log(scale * (1 - torch.tanh(u) ** 2))).sum(-1)
+    assert torch.isfinite(logp).all()
+    torch.testing.assert_close(logp.double(), expected, rtol=1e-3, atol=1e-3)

@@ -254,3 +254,64 @@ def test_an_algorithm_without_importance_weights_refuses_prioritised_data():
     dm = OnlineDataModule("Pendulum-v1", learning_starts=64, batch_size=32, prioritized=True)
     with pytest.raises(ValueError, match="PreQN does not use importance weights"):
         fit(PreQN(eval_every=0, critic_hidden=(8,), actor_hidden=(8,)), dm, 1)
+
+
+# ------------------------------------------- gaps found by planting bugs in the update lines
+def test_target_rule_by_hand_with_tau_above_one_half_every_third_update_and_batchnorm_statistics():
+    """``target <- (1 - tau) target + tau online`` for a tau above 1/2 (a rule that treated a
+    large tau as a hard copy would land on the online weights), only after updates 3 and 6
+    of ``every=3``, and BatchNorm's running statistics copied exactly (they are buffers, not
+    parameters, and a target critic with stale statistics evaluates differently)."""
+    from torch import nn
+
+    from lit_qlearn.targets import TargetUpdate, make_target
+
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+    target = make_target(online)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(1.0)
+        for _ in range(10):  # train mode: the online running statistics move away from the target's
+            online(3.0 * torch.randn(32, 3) + 2.0)
+    t0 = [p.detach().clone() for p in target.parameters()]
+    o = [p.detach().clone() for p in online.parameters()]
+    stats = {k: v.clone() for k, v in online[1].named_buffers()}  # running_mean, running_var, num_batches_tracked
+    assert (stats["running_mean"] - target[1].running_mean).abs().min() > 0.05, stats
+    rule = TargetUpdate(tau=0.75, every=3)
+    fired = [rule.step([(online, target)], k) for k in range(1, 8)]
+    assert fired == [False, False, True, False, False, True, False]
+    # two moves: t1 = 0.25 t0 + 0.75 o, t2 = 0.25 t1 + 0.75 o = 0.0625 t0 + 0.9375 o
+    for p, a, b in zip(target.parameters(), t0, o):
+        torch.testing.assert_close(p.detach(), 0.0625 * a + 0.9375 * b, rtol=0, atol=1e-6)
+        assert (p - b).abs().max() > 0.03  # not a hard copy
+    for key, value in target[1].named_buffers():  # copied, not averaged
+        assert torch.equal(value, stats[key]), key
+
+
+def test_td_loss_sends_no_gradient_into_its_target():
+    """The loss is a semi-gradient: ``y`` is a constant of the step even when the caller's
+    ``y`` carries a graph (e.g. computed from a network that has gradients)."""
+    x = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    y = 2.0 * x  # (2, -4, 1), with a graph back to x
+    q = torch.tensor([[0.0, 1.0, 3.0], [1.0, -1.0, 0.0]], requires_grad=True)
+    loss = td_loss(q, y).loss
+    grad_q, grad_x = torch.autograd.grad(loss, [q, x], allow_unused=True)
+    assert grad_x is None
+    # d/dq_ij of sum_i mean_j (q_ij - y_j)^2 = 2 (q_ij - y_j) / 3
+    expected = 2.0 * torch.tensor([[-2.0, 5.0, 2.0], [-1.0, 3.0, -1.0]]) / 3.0
+    torch.testing.assert_close(grad_q, expected)
+
+
+@pytest.mark.parametrize("name", ["IQL", "PreQN"])
+def test_td_target_carries_no_graph_even_when_v_comes_from_trained_networks(name):
+    """IQL's V(s') and PreQN's Q(s', mu(s')) come from networks with gradients: the target a
+    callback or a loss receives is a constant (no graph, so no gradient can leak into those
+    networks through it)."""
+    from lit_qlearn.algorithms import IQL
+
+    torch.manual_seed(0)
+    cls = IQL if name == "IQL" else PreQN
+    module = cls(obs_dim=3, act_dim=1, critic_hidden=(8,), actor_hidden=(8,), eval_every=0)
+    y = module.td_target(batch_of())
+    assert not y.requires_grad and y.grad_fn is None

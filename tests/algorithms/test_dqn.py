@@ -462,3 +462,39 @@ def test_plain_dqn_target_equals_stable_baselines3s(monkeypatch):
     # and the comparison can tell the two DQN targets apart: double-Q's differs here
     module.double = True
     assert (module.td_target(batch) - y).abs().max() > 0.05
+
+
+# ------------------------------------------- gaps found by planting bugs in the update lines
+def test_the_update_hands_its_td_errors_to_the_prioritised_buffer():
+    """After an update, the DataModule's ``update_priorities`` receives the batch's buffer
+    slots and the per-sample ``|y - Q(s, a)|`` of that update (the Q before the step, the
+    double-Q target), which the prioritised buffer turns into new priorities."""
+    from torch.utils.data import DataLoader
+
+    module, batch = _fixed_dqn(lr=0.05)
+    batch = batch._replace(index=torch.tensor([7, 3, 11, 0, 5, 2, 9, 4]))
+    rows = torch.arange(8)
+    with torch.no_grad():
+        online = [p.clone() for p in module.q_net.parameters()]
+        target = [p.clone() for p in module.q_target.parameters()]
+        a_next = _mlp_by_hand(online, batch.next_obs).argmax(1)
+        y = batch.rew + batch.discount * (1 - batch.terminated) * _mlp_by_hand(target, batch.next_obs)[rows, a_next]
+        expected = (y - _mlp_by_hand(online, batch.obs)[rows, batch.act]).abs()
+    assert expected.min() > 0.05 and expected.max() > 2 * expected.min()
+    calls = []
+
+    class Prioritised(L.LightningDataModule):
+        spec, weighted = module.spec, True
+
+        def train_dataloader(self):
+            return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+        def update_priorities(self, index, td_abs):
+            calls.append((index.clone(), td_abs.detach().clone()))
+
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(module, datamodule=Prioritised())
+    assert len(calls) == 1
+    index, td_abs = calls[0]
+    assert torch.equal(index, batch.index)
+    torch.testing.assert_close(td_abs, expected)

@@ -830,3 +830,122 @@ def test_td3_target_equals_stable_baselines3s(monkeypatch):
     module.noise_clip = 100.0
     torch.manual_seed(SEED)
     assert (module.td_target(batch) - expected).abs().max() > 1e-2, "the clip does not matter here"
+
+
+# ------------------------------------------- gaps found by planting bugs in the update lines
+def test_critic_weight_decay_enters_the_critic_step_and_only_it(monkeypatch):
+    """``critic_weight_decay`` is the critic optimiser's L2 term: under SGD one critic step is
+    ``theta - lr (grad + wd theta)``; the actor's step has none, and it sends no gradient into
+    the critic (the critic's ``.grad`` after the update is its own loss's gradient alone)."""
+    use_sgd(monkeypatch)
+    torch.manual_seed(0)
+    wd = 0.5
+    module = spread(DDPG(**SMALL, critic_lr=LR, actor_lr=LR, critic_weight_decay=wd, target_tau=TAU))
+    batch = make_batch()
+    q, qt = members(module.critic), members(module.critic_target)
+    pi, pit = copy.deepcopy(module.actor.net), copy.deepcopy(module.actor_target.net)
+    (state,) = run_updates(module, batch, 1)
+    with torch.no_grad():
+        y = target(batch.rew, DISCOUNT, TERMINATED, q_all(qt, batch.next_obs, mu(pit, batch.next_obs))[0])
+    grads = torch.autograd.grad(weighted_td(q_all(q, batch.obs, batch.act), y, WEIGHT), params(q))
+    for (name, p), g in zip(q[0].named_parameters(), grads):
+        assert (LR * wd * p).abs().max() > 1e-3  # the decay term is far above the tolerance (1e-6)
+        torch.testing.assert_close(state[f"critic.members.0.{name}"], (p - LR * (g + wd * p)).detach(),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(module.critic.members[0].get_parameter(name).grad, g, rtol=1e-5, atol=1e-6)
+    # the actor (after the critic step, against the updated critic) has no decay
+    q_new = copy.deepcopy(q[0])
+    with torch.no_grad():
+        for name, p in q_new.named_parameters():
+            p.copy_(state[f"critic.members.0.{name}"])
+    actor_grads = torch.autograd.grad(-q_all([q_new], batch.obs, mu(pi, batch.obs))[0].mean(), params(pi))
+    for (name, p), g in zip(pi.named_parameters(), actor_grads):
+        torch.testing.assert_close(state[f"actor.net.{name}"], (p - LR * g).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_cql_lagrange_multiplier_is_clamped_at_corls_maximum():
+    """alpha' = min(exp(log alpha'), 1e6) (CORL's clamp) in both the critic's weight and the
+    multiplier's own loss, whose gradient vanishes while the clamp binds."""
+    module = CQL(**SMALL, lagrange=True, cql_alpha=0.5, target_action_gap=0.3)
+    with torch.no_grad():
+        module.log_cql_alpha.fill_(20.0)  # exp(20) = 4.9e8, far above the clamp
+    assert module.cql_weight.item() == pytest.approx(0.5 * 1e6)
+    loss = module.lagrange_loss(torch.tensor([2.0, 4.0]))
+    assert loss.item() == pytest.approx(-1e6 * 0.5 * (3.0 - 0.3))
+    (grad,) = torch.autograd.grad(loss, module.log_cql_alpha)
+    assert grad.item() == 0.0
+    with torch.no_grad():
+        module.log_cql_alpha.fill_(2.0)  # below the clamp: exp(2)
+    assert module.cql_weight.item() == pytest.approx(0.5 * math.exp(2.0))
+
+
+def test_cql_without_lagrange_still_adds_the_weighted_gap_to_the_critic_loss(monkeypatch):
+    """CORL's default (``lagrange=False``, ``cql_alpha`` > 0): one critic step under SGD is the
+    gradient of the TD loss plus ``cql_alpha * sum_i gap_i``; alpha' has no optimiser and stays."""
+    use_sgd(monkeypatch)
+    torch.manual_seed(0)
+    n, temp, c = 2, 2.0, 0.5
+    module = spread(CQL(**SMALL, critic_lr=LR, actor_lr=LR, alpha_lr=LR, target_tau=TAU, init_alpha=2.0,
+                        num_samples=n, cql_temp=temp, cql_alpha=c))
+    batch = make_batch()
+    q, qt, pi = members(module.critic), members(module.critic_target), copy.deepcopy(module.actor.net)
+    log_cql_alpha = module.log_cql_alpha.detach().clone()
+    (state,) = run_updates(module, batch, 1)
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        next_act, _ = squashed_sample(pi, batch.next_obs, torch.randn(B, ACT_DIM))
+        y = target(batch.rew, DISCOUNT, TERMINATED, q_all(qt, batch.next_obs, next_act).min(dim=0).values)
+        proposals, log_mu = cql_proposals(pi, batch, n)
+    td = weighted_td(q_all(q, batch.obs, batch.act), y, WEIGHT)
+    grads = torch.autograd.grad(td + c * cql_gap(q, batch, proposals, log_mu, temp).sum(), params(q), retain_graph=True)
+    td_grads = torch.autograd.grad(td, params(q))
+    names = [f"critic.members.{i}.{name}" for i in range(2) for name, _ in q[i].named_parameters()]
+    for name, p, g, g_td in zip(names, params(q), grads, td_grads):
+        torch.testing.assert_close(state[name], (p - LR * g).detach(), rtol=1e-4, atol=2e-5)
+    assert max((LR * (g - g_td)).abs().max() for g, g_td in zip(grads, td_grads)) > 1e-2  # the penalty shows
+    assert torch.equal(state["log_cql_alpha"], log_cql_alpha)
+
+
+def test_iql_value_network_steps_at_its_own_learning_rate(monkeypatch):
+    """V's optimiser runs at ``value_lr``, not the critics' rate: under SGD one value step is
+    ``psi - value_lr * grad`` of the expectile loss of ``min_i Q'_i(s, a) - V(s)``."""
+    use_sgd(monkeypatch)
+    torch.manual_seed(0)
+    value_lr, tau = 3 * LR, 0.8
+    module = spread(IQL(**SMALL, critic_lr=LR, actor_lr=LR, value_lr=value_lr, target_tau=TAU, expectile=tau))
+    batch = make_batch(weight=False)
+    qt, value = members(module.critic_target), copy.deepcopy(module.value)
+    (state,) = run_updates(module, batch, 1)
+    with torch.no_grad():
+        q_data = q_all(qt, batch.obs, batch.act).min(dim=0).values
+    adv = q_data - forward(value, batch.obs).squeeze(-1)
+    grads = torch.autograd.grad((torch.where(adv > 0, tau, 1.0 - tau) * adv ** 2).mean(), params(value))
+    for (name, p), g in zip(value.named_parameters(), grads):
+        torch.testing.assert_close(state[f"value.{name}"], (p - value_lr * g).detach(), rtol=1e-5, atol=1e-6)
+    assert max((value_lr - LR) * g.abs().max() for g in grads) > 1e-2  # a step at the critics' rate lands elsewhere
+
+
+@pytest.mark.parametrize("cls", [SAC, DDPG])
+def test_the_actor_step_sends_no_gradient_into_the_critic(monkeypatch, cls):
+    """After one update the critic's ``.grad`` is the gradient of its own TD loss alone (by
+    hand): the actor's loss, backpropagated through the critic, leaves nothing there."""
+    use_sgd(monkeypatch)
+    torch.manual_seed(0)
+    extra = dict(init_alpha=2.0) if cls is SAC else {}
+    module = spread(cls(**SMALL, critic_lr=LR, actor_lr=LR, target_tau=TAU, **extra))
+    batch = make_batch()
+    q, qt = members(module.critic), members(module.critic_target)
+    pi = copy.deepcopy(module.actor.net)
+    pit = copy.deepcopy(module.actor_target.net) if cls is DDPG else None
+    run_updates(module, batch, 1)
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        if cls is SAC:
+            next_act, next_logp = squashed_sample(pi, batch.next_obs, torch.randn(B, ACT_DIM))
+            next_v = q_all(qt, batch.next_obs, next_act).min(dim=0).values - 2.0 * next_logp
+        else:
+            next_v = q_all(qt, batch.next_obs, mu(pit, batch.next_obs))[0]
+        y = target(batch.rew, DISCOUNT, TERMINATED, next_v)
+    grads = torch.autograd.grad(weighted_td(q_all(q, batch.obs, batch.act), y, WEIGHT), params(q))
+    for p, g in zip(params(list(module.critic.members)), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)

@@ -221,3 +221,49 @@ def test_line_search_without_td_target_uses_the_protocol_target():
     torch.testing.assert_close(search.last_targets, expected)
     (before,), (after,) = recorder.rows[0]
     assert cosine(after - before, expected - before) >= 0.9
+
+
+# ------------------------------------------- gaps found by planting bugs in the update lines
+def test_an_unreachable_criterion_keeps_the_smallest_step_and_says_so():
+    """With ``cos_threshold=1`` no step qualifies: after ``max_shrinks`` shrinks the smallest
+    step ``lr shrink^max_shrinks J^T K^+ delta`` is kept, ``accepted`` is False and
+    ``step_norm`` is the length of that step (not of one shrink more)."""
+    net = sin_critic(hidden=(16, 16))
+    obs, act, delta = batch(n=12)
+    delta = 30 * delta
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach().double() for n, p in net.named_parameters()}
+    net64 = copy.deepcopy(net).double()
+    single = lambda p, o, a: functional_call(net64, p, (o[None], a[None]))[0]  # noqa: E731
+    jac = vmap(jacrev(single), in_dims=(None, 0, 0))(params, obs.double(), act.double())
+    j = torch.cat([jac[n].reshape(len(obs), -1) for n in names], dim=1)  # (N, P)
+    expected = 0.5 * 0.25**3 * j.T @ torch.linalg.pinv(j @ j.T, rtol=1e-6, hermitian=True) @ delta.double()
+    start = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double()
+    before = net(obs, act).detach()
+    result = preconditioned_step(net, (obs, act), delta, lr=0.5, shrink=0.25, max_shrinks=3, cos_threshold=1.0)
+    moved = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double() - start
+    assert result.shrink_steps == 3 and not result.accepted
+    assert torch.linalg.vector_norm(moved - expected) <= 1e-4 * torch.linalg.vector_norm(expected)
+    assert result.step_norm == pytest.approx(float(torch.linalg.vector_norm(expected)), rel=1e-4)
+    assert result.cos == pytest.approx(cosine(net(obs, act).detach() - before, delta), abs=1e-6)
+    assert result.cos < 1.0
+
+
+def test_the_line_search_measures_q_in_eval_mode_and_restores_train_mode():
+    """A critic with dropout: the criterion ``cos(Q_theta'(X) - Q_theta(X), delta)`` is measured
+    without dropout (eval mode), as a by-hand evaluation in eval mode after the step shows, and
+    the model is back in train mode afterwards."""
+    torch.manual_seed(0)
+    net = StateActionQ(mlp(5, 1, hidden=(32, 32), activation="sin", dropout=0.5))
+    net.train()
+    obs, act, delta = batch(n=12)
+    net.eval()
+    with torch.no_grad():
+        before = net(obs, act)
+    net.train()
+    result = preconditioned_step(net, (obs, act), 10 * delta, lr=0.5, max_shrinks=0)
+    assert net.training
+    net.eval()
+    with torch.no_grad():
+        change = net(obs, act) - before
+    assert result.cos == pytest.approx(cosine(change, delta), abs=1e-6)
