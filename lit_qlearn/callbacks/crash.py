@@ -6,6 +6,7 @@ linearly in t and reaches zero at the crash step T = 1/(C lambda eta).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -146,8 +147,8 @@ class CrashPredictor(ProbeCallback):
       states, all of that step. So ``fit(ckpt_path=...)`` goes on from that step exactly
       as from an ordinary checkpoint of it. To that end every healthy measurement writes
       that checkpoint with ``Trainer.save_checkpoint`` (as a ``ModelCheckpoint`` does, on
-      every rank, rank zero writing) to the hidden file ``dirpath/.last-healthy.tmp.ckpt``,
-      replacing the previous one by a rename, so that a run killed mid-write keeps the
+      every rank, rank zero writing) to a hidden file in ``dirpath``
+      (``.last-healthy-<hash of state_key>.tmp.ckpt``), replacing the previous one by a rename, so that a run killed mid-write keeps the
       previous whole file; at detection that file is renamed ``last-healthy-step=<step>.ckpt``,
       and at the end of a run without detection, or of one that raises, it is removed
       (a killed process leaves it: an ordinary checkpoint of that step). Its cost is one
@@ -428,17 +429,26 @@ class CrashPredictor(ProbeCallback):
             return  # keep the previous healthy file, whose state was finite
         if self._directory is None:  # resolved once, on every rank (trainer.log_dir is collective)
             self._directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
-        partial, kept = self._directory / _PARTIAL_NAME, self._directory / _KEPT_NAME
+        partial, kept = self._temporary_files()
         trainer.save_checkpoint(partial, weights_only=False)  # ends with a barrier: the file is whole
         if trainer.is_global_zero:
             os.replace(partial, kept)  # atomic: the kept file is always one whole checkpoint
         self._healthy_step = step
 
+    def _temporary_files(self) -> tuple[Path, Path]:
+        """The file being written, and the healthy checkpoint it replaces while the run goes
+        on: hidden, their stems not starting with "last" (ModelCheckpoint's ckpt_path="last"
+        search never takes them), and named after this predictor's state_key, so two
+        predictors with other options may share a directory."""
+        tag = hashlib.sha1(self.state_key.encode()).hexdigest()[:10]
+        return (self._directory / f".last-healthy-{tag}.partial.ckpt",
+                self._directory / f".last-healthy-{tag}.tmp.ckpt")
+
     def _discard_healthy(self, trainer: Trainer) -> None:
         """Remove the temporary files (rank zero, which wrote them)."""
         if self._directory is not None and trainer.is_global_zero:
-            for name in (_KEPT_NAME, _PARTIAL_NAME):
-                _remove(self._directory / name)
+            for path in self._temporary_files():
+                _remove(path)
         self._healthy_step = self._capture_at = None
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
@@ -462,7 +472,7 @@ class CrashPredictor(ProbeCallback):
             return "no measurement before was healthy with a finite state, no checkpoint is written"
         path = self._directory / f"last-healthy-step={step}.ckpt"
         if trainer.is_global_zero:
-            os.replace(self._directory / _KEPT_NAME, path)
+            os.replace(self._temporary_files()[1], path)
         trainer.strategy.barrier("CrashPredictor.last_healthy")
         self._healthy_step = None  # renamed: nothing for teardown to remove
         self.healthy_step, self.checkpoint_path = step, str(path)
@@ -516,11 +526,6 @@ def _tensors(state: Any) -> Iterator[Tensor]:
             yield from _tensors(value)
 
 
-# The healthy checkpoint while the run goes on (hidden; its stem does not start with
-# "last", so ModelCheckpoint's ckpt_path="last" search never takes it), and the file
-# being written before it replaces the kept one.
-_KEPT_NAME = ".last-healthy.tmp.ckpt"
-_PARTIAL_NAME = ".last-healthy.partial.ckpt"
 
 
 def _remove(path: Path) -> None:

@@ -550,3 +550,19 @@ def test_a_healthy_measurement_with_a_non_finite_state_is_not_kept(tmp_path):
     checkpoint = torch.load(callback.checkpoint_path, weights_only=False)
     assert checkpoint["global_step"] == every
     assert all(torch.isfinite(t).all() for s in checkpoint["optimizer_states"][0]["state"].values() for t in s.values())
+
+
+def test_two_predictors_sharing_a_directory_keep_their_own_healthy_checkpoint(tmp_path):
+    """Each predictor's temporary file is named after its state_key: predictor A (every 5,
+    detects at about step 70) writes the checkpoint of its own last healthy step K, not the
+    one B (every 3, never detects) captured into the same directory between K and the
+    detection (of K+1 .. K+4 one is a multiple of 3)."""
+    a = CrashPredictor(every_n_steps=5, action="checkpoint_and_stop", min_r2=1.1, threshold=math.inf,
+                       q_bound=DDP_Q_BOUND, dirpath=tmp_path)
+    b = CrashPredictor(every_n_steps=3, action="checkpoint_and_stop", min_r2=1.1, threshold=math.inf,
+                       q_bound=4e3, dirpath=tmp_path)
+    _, trainer, _ = r1_fit(a, max_steps=120, extra=[b])
+    k = trainer.global_step - 5
+    assert trainer.global_step == a.stopped_step < 120 and a.healthy_step == k
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"last-healthy-step={k}.ckpt"]
+    assert torch.load(a.checkpoint_path, weights_only=False)["global_step"] == k
