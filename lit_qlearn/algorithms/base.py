@@ -7,7 +7,6 @@ its two policies (:meth:`act`, :meth:`explore`).
 from __future__ import annotations
 
 import math
-import os
 import random
 import warnings
 from collections.abc import Iterable
@@ -20,7 +19,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from lit_qlearn.data.checkpoint import CheckpointError, check_named_code, explain_load_failure, read_checkpoint
+from lit_qlearn.data.checkpoint import CheckpointError, check_before_loading, explain_load_failure
 from lit_qlearn.data.types import DataSpec, Transitions, data_spec
 from lit_qlearn.probe import publish
 from lit_qlearn.targets import TargetUpdate, make_target
@@ -466,9 +465,7 @@ class QLearningModule(LightningModule):
         one-line :class:`~lit_qlearn.data.checkpoint.CheckpointError` naming it, and
         hyper-parameters that name code to import (an instantiator, a class that is not this
         one or an imported subclass) are refused before Lightning would import them."""
-        local = isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path)
-        if local and weights_only is not False:
-            check_named_code(read_checkpoint(checkpoint_path, mmap=True), checkpoint_path, cls)
+        check_before_loading(checkpoint_path, cls, weights_only)
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
 

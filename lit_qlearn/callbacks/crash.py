@@ -526,8 +526,6 @@ def _tensors(state: Any) -> Iterator[Tensor]:
             yield from _tensors(value)
 
 
-
-
 def _remove(path: Path) -> None:
     """Remove a file, or the directory a sharded strategy's save_checkpoint writes; no error if absent."""
     if path.is_dir():

@@ -20,7 +20,7 @@ import torch
 
 from lit_qlearn.data.d4rl import DatasetError, one_line
 
-__all__ = ["CheckpointError", "read_checkpoint", "check_named_code", "explain_load_failure"]
+__all__ = ["CheckpointError", "read_checkpoint", "check_named_code", "check_before_loading", "explain_load_failure"]
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 
@@ -110,10 +110,24 @@ def check_named_code(checkpoint: dict[str, Any], path: str | os.PathLike, cls: t
                               "that code, import it first")
 
 
+def _local(path: Any) -> bool:
+    """Whether ``path`` is a file on this machine (not a URL a remote filesystem reads)."""
+    return isinstance(path, (str, os.PathLike)) and "://" not in str(path)
+
+
+def check_before_loading(path: Any, cls: type, weights_only: bool | None) -> None:
+    """What ``cls.load_from_checkpoint(path)`` checks before Lightning reads the file: a
+    local file read as data (:func:`read_checkpoint`: one-line errors for a broken file)
+    whose hyper-parameters name no code to import (:func:`check_named_code`). Skipped for
+    ``weights_only=False``, the caller's word that the file may hold code."""
+    if _local(path) and weights_only is not False:
+        check_named_code(read_checkpoint(path, mmap=True), path, cls)
+
+
 def explain_load_failure(path: Any) -> None:
     """After loading ``path`` failed: raise the one-line :class:`CheckpointError` that says
     what is wrong with the file, if the file explains the failure (missing, empty,
     truncated, not a checkpoint, holding code); return if it reads as a sound
     checkpoint (the failure was something else) or is no local path."""
-    if isinstance(path, (str, os.PathLike)) and "://" not in str(path):
+    if _local(path):
         read_checkpoint(path, mmap=True)

@@ -3,7 +3,6 @@ module's behaviour policy into a replay buffer and serves minibatches from it.""
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -190,10 +189,9 @@ class OnlineDataModule(L.LightningDataModule):
         """Lightning's, with ``trust_checkpoint`` the caller's word: the file's
         hyper-parameters fill the other constructor arguments, and a file that claimed
         trust would otherwise grant it to itself."""
-        from lit_qlearn.data.checkpoint import check_named_code, read_checkpoint
+        from lit_qlearn.data.checkpoint import check_before_loading
 
-        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path) and weights_only:
-            check_named_code(read_checkpoint(checkpoint_path, mmap=True), checkpoint_path, cls)
+        check_before_loading(checkpoint_path, cls, weights_only)
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             weights_only=weights_only, trust_checkpoint=trust_checkpoint, **kwargs)
 
