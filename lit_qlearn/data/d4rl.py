@@ -66,6 +66,17 @@ def one_line(text: object) -> str:
 # --------------------------------------------------------------------------- paths
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether a dataset argument holds a directory separator: a path the user typed,
+    never a dataset name to look up."""
+    return os.sep in text or bool(os.altsep and os.altsep in text)
+
+
+def _os_reason(error: OSError) -> str:
+    """An OS error's reason in a few words ("Permission denied"), else its one-line text."""
+    return error.strerror or one_line(error)
+
+
 def d4rl_dataset_dirs() -> list[pathlib.Path]:
     """Where ``d4rl`` keeps its downloads: ``$D4RL_DATASET_DIR`` or ``~/.d4rl/datasets``."""
     env = os.environ.get("D4RL_DATASET_DIR")
@@ -94,12 +105,12 @@ def resolve_dataset_path(path_or_name: str | os.PathLike) -> pathlib.Path:
             return path
         exists = path.exists()
     except OSError as e:  # e.g. a directory on the way that this user may not search
-        raise DatasetError(f"{path}: cannot be looked up ({e.strerror or one_line(e)}; expected a readable "
+        raise DatasetError(f"{path}: cannot be looked up ({_os_reason(e)}; expected a readable "
                            "D4RL-format .hdf5 file)") from None
     if exists:
         raise DatasetError(f"{path}: is not a file (expected a D4RL-format .hdf5 file)")
     text = os.fspath(path_or_name)
-    if os.sep in text or (os.altsep and os.altsep in text):
+    if looks_like_path(text):
         raise DatasetError(f"{path}: dataset file not found")
     dirs = d4rl_dataset_dirs()
     candidates = _d4rl_file_names(text)
@@ -126,7 +137,7 @@ def check_output_dir(directory: str | os.PathLike, create: bool = False, hint: s
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DatasetError(f"{directory}: cannot create the directory ({e.strerror or one_line(e)}); "
+            raise DatasetError(f"{directory}: cannot create the directory ({_os_reason(e)}); "
                                f"{expected}") from None
     elif not directory.is_dir():
         what = "is not a directory" if directory.exists() else "directory does not exist (create it first)"
@@ -137,8 +148,7 @@ def check_output_dir(directory: str | os.PathLike, create: bool = False, hint: s
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        reason = e.strerror or one_line(e)
-        raise DatasetError(f"{directory}: cannot write a file there ({reason}); {expected}") from None
+        raise DatasetError(f"{directory}: cannot write a file there ({_os_reason(e)}); {expected}") from None
     return directory
 
 
@@ -391,7 +401,7 @@ def write_d4rl(
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise DatasetError(f"{path}: cannot write the file ({e.strerror or one_line(e)}; expected a writable "
+        raise DatasetError(f"{path}: cannot write the file ({_os_reason(e)}; expected a writable "
                            f"directory {path.parent})") from None
     os.close(fd)
     try:
@@ -404,6 +414,6 @@ def write_d4rl(
     except BaseException as e:
         pathlib.Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):  # a full disk, or `path` an existing directory
-            raise DatasetError(f"{path}: cannot write the file ({e.strerror or one_line(e)})") from None
+            raise DatasetError(f"{path}: cannot write the file ({_os_reason(e)})") from None
         raise
     return path

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from lit_qlearn.data.collect import DATA_DIR_HINT, _data_dir, collect
-from lit_qlearn.data.d4rl import (DatasetError, check_output_path, load_d4rl_raw, read_d4rl_metadata,
-                                  resolve_dataset_path, write_d4rl)
+from lit_qlearn.data.d4rl import (DatasetError, check_output_path, load_d4rl_raw, looks_like_path,
+                                  read_d4rl_metadata, resolve_dataset_path, write_d4rl)
 from lit_qlearn.data.types import DataSpec
 
 __all__ = ["LEVELS", "ENV_IDS", "dataset_names", "parse_name", "check_request", "make_dataset", "ensure_dataset",
@@ -244,7 +244,7 @@ def resolve(name: str | os.PathLike) -> pathlib.Path:
     except DatasetError as e:
         if parse_name(text) is not None:
             return ensure_dataset(text)
-        if os.sep in text or (os.altsep and os.altsep in text) or pathlib.Path(text).exists():
+        if looks_like_path(text) or pathlib.Path(text).exists():
             raise  # a path the user typed: the message already names it
         # D4RL's downloads cannot exist on a machine without internet: say what can
         ours = dataset_names()
