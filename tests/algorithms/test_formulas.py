@@ -250,9 +250,7 @@ def test_cql_next_value_without_entropy_backup():
     torch.manual_seed(SEED)
     v = module.next_value(batch)
     torch.manual_seed(SEED)
-    with torch.no_grad():
-        next_act, _ = squashed_sample(module.actor.net, batch.next_obs, torch.randn(B, ACT_DIM))
-        q = q_all(members(module.critic_target), batch.next_obs, next_act)
+    q, _ = soft_next_q(module.actor.net, members(module.critic_target), batch.next_obs, check=False)
     torch.testing.assert_close(v, q.min(dim=0).values, rtol=1e-5, atol=1e-5)
 
 
@@ -447,14 +445,57 @@ def assert_state(update: int, state: dict[str, Tensor], initial: dict[str, Tenso
             assert not torch.allclose(state[key], initial[key], atol=1e-4), f"{key} did not move"
 
 
-OPTIMIZERS = ["sgd", "adam"]
+def critic_nets(q: list[nn.Module], qt: list[nn.Module]) -> dict[str, nn.Module]:
+    """The reference copies of the critic members and target members, under their state_dict prefixes."""
+    return {**{f"critic.members.{i}": m for i, m in enumerate(q)},
+            **{f"critic_target.members.{i}": m for i, m in enumerate(qt)}}
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize("cls", [TD3, DDPG, TD3BC])
-def test_td3_family_updates_equal_a_hand_written_update(monkeypatch, optimizer, cls):
-    if optimizer == "sgd":
+def soft_copies(module: QLearningModule, *scalars: str) -> tuple[dict[str, Tensor], list[nn.Sequential],
+                                                                  list[nn.Sequential], nn.Sequential, list[Tensor]]:
+    """Before the updates of a SAC-style module: its state, copies of its critics, target critics
+    and actor network, and its log-scalars named in ``scalars`` as leaves the reference will step."""
+    initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    q, qt, pi = members(module.critic), members(module.critic_target), copy.deepcopy(module.actor.net)
+    return initial, q, qt, pi, [getattr(module, name).detach().clone().requires_grad_(True) for name in scalars]
+
+
+def soft_next_q(pi: nn.Sequential, qt: list[nn.Sequential], next_obs: Tensor, check: bool) -> tuple[Tensor, Tensor]:
+    """Draw a' ~ pi(s') (one ``randn(B, ACT_DIM)``); returns the target critics' Q(s', a') ``(num_q, B)``
+    and log pi(a'|s') ``(B,)``, without gradient. ``check``: the members must disagree there."""
+    with torch.no_grad():
+        next_act, next_logp = squashed_sample(pi, next_obs, torch.randn(B, ACT_DIM))
+        next_q = q_all(qt, next_obs, next_act)
+    if check:
+        disagree(next_q)
+    return next_q, next_logp
+
+
+def soft_actor_and_alpha_steps(ref: Reference, q: list[nn.Sequential], pi: nn.Sequential, log_alpha: Tensor,
+                               obs: Tensor, check: bool) -> None:
+    """Draw a ~ pi(s) (one ``randn(B, ACT_DIM)``); step the actor on mean(alpha log pi - min_i Q_i(s, a)) against
+    the just-updated critics, then log alpha on -mean(log alpha (log pi + target entropy)), target entropy
+    -ACT_DIM = -2. ``check``: the critics disagree at a (so the min is not member 0)."""
+    alpha = log_alpha.detach().exp()
+    act_pi, logp = squashed_sample(pi, obs, torch.randn(B, ACT_DIM))
+    q_pi = q_all(q, obs, act_pi)
+    if check:
+        disagree(q_pi.detach())
+    ref.step("actor", params(pi), (alpha * logp - q_pi.min(dim=0).values).mean(), LR)
+    ref.step("alpha", [log_alpha], -(log_alpha * (logp.detach() - 2.0)).mean(), LR)
+
+
+@pytest.fixture(params=["sgd", "adam"])
+def optimizer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A whole-update test runs with SGD (every optimiser the modules build swapped for it, see
+    :func:`use_sgd`), then with the modules' real Adam; the value names the reference's optimiser."""
+    if request.param == "sgd":
         use_sgd(monkeypatch)
+    return request.param
+
+
+@pytest.mark.parametrize("cls", [TD3, DDPG, TD3BC])
+def test_td3_family_updates_equal_a_hand_written_update(optimizer, cls):
     torch.manual_seed(0)
     critic_lr = LR / 10 if cls is TD3BC else LR  # TD3BC: a slower critic, so the centred Q keeps both signs
     options = dict(critic_lr=critic_lr, actor_lr=LR, target_tau=TAU)
@@ -500,9 +541,7 @@ def test_td3_family_updates_equal_a_hand_written_update(monkeypatch, optimizer, 
             ref.step("actor", params(pi), actor_loss, LR)
             polyak(qt, q, TAU)
             polyak(pit, pi, TAU)
-        nets = {**{f"critic.members.{i}": q[i] for i in range(num_q)},
-                **{f"critic_target.members.{i}": qt[i] for i in range(num_q)},
-                "actor.net": pi, "actor_target.net": pit}
+        nets = {**critic_nets(q, qt), "actor.net": pi, "actor_target.net": pit}
         assert_state(k, states[k - 1], initial, nets, changed={"critic"} | ({"actor", "actor_target", "critic_target"}
                                                                           if k >= freq else set()))
     if cls is not DDPG:
@@ -510,10 +549,7 @@ def test_td3_family_updates_equal_a_hand_written_update(monkeypatch, optimizer, 
         assert torch.equal(states[0]["actor.net.0.weight"], initial["actor.net.0.weight"])
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_sac_update_equals_a_hand_written_update(monkeypatch, optimizer):
-    if optimizer == "sgd":
-        use_sgd(monkeypatch)
+def test_sac_update_equals_a_hand_written_update(optimizer):
     torch.manual_seed(0)
     module = spread(SAC(**SMALL, critic_lr=LR, actor_lr=LR, alpha_lr=LR, target_tau=TAU, init_alpha=2.0))
     batch = make_batch()
@@ -522,40 +558,24 @@ def test_sac_update_equals_a_hand_written_update(monkeypatch, optimizer):
         balance(module.critic_target, batch.next_obs, squashed_sample(module.actor.net, batch.next_obs,
                                                                       torch.randn(B, ACT_DIM))[0])
         balance(module.critic, batch.obs, squashed_sample(module.actor.net, batch.obs, torch.randn(B, ACT_DIM))[0])
-    initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    q, qt, pi = members(module.critic), members(module.critic_target), copy.deepcopy(module.actor.net)
-    log_alpha = module.log_alpha.detach().clone().requires_grad_(True)
+    initial, q, qt, pi, (log_alpha,) = soft_copies(module, "log_alpha")
     states = run_updates(module, batch, 2)
 
     ref = Reference(optimizer)
     s, a, s2 = batch.obs, batch.act, batch.next_obs
     for k in (1, 2):
         torch.manual_seed(SEED + k - 1)
-        alpha = log_alpha.detach().exp()
-        with torch.no_grad():  # draw 1: a' ~ pi(s') for the soft target
-            next_act, next_logp = squashed_sample(pi, s2, torch.randn(B, ACT_DIM))
-            next_q = q_all(qt, s2, next_act)
-            if k == 1:
-                disagree(next_q)
-            y = target(batch.rew, DISCOUNT, TERMINATED, next_q.min(dim=0).values - alpha * next_logp)
+        next_q, next_logp = soft_next_q(pi, qt, s2, check=k == 1)  # draw 1: a' ~ pi(s') for the soft target
+        y = target(batch.rew, DISCOUNT, TERMINATED, next_q.min(dim=0).values - log_alpha.detach().exp() * next_logp)
         ref.step("critic", params(q), weighted_td(q_all(q, s, a), y, WEIGHT), LR)
-        # draw 2: a ~ pi(s) for the actor, against the min of the just-updated critics
-        act_pi, logp = squashed_sample(pi, s, torch.randn(B, ACT_DIM))
-        q_pi = q_all(q, s, act_pi)
-        if k == 1:
-            disagree(q_pi.detach())  # min and member 0 differ
-        ref.step("actor", params(pi), (alpha * logp - q_pi.min(dim=0).values).mean(), LR)
-        ref.step("alpha", [log_alpha], -(log_alpha * (logp.detach() - 2.0)).mean(), LR)
+        # draw 2: a ~ pi(s) for the actor, against the min of the just-updated critics (min and member 0 differ)
+        soft_actor_and_alpha_steps(ref, q, pi, log_alpha, s, check=k == 1)
         polyak(qt, q, TAU)
-        nets = {"critic.members.0": q[0], "critic.members.1": q[1], "critic_target.members.0": qt[0],
-                "critic_target.members.1": qt[1], "actor.net": pi, "log_alpha": log_alpha}
+        nets = {**critic_nets(q, qt), "actor.net": pi, "log_alpha": log_alpha}
         assert_state(k, states[k - 1], initial, nets, changed={"critic", "critic_target", "actor", "log_alpha"})
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_cql_update_equals_a_hand_written_update(monkeypatch, optimizer):
-    if optimizer == "sgd":
-        use_sgd(monkeypatch)
+def test_cql_update_equals_a_hand_written_update(optimizer):
     torch.manual_seed(0)
     n, temp, c, gap_target = 2, 2.0, 0.5, 0.3
     module = spread(CQL(**SMALL, critic_lr=LR, actor_lr=LR, alpha_lr=LR, cql_alpha_lr=LR, target_tau=TAU,
@@ -566,43 +586,29 @@ def test_cql_update_equals_a_hand_written_update(monkeypatch, optimizer):
     with torch.no_grad():
         balance(module.critic_target, batch.next_obs, squashed_sample(module.actor.net, batch.next_obs,
                                                                       torch.randn(B, ACT_DIM))[0])
-    initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    q, qt, pi = members(module.critic), members(module.critic_target), copy.deepcopy(module.actor.net)
-    log_alpha = module.log_alpha.detach().clone().requires_grad_(True)
-    log_cql_alpha = module.log_cql_alpha.detach().clone().requires_grad_(True)
+    initial, q, qt, pi, (log_alpha, log_cql_alpha) = soft_copies(module, "log_alpha", "log_cql_alpha")
     states = run_updates(module, batch, 2)
 
     ref = Reference(optimizer)
     s, a, s2 = batch.obs, batch.act, batch.next_obs
     for k in (1, 2):
         torch.manual_seed(SEED + k - 1)
-        alpha = log_alpha.detach().exp()
-        with torch.no_grad():  # no entropy in the backup (CORL's default)
-            next_act, _ = squashed_sample(pi, s2, torch.randn(B, ACT_DIM))
-            next_q = q_all(qt, s2, next_act)
-            if k == 1:
-                disagree(next_q)
-            y = target(batch.rew, DISCOUNT, TERMINATED, next_q.min(dim=0).values)
+        next_q, _ = soft_next_q(pi, qt, s2, check=k == 1)
+        y = target(batch.rew, DISCOUNT, TERMINATED, next_q.min(dim=0).values)  # no entropy in the backup (CORL)
+        with torch.no_grad():
             proposals, log_mu = cql_proposals(pi, batch, n)
         gap = cql_gap(q, batch, proposals, log_mu, temp)
         weight = c * log_cql_alpha.detach().exp()
         ref.step("critic", params(q), weighted_td(q_all(q, s, a), y, WEIGHT) + weight * gap.sum(), LR)
         ref.step("cql_alpha", [log_cql_alpha], -log_cql_alpha.exp() * c * (gap.detach().mean() - gap_target), LR)
-        act_pi, logp = squashed_sample(pi, s, torch.randn(B, ACT_DIM))
-        ref.step("actor", params(pi), (alpha * logp - q_all(q, s, act_pi).min(dim=0).values).mean(), LR)
-        ref.step("alpha", [log_alpha], -(log_alpha * (logp.detach() - 2.0)).mean(), LR)
+        soft_actor_and_alpha_steps(ref, q, pi, log_alpha, s, check=False)
         polyak(qt, q, TAU)
-        nets = {"critic.members.0": q[0], "critic.members.1": q[1], "critic_target.members.0": qt[0],
-                "critic_target.members.1": qt[1], "actor.net": pi, "log_alpha": log_alpha,
-                "log_cql_alpha": log_cql_alpha}
+        nets = {**critic_nets(q, qt), "actor.net": pi, "log_alpha": log_alpha, "log_cql_alpha": log_cql_alpha}
         assert_state(k, states[k - 1], initial, nets,
                      changed={"critic", "critic_target", "actor", "log_alpha", "log_cql_alpha"})
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_iql_update_equals_a_hand_written_update(monkeypatch, optimizer):
-    if optimizer == "sgd":
-        use_sgd(monkeypatch)
+def test_iql_update_equals_a_hand_written_update(optimizer):
     torch.manual_seed(0)
     tau, beta, max_weight, steps = 0.8, 3.0, 2.0, 3
     # log-std bounds [-3, -0.5] with the log-std at (0, -1): the clamp binds in the first dimension only
@@ -645,8 +651,7 @@ def test_iql_update_equals_a_hand_written_update(monkeypatch, optimizer):
         lr = LR * 0.5 * (1 + math.cos(math.pi * (k - 1) / steps))  # CORL's cosine: LR, 0.75 LR, 0.25 LR
         ref.step("actor", params(actor), -(weights * log_prob).mean(), lr)
         polyak(qt, q, TAU)
-        nets = {"critic.members.0": q[0], "critic.members.1": q[1], "critic_target.members.0": qt[0],
-                "critic_target.members.1": qt[1], "actor": actor, "value": value}
+        nets = {**critic_nets(q, qt), "actor": actor, "value": value}
         assert_state(k, states[k - 1], initial, nets, changed={"critic", "critic_target", "actor", "value"})
 
 

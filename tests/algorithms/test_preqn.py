@@ -31,6 +31,22 @@ def cosine(a, b):
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
+def pinv_direction(net: StateActionQ, obs: torch.Tensor, act: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``J^T K^+ delta`` (P,) in float64, with ``J`` (N, P) the per-sample gradients of Q(obs_i, act_i)
+    from torch.func (an independent Jacobian) and ``K = J J^T``."""
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach().double() for n, p in net.named_parameters()}
+    net64 = copy.deepcopy(net).double()
+    single = lambda p, o, a: functional_call(net64, p, (o[None], a[None]))[0]  # noqa: E731
+    jac = vmap(jacrev(single), in_dims=(None, 0, 0))(params, obs.double(), act.double())
+    j = torch.cat([jac[n].reshape(len(obs), -1) for n in names], dim=1)  # (N, P)
+    return j.T @ torch.linalg.pinv(j @ j.T, rtol=1e-6, hermitian=True) @ delta.double()
+
+
+def flat_params(net: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(net.parameters()).detach().double()
+
+
 def test_step_meets_the_line_search_criterion():
     net = sin_critic()
     obs, act, delta = batch()
@@ -50,16 +66,10 @@ def test_step_is_the_pseudo_inverse_direction_of_torch_func():
     """theta' - theta = lr J^T K^+ delta with J from torch.func (an independent Jacobian)."""
     net = sin_critic(hidden=(16, 16))
     obs, act, delta = batch(n=12)
-    names = [n for n, _ in net.named_parameters()]
-    params = {n: p.detach().double() for n, p in net.named_parameters()}
-    net64 = copy.deepcopy(net).double()
-    single = lambda p, o, a: functional_call(net64, p, (o[None], a[None]))[0]  # noqa: E731
-    jac = vmap(jacrev(single), in_dims=(None, 0, 0))(params, obs.double(), act.double())
-    j = torch.cat([jac[n].reshape(len(obs), -1) for n in names], dim=1)  # (N, P)
-    expected = 1e-3 * j.T @ torch.linalg.pinv(j @ j.T, rtol=1e-6, hermitian=True) @ delta.double()
-    start = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double()
+    expected = 1e-3 * pinv_direction(net, obs, act, delta)
+    start = flat_params(net)
     preconditioned_step(net, (obs, act), delta, lr=1e-3, max_shrinks=0)
-    moved = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double() - start
+    moved = flat_params(net) - start
     # float32 parameters: the update is exact up to float32 rounding of theta + step
     assert torch.linalg.vector_norm(moved - expected) <= 1e-4 * torch.linalg.vector_norm(expected)
 
@@ -231,17 +241,11 @@ def test_an_unreachable_criterion_keeps_the_smallest_step_and_says_so():
     net = sin_critic(hidden=(16, 16))
     obs, act, delta = batch(n=12)
     delta = 30 * delta
-    names = [n for n, _ in net.named_parameters()]
-    params = {n: p.detach().double() for n, p in net.named_parameters()}
-    net64 = copy.deepcopy(net).double()
-    single = lambda p, o, a: functional_call(net64, p, (o[None], a[None]))[0]  # noqa: E731
-    jac = vmap(jacrev(single), in_dims=(None, 0, 0))(params, obs.double(), act.double())
-    j = torch.cat([jac[n].reshape(len(obs), -1) for n in names], dim=1)  # (N, P)
-    expected = 0.5 * 0.25**3 * j.T @ torch.linalg.pinv(j @ j.T, rtol=1e-6, hermitian=True) @ delta.double()
-    start = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double()
+    expected = 0.5 * 0.25**3 * pinv_direction(net, obs, act, delta)
+    start = flat_params(net)
     before = net(obs, act).detach()
     result = preconditioned_step(net, (obs, act), delta, lr=0.5, shrink=0.25, max_shrinks=3, cos_threshold=1.0)
-    moved = torch.nn.utils.parameters_to_vector(net.parameters()).detach().double() - start
+    moved = flat_params(net) - start
     assert result.shrink_steps == 3 and not result.accepted
     assert torch.linalg.vector_norm(moved - expected) <= 1e-4 * torch.linalg.vector_norm(expected)
     assert result.step_norm == pytest.approx(float(torch.linalg.vector_norm(expected)), rel=1e-4)

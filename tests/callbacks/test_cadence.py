@@ -7,7 +7,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lit_qlearn.callbacks import CrashPredictor, NTKGramCallback, PlasticityMonitor, PreQNLineSearch, SEEMMonitor
@@ -15,6 +14,7 @@ from lit_qlearn.data import OfflineDataModule
 from lit_qlearn.networks import StateActionQ, mlp
 from lit_qlearn.probe import Cadence, bootstrap_target
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+from tests.callbacks.test_crash import MemoryLogger as CrashMemoryLogger
 from tests.conftest import CHAIN_STATES
 
 
@@ -44,20 +44,8 @@ def test_cadence_by_hand():
         Cadence(0)
 
 
-class MemoryLogger(Logger):
-    """Keeps every logged scalar: ``rows[step][name] = value``."""
-
-    name, version = "memory", 0
-
-    def __init__(self):
-        super().__init__()
-        self.rows: dict[int, dict[str, float]] = {}
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
+class MemoryLogger(CrashMemoryLogger):
+    """Keeps every logged scalar (``rows[step][name] = value``) and lists the steps that logged one."""
 
     def steps(self, key):
         return sorted(step for step, row in self.rows.items() if key in row)

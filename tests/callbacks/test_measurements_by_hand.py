@@ -120,6 +120,19 @@ def probe_rows(n=6, obs_dim=3, act=None, seed=0):
     return Transitions(obs, act, torch.zeros(n), next_obs, torch.zeros(n))
 
 
+class TanhCritic(nn.Module):
+    """Q(s, a) = MLP([s, a]) with one tanh hidden layer, (obs (N, 3), act (N, 2)) -> (N,); its
+    weights are drawn right after ``torch.manual_seed(seed)``."""
+
+    def __init__(self, seed: int, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(5, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, obs, act):
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
 def test_action_similarity_against_the_previous_measurement_discrete():
     """Discrete actions: ``seem/action_cos_prev`` is the share of probe states whose greedy action
     equals the previous measurement's. Catches the share that differ, and a previous set that is
@@ -140,17 +153,7 @@ def test_action_similarity_against_the_previous_measurement_discrete():
 
 def test_action_similarity_against_the_previous_measurement_continuous():
     """Continuous actions: the cosine of the flattened greedy actions with the previous ones, by hand."""
-    torch.manual_seed(0)
-
-    class Critic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
-
-        def forward(self, obs, act):
-            return self.net(torch.cat([obs, act], -1)).squeeze(-1)
-
-    module = ScriptedPolicy(Critic())
+    module = ScriptedPolicy(TanhCritic(0, hidden=8))
     probe = probe_rows()
     gen = torch.Generator().manual_seed(1)
     scripted = [torch.randn(6, 2, generator=gen) for _ in range(3)]
@@ -188,17 +191,7 @@ def test_ntk_cosines_against_the_previous_and_the_first_gram():
     """Three measurements of a tanh critic whose parameters move between them:
     ``ntk/cos_prev`` compares with the previous Gram, ``ntk/cos_first`` with the first. Catches
     ``cos_prev`` taken against the first Gram (two measurements cannot tell them apart)."""
-    torch.manual_seed(0)
-
-    class Critic(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
-
-        def forward(self, obs, act):
-            return self.net(torch.cat([obs, act], -1)).squeeze(-1)
-
-    module = ScriptedPolicy(Critic())
+    module = ScriptedPolicy(TanhCritic(0))
     probe = probe_rows(n=10)
     cb = NTKGramCallback(every_n_steps=1, probe_size=10)
     grams, metrics = [], []
@@ -356,16 +349,6 @@ def test_guard_watches_every_twin_and_params_norm_is_the_critics(tiny_td3bc):
 
 
 # ------------------------------------------------------------ PreQNLineSearch
-
-
-class TanhCritic(nn.Module):
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
-
-    def forward(self, obs, act):
-        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
 
 
 class TwinProtocol(nn.Module):
