@@ -7,9 +7,10 @@
 * ``lit-qlearn collect ENV_ID PATH --policy random --steps N --seed S`` — roll a
   policy in a gymnasium environment and write a D4RL-format HDF5 file.
 * ``lit-qlearn datasets list`` / ``lit-qlearn datasets make hopper-medium-v5 [--steps N]``
-  — the D4RL-style datasets made from lit_qlearn's own SAC policies (no download);
-  ``lit-qlearn datasets train walker2d [--steps N]`` trains those policies.
-* ``lit-qlearn demo`` — generate the embedded default dataset if absent, train TD3
+  — the D4RL-style datasets made from lit_qlearn's own SAC policies (no download;
+  ``datasets make default``: the demo's data); ``lit-qlearn datasets train walker2d
+  [--steps N]`` trains those policies. ``fit`` only reads data: it never makes a dataset.
+* ``lit-qlearn demo`` — make the default dataset if absent, train TD3
   without target averaging with a plain and a LayerNorm critic under SEEMMonitor,
   NTKGramCallback and CrashPredictor, print the comparison and draw it
   (:mod:`lit_qlearn.demo`; ``--algo td3bc``: train TD3+BC and evaluate it).
@@ -24,6 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["main", "demo", "collect_main", "datasets_main", "fit_main"]
+
+# Each command imports what it uses inside its own function: `lit-qlearn --help`, and a
+# command's argument errors, load neither torch nor Lightning.
 
 
 # "started": set once `lit-qlearn fit` has run its first update; "interrupted": Ctrl-C
@@ -108,7 +112,7 @@ def _check_ckpt_path(config: Any) -> None:
     Lightning loads it with ``weights_only=True`` unless ``--weights_only false`` is given
     (Lightning's default for a URL is False: a remote file could run code)."""
     from lit_qlearn.data.checkpoint import CheckpointError, read_checkpoint
-    from lit_qlearn.data.collect import policy_classes
+    from lit_qlearn.datasets import policy_classes
 
     ckpt_path = config.get("ckpt_path")
     if not ckpt_path:
@@ -132,7 +136,7 @@ def _check_ckpt_path(config: Any) -> None:
 
 
 def collect_main(args: Sequence[str]) -> None:
-    from lit_qlearn.data import collect
+    from lit_qlearn.datasets import collect
 
     parser = argparse.ArgumentParser(prog="lit-qlearn collect", description=collect.__doc__.split("\n")[0])
     parser.add_argument("env_id", help="gymnasium environment id, e.g. Hopper-v5")
@@ -149,28 +153,30 @@ def collect_main(args: Sequence[str]) -> None:
 
 
 def datasets_main(args: Sequence[str]) -> None:
-    from lit_qlearn.data import generated
+    from lit_qlearn.data.minari import check_minari_output, write_minari
+    from lit_qlearn.data.names import ENV_IDS
+    from lit_qlearn.datasets import generated
 
     parser = argparse.ArgumentParser(prog="lit-qlearn datasets", description=generated.__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the datasets that can be made here")
     make = sub.add_parser("make", help="write one of them (D4RL format)")
-    make.add_argument("name", help="e.g. hopper-medium-v5")
+    make.add_argument("name", help="e.g. hopper-medium-v5, or default (the demo's data)")
     make.add_argument("--steps", type=int, default=None,
-                      help="environment steps (default 1M; medium-expert: of each; medium-replay: none, it reruns "
-                           "the SAC run up to its medium policy)")
+                      help="environment steps (1M, as D4RL; 100k for default; medium-expert: of each; "
+                           "medium-replay: none, it reruns the SAC run up to its medium policy)")
     make.add_argument("--path", default=None, help="output .hdf5 (default: the data directory)")
     make.add_argument("--seed", type=int, default=None, help="rollout seed (default 0; medium-replay: none)")
     make.add_argument("--minari", default=None, metavar="DATASET_ID",
                       help="also write it as a Minari dataset with this id (needs the minari extra)")
     train = sub.add_parser("train", help="train the SAC behaviour policies of a family (writes the policy file "
                                          "and the medium-replay dataset)")
-    train.add_argument("family", choices=sorted(generated.ENV_IDS))
+    train.add_argument("family", choices=sorted(ENV_IDS))
     train.add_argument("--steps", type=int, default=300_000, help="environment steps of the SAC run")
     train.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(list(args))
     if ns.command == "list":
-        print("\n".join(generated.dataset_names()))
+        print("\n".join(["default", *generated.dataset_names()]))
         return
     from tqdm.auto import tqdm
 
@@ -181,18 +187,18 @@ def datasets_main(args: Sequence[str]) -> None:
         def report(run: Any) -> None:
             bar.set_postfix_str(f"return {run.curve[-1]['return']:.0f}")
 
-        with tqdm(total=ns.steps, desc=f"SAC {generated.ENV_IDS[ns.family]}", unit="step") as bar:
+        with tqdm(total=ns.steps, desc=f"SAC {ENV_IDS[ns.family]}", unit="step") as bar:
             path = generated.train_policy(ns.family, ns.steps, ns.seed, on_eval=report, progress=bar.update)
         print(f"wrote {path}")
         return
 
     generated.check_request(ns.name, ns.steps, ns.seed, ns.path)
+    if ns.minari:
+        check_minari_output(ns.minari)
     with tqdm(total=generated.total_steps(ns.name, ns.steps), desc=ns.name, unit="step") as bar:
         path = generated.make_dataset(ns.name, ns.steps, ns.path, ns.seed, progress=bar.update)
     print(f"wrote {path}")
     if ns.minari:
-        from lit_qlearn.data.minari import write_minari
-
         print(f"wrote {write_minari(path, ns.minari)}")
 
 

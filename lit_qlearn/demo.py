@@ -28,41 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["CriticRun", "SeriesLogger", "divergence_demo", "td3bc_demo", "main", "parser"]
+from lit_qlearn.algorithms import TD3, TD3BC
+from lit_qlearn.callbacks import CrashPredictor, EMATarget, NTKGramCallback, SEEMMonitor
+from lit_qlearn.data import OfflineDataModule
+from lit_qlearn.data.names import parse_name
+from lit_qlearn.datasets import ensure_dataset, ensure_default_dataset
+from lit_qlearn.loggers import SeriesLogger
+
+__all__ = ["CriticRun", "divergence_demo", "td3bc_demo", "main", "parser"]
 
 CRITICS = {"plain": None, "layernorm": "layer"}  # run name -> TD3(critic_norm=...)
 LABELS = {"plain": "plain critic", "layernorm": "LayerNorm critic"}
-
-
-class SeriesLogger(Logger):
-    """Keeps every logged scalar in memory, ``rows[step][name] = value``, for the table and
-    the figure (TensorBoard keeps the same numbers on disk)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "series"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.rows.setdefault(int(step or 0), {}).update({k: float(v) for k, v in metrics.items()})
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """``(steps, values)`` of ``key``, by step."""
-        points = [(s, row[key]) for s, row in sorted(self.rows.items()) if key in row]
-        return [s for s, _ in points], [v for _, v in points]
 
 
 @dataclass
@@ -94,11 +75,13 @@ class CriticRun:
 
 
 def ensure_data(dataset: str) -> None:
-    """Generate the default dataset first if it is needed and absent (with a progress bar)."""
-    from lit_qlearn.data import ensure_default_dataset
-
+    """Make ``dataset`` first if it is ``"default"`` or a generated name (``hopper-medium-v5``)
+    whose file is absent, with a progress bar: the demo makes what it reads (an
+    OfflineDataModule never does)."""
     if dataset == "default":
         ensure_default_dataset()
+    elif parse_name(dataset) is not None:
+        ensure_dataset(dataset)
 
 
 # ------------------------------------------------------------------- the divergence demo
@@ -127,7 +110,6 @@ def _quiet() -> None:
 def _bar() -> Any:
     """Lightning's progress bar without the logger version (a run name here, cut to its
     last characters)."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
 
     class Bar(TQDMProgressBar):
         def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
@@ -140,11 +122,6 @@ def _bar() -> Any:
 
 def _critic_run(name: str, dm: Any, root: Path, steps: int, every: int, probe_size: int, hidden: Sequence[int],
                 progress: bool, seed: int) -> CriticRun:
-    import lightning as L
-
-    from lit_qlearn.algorithms import TD3
-    from lit_qlearn.callbacks import CrashPredictor, EMATarget, NTKGramCallback, SEEMMonitor
-
     L.seed_everything(seed, verbose=False)
     model = TD3(critic_norm=CRITICS[name], critic_hidden=tuple(hidden), actor_hidden=tuple(hidden), eval_every=0)
     series = SeriesLogger()
@@ -202,8 +179,6 @@ def divergence_demo(dataset: str = "default", fraction: float = 0.05, steps: int
         figure: write ``demo.png`` beside the runs.
         out: where the text goes.
     """
-    from lit_qlearn.data import OfflineDataModule
-
     _quiet()
     ensure_data(dataset)
     dm = OfflineDataModule(dataset, fraction=fraction, seed=seed, steps_per_epoch=steps)
@@ -286,7 +261,7 @@ def table(runs: dict[str, CriticRun]) -> str:
 def draw(runs: dict[str, CriticRun], path: Path) -> Path:
     """Mean Q on the probe set and normalised SEEM against the update, both critics; the
     bound, the stop and the kept checkpoint marked."""
-    import matplotlib
+    import matplotlib  # here, not at the top: an optional dependency (the bench extra), for the figure only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -330,11 +305,6 @@ def td3bc_demo(dataset: str = "default", steps: int = 3000, layernorm: bool = Fa
                logdir: str | os.PathLike = "lightning_logs", seed: int = 0, progress: bool = True,
                out: Callable[[str], None] = print) -> dict[str, float]:
     """Train TD3+BC on ``dataset`` for ``steps`` updates and evaluate ``episodes`` episodes."""
-    import lightning as L
-
-    from lit_qlearn.algorithms import TD3BC
-    from lit_qlearn.data import OfflineDataModule
-
     _quiet()
     ensure_data(dataset)
     L.seed_everything(seed, verbose=False)

@@ -133,7 +133,7 @@ def test_datasets_make_rejects_an_unknown_name_before_drawing_a_bar(capsys):
     assert err.count("\n") == 1 and "%|" not in err and "\r" not in err
     assert err.startswith("lit-qlearn datasets: error: dataset 'unknown-name-v5' is not one lit_qlearn makes; these "
                           "are:")
-    from lit_qlearn.data.generated import dataset_names
+    from lit_qlearn.data.names import dataset_names
 
     assert "hopper-medium-v5" in dataset_names() and all(name in err for name in dataset_names())
 
@@ -145,7 +145,7 @@ def test_an_output_in_a_missing_directory_is_an_error_and_creates_nothing(comman
     def rolled(*args, **kwargs):
         raise AssertionError("an environment was made before the output directory was checked")
 
-    monkeypatch.setattr(importlib.import_module("lit_qlearn.data.collect"), "make_vector_env", rolled)
+    monkeypatch.setattr(importlib.import_module("lit_qlearn.datasets.collect"), "make_vector_env", rolled)
     target = tmp_path / "no-such-dir" / "out.hdf5"
     with pytest.raises(SystemExit) as exc:
         main([*command, str(target), "--steps", "100"])
@@ -153,6 +153,45 @@ def test_an_output_in_a_missing_directory_is_an_error_and_creates_nothing(comman
     assert exc.value.code == 2 and err.count("\n") == 1 and "%|" not in err
     assert f"error: {tmp_path / 'no-such-dir'}: directory does not exist (create it first)" in err
     assert "out.hdf5" in err and not (tmp_path / "no-such-dir").exists()
+
+
+def _minari_case(case, tmp_path, monkeypatch):
+    """(minari dataset id, expected error) for each way --minari's output can be wrong."""
+    root = tmp_path / "minari"
+    if case == "malformed id":
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+        return "lit_qlearn/hopper/random", "minari dataset id 'lit_qlearn/hopper/random' is malformed " \
+                                           "(expected '(namespace/)name-vN')"
+    if case == "id taken":
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+        (root / "mine" / "walk-v0" / "data").mkdir(parents=True)
+        return "mine/walk-v0", f"{root / 'mine' / 'walk-v0'}: minari dataset 'mine/walk-v0' already exists"
+    blocker = tmp_path / "a-file"  # a datasets root under a file: no directory can be made there
+    blocker.write_text("")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(blocker / "minari"))
+    return "mine/walk-v0", f"{blocker / 'minari'}: cannot create the directory"
+
+
+@pytest.mark.parametrize("case", ["malformed id", "id taken", "unwritable root"])
+def test_datasets_make_checks_the_minari_output_before_making_anything(case, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import lit_qlearn.datasets.generated as generated
+
+    def made(*args, **kwargs):
+        raise AssertionError("the dataset was made before the --minari output was checked")
+
+    monkeypatch.setattr(generated, "make_dataset", made)
+    dataset_id, expected = _minari_case(case, tmp_path, monkeypatch)
+    if importlib.util.find_spec("minari") is None:  # the first check of all
+        expected = "writing a Minari dataset needs the minari package: pip install 'lit-qlearn[minari]'"
+    with pytest.raises(SystemExit) as exc:
+        main(["datasets", "make", "hopper-random-v5", "--steps", "100", "--path", str(tmp_path / "r.hdf5"),
+              "--minari", dataset_id])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "%|" not in err  # one line, before any bar
+    assert err.startswith(f"lit-qlearn datasets: error: {expected}")
+    assert not (tmp_path / "r.hdf5").exists()
 
 
 def test_fit_prints_no_lightningcli_args_warning(capsys, monkeypatch):

@@ -9,7 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_qlearn.cli import main
-from lit_qlearn.data import collect, read_d4rl
+from lit_qlearn.data import read_d4rl
+from lit_qlearn.datasets import collect
 
 
 @pytest.fixture(scope="module")

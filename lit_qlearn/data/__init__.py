@@ -1,10 +1,11 @@
-"""Data: offline datasets (D4RL-format HDF5 and Minari readers, the writer, the
-collector, :class:`OfflineDataModule`; DESIGN.md section 6) and online replay
+"""Data, read and served (docs/design.md section 6): offline datasets (D4RL-format HDF5
+and Minari readers, the writer, :class:`OfflineDataModule`), online replay
 (:class:`ReplayBuffer`, :class:`PrioritizedReplayBuffer`, the environment loop
-:class:`Rollout`, :class:`OnlineDataModule`)."""
-from lit_qlearn.data.collect import REF_SCORES, collect, default_dataset_path, ensure_default_dataset, reference_scores
+:class:`Rollout`, :class:`OnlineDataModule`), reference scores and where named datasets
+live (:mod:`lit_qlearn.data.names`). Making datasets is :mod:`lit_qlearn.datasets`' job."""
 from lit_qlearn.data.d4rl import DatasetError, read_d4rl, write_d4rl
 from lit_qlearn.data.minari import read_minari
+from lit_qlearn.data.names import REF_SCORES, default_dataset_path, reference_scores, resolve
 from lit_qlearn.data.offline import OfflineDataModule
 from lit_qlearn.data.online import OnlineDataModule
 from lit_qlearn.data.replay import PrioritizedReplayBuffer, ReplayBuffer
@@ -26,10 +27,9 @@ __all__ = [
     "read_d4rl",
     "write_d4rl",
     "read_minari",
-    "collect",
     "OfflineDataModule",
     "default_dataset_path",
-    "ensure_default_dataset",
+    "resolve",
     "reference_scores",
     "REF_SCORES",
 ]

@@ -1,7 +1,7 @@
 """D4RL-format HDF5 files: validation, reading with ``qlearning_dataset`` semantics, writing.
 
 The ``d4rl`` package cannot be imported next to current gymnasium / numpy / mujoco
-(DESIGN.md section 6), so the files are read directly with h5py. A file holds the
+(docs/design.md section 6), so the files are read directly with h5py. A file holds the
 top-level arrays
 
 ======================= ============ ==========================================

@@ -12,6 +12,7 @@ slashes, e.g. ``mujoco/hopper/expert-v0``) and root is ``$MINARI_DATASETS_PATH``
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -21,11 +22,15 @@ from typing import Any
 import h5py
 import numpy as np
 
-from lit_qlearn.data.d4rl import DatasetError, as_transitions, one_line, open_hdf5, validate_arrays
+from lit_qlearn.data.d4rl import (DatasetError, as_transitions, check_output_dir, load_d4rl_raw, one_line, open_hdf5,
+                                  validate_arrays)
 
-__all__ = ["minari_root", "minari_data_dir", "read_minari", "read_minari_metadata", "write_minari"]
+__all__ = ["minari_root", "minari_data_dir", "read_minari", "read_minari_metadata", "check_minari_output",
+           "write_minari"]
 
 _EPISODE_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
+# minari's own DATASET_ID_RE (minari/dataset/minari_dataset.py), with the version it requires
+_DATASET_ID = re.compile(r"^(?:[-_\w][-_\w/]*[-_\w]+/)?[-_\w]+?-v\d+$")
 
 
 def minari_root(root: str | os.PathLike | None = None) -> pathlib.Path:
@@ -134,6 +139,26 @@ def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> dict[
     )
 
 
+def check_minari_output(dataset_id: str) -> pathlib.Path:
+    """What :func:`write_minari` needs before any data is read or made, checked in
+    milliseconds: the minari package, a well-formed ``dataset_id`` (``(namespace/)name-vN``),
+    no dataset of that id yet (minari never overwrites one) and a datasets root
+    (:func:`minari_root`) that takes a new file. Returns the dataset's future directory;
+    raises a one-line :class:`DatasetError` naming what is wrong."""
+    if importlib.util.find_spec("minari") is None:
+        raise DatasetError("writing a Minari dataset needs the minari package: pip install 'lit-qlearn[minari]'")
+    if not _DATASET_ID.match(dataset_id) or ".." in dataset_id.split("/"):
+        raise DatasetError(f"minari dataset id {dataset_id!r} is malformed (expected '(namespace/)name-vN')")
+    root = minari_root()
+    target = root / dataset_id
+    if target.exists():
+        raise DatasetError(f"{target}: minari dataset {dataset_id!r} already exists (minari never overwrites one: "
+                           "remove it or choose another id or version)")
+    check_output_dir(root, create=True, hint="set MINARI_DATASETS_PATH to a writable directory",
+                     holds=f"the minari dataset {dataset_id!r}")
+    return target
+
+
 def write_minari(d4rl_path: str | os.PathLike, dataset_id: str, env_id: str | None = None) -> pathlib.Path:
     """Write a D4RL-format file as the Minari dataset ``dataset_id`` with Minari's own API
     (``minari.create_dataset_from_buffers``, in ``$MINARI_DATASETS_PATH`` or
@@ -141,14 +166,13 @@ def write_minari(d4rl_path: str | os.PathLike, dataset_id: str, env_id: str | No
 
     Episodes are cut at terminals and timeouts; each keeps its final observation (the
     row's ``next_observations``). The file must hold ``next_observations`` and every
-    step (as :func:`~lit_qlearn.data.collect` writes). Returns the dataset's directory.
+    step (as :func:`lit_qlearn.datasets.collect` writes). Returns the dataset's directory.
+    The output is checked first (:func:`check_minari_output`).
     """
-    try:
-        import minari
-        from minari.data_collector import EpisodeBuffer
-    except ImportError as e:
-        raise DatasetError("write_minari needs the minari package: pip install 'lit-qlearn[minari]'") from e
-    from lit_qlearn.data.d4rl import load_d4rl_raw
+    check_minari_output(dataset_id)
+    # here, not at the top: minari is an optional dependency (the readers above need none)
+    import minari
+    from minari.data_collector import EpisodeBuffer
 
     arrays, metadata = load_d4rl_raw(d4rl_path)
     if "next_observations" not in arrays:

@@ -12,16 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_qlearn.data.collect import (
-    D4RL_ENV_IDS,
-    ensure_default_dataset,
-    env_family,
-    make_env,
-    reference_scores,
-)
 from lit_qlearn.data.d4rl import DatasetError, read_d4rl, read_d4rl_metadata
-from lit_qlearn.data.generated import resolve
 from lit_qlearn.data.minari import read_minari, read_minari_metadata
+from lit_qlearn.data.names import D4RL_ENV_IDS, env_family, reference_scores, resolve
+from lit_qlearn.data.rollout import make_env
 from lit_qlearn.data.types import DataSpec, Transitions
 
 __all__ = ["OfflineDataModule", "REWARD_TRANSFORMS", "subset_indices", "trajectory_returns", "transform_rewards"]
@@ -36,7 +30,7 @@ STD_EPS = 1e-3  # TD3+BC: std + 1e-3 keeps constant state dimensions finite
 
 
 def subset_indices(n: int, fraction: float, seed: int) -> np.ndarray:
-    """The X% subset (DESIGN.md section 6): ``max(1, round(fraction * n))`` distinct
+    """The X% subset (docs/design.md section 6): ``max(1, round(fraction * n))`` distinct
     transition indices drawn uniformly with ``numpy.random.default_rng(seed)``, sorted so
     the kept rows keep their file order. Same ``(n, fraction, seed)``, same subset, for
     every algorithm."""
@@ -188,10 +182,12 @@ class OfflineDataModule(L.LightningDataModule):
     """Offline transitions from a D4RL-format file, a Minari dataset or the embedded default.
 
     Args:
-        dataset: ``"default"`` (100k Hopper-v5 steps of the shipped medium SAC policy, made on first use, see
-            :func:`ensure_default_dataset`); a dataset lit_qlearn makes (``hopper-medium-v5``, ...:
-            :func:`~lit_qlearn.data.generated.dataset_names`, made on first use); ``"minari:<dataset_id>"``;
-            or a D4RL-format file path / D4RL name (``hopper-medium-v2``, looked up in ``~/.d4rl/datasets``).
+        dataset: ``"default"`` (100k Hopper-v5 steps of the shipped medium SAC policy); a dataset
+            lit_qlearn makes (``hopper-medium-v5``, ...: :func:`~lit_qlearn.data.names.dataset_names`);
+            ``"minari:<dataset_id>"``; or a D4RL-format file path / D4RL name (``hopper-medium-v2``, looked up
+            in ``~/.d4rl/datasets``). The file must be on disk: ``lit-qlearn datasets make NAME`` makes the
+            first two (:mod:`lit_qlearn.datasets`), a missing one is a one-line :class:`DatasetError`
+            saying so (:func:`~lit_qlearn.data.names.resolve`).
         env_id: gymnasium env for evaluation and the shape check; default: the file's
             ``metadata/env_id``, else the D4RL family in the name (``hopper`` ->
             ``Hopper-v5``), else None (no env).
@@ -254,12 +250,12 @@ class OfflineDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loading
 
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node: generate the default data once
+        # Lightning calls this once per node, before setup: a dataset that is not on disk
+        # fails here, before any work. Nothing is made here (no environment, no training):
+        # the error names the command that makes it.
         spec = os.fspath(self.hparams.dataset)
-        if spec == "default":
-            ensure_default_dataset()
-        elif not spec.startswith("minari:"):
-            resolve(spec)  # a generated dataset (hopper-medium-v5, ...) is made here, once
+        if not spec.startswith("minari:"):
+            resolve(spec)
 
     def _read(self) -> tuple[dict[str, np.ndarray], dict[str, Any], str, str]:
         """(arrays, metadata, source for messages, name for env / score inference)."""
@@ -267,7 +263,7 @@ class OfflineDataModule(L.LightningDataModule):
         if spec.startswith("minari:"):
             dataset_id = spec[len("minari:"):]
             return read_minari(dataset_id), read_minari_metadata(dataset_id), spec, dataset_id
-        path = ensure_default_dataset() if spec == "default" else resolve(spec)
+        path = resolve(spec)
         return read_d4rl(path), read_d4rl_metadata(path), str(path), path.name
 
     def setup(self, stage: str | None = None) -> None:
@@ -354,11 +350,8 @@ class OfflineDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """``steps_per_epoch`` random minibatches of ``batch_size`` per epoch; DDP ranks and
-        epochs draw different ones, reproducibly.
-
-        Measured on 2 CPU cores, 100k transitions, ds=17, da=6, batch 256: ~30 us to draw
-        and gather a batch, ~60 us per batch through the DataLoader (its per-batch
-        profiler hook, ``record_function``, costs ~25 us of that).
+        epochs draw different ones, reproducibly. A batch is one ``index_select`` of the
+        contiguous buffer (no per-row collation).
         """
         self._require()
         hp = self.hparams
@@ -392,7 +385,7 @@ class OfflineDataModule(L.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def probe_batch(self, n: int | None = None, seed: int = 0) -> Transitions:
-        """The fixed probe set (DESIGN.md section 4): ``min(n, M)`` distinct transitions
+        """The fixed probe set (docs/design.md section 4): ``min(n, M)`` distinct transitions
         (``n`` defaults to ``probe_size``) drawn with a generator seeded by ``seed`` only,
         so every rank and every algorithm gets the same batch."""
         self._require()

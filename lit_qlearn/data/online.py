@@ -15,10 +15,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_qlearn.data.collect import reference_scores
+from lit_qlearn.data.checkpoint import check_before_loading
 from lit_qlearn.data.d4rl import DatasetError
+from lit_qlearn.data.names import reference_scores
 from lit_qlearn.data.replay import PrioritizedReplayBuffer, ReplayBuffer
-from lit_qlearn.data.rollout import Rollout, make_vector_env
+from lit_qlearn.data.rollout import Rollout, make_env, make_vector_env
 from lit_qlearn.data.types import DataSpec, Transitions
 
 __all__ = ["OnlineDataModule"]
@@ -152,8 +153,6 @@ class OnlineDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- the spec
     def _read_spec(self) -> DataSpec:
-        from lit_qlearn.data.rollout import make_env
-
         env = make_env(self.env_id, self.hparams.env_wrapper)
         obs_space, act_space = env.observation_space, env.action_space
         env.close()
@@ -189,8 +188,6 @@ class OnlineDataModule(L.LightningDataModule):
         """Lightning's, with ``trust_checkpoint`` the caller's word: the file's
         hyper-parameters fill the other constructor arguments, and a file that claimed
         trust would otherwise grant it to itself."""
-        from lit_qlearn.data.checkpoint import check_before_loading
-
         check_before_loading(checkpoint_path, cls, weights_only)
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             weights_only=weights_only, trust_checkpoint=trust_checkpoint, **kwargs)
@@ -245,6 +242,13 @@ class OnlineDataModule(L.LightningDataModule):
     def weighted(self) -> bool:
         """Whether batches carry importance weights (prioritised replay)."""
         return bool(self.hparams.prioritized)
+
+    @property
+    def phase_complete(self) -> bool:
+        """Whether the batch served last was the last of its training phase (the next batch
+        collects ``train_freq`` environment steps first): where Stable-Baselines3 would be
+        between ``train()`` and its next rollout."""
+        return self._since_phase == self.hparams.gradient_steps
 
     # ---------------------------------------------------------------- stepping
     def _add(self, step: Any) -> None:

@@ -1,4 +1,4 @@
-"""Replay storage of the online half (DESIGN.md section 8): a preallocated tensor ring
+"""Replay storage of the online half (docs/design.md section 6): a preallocated tensor ring
 buffer with n-step assembly at insertion, and its prioritised (sum-tree) variant."""
 from __future__ import annotations
 

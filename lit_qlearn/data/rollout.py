@@ -1,4 +1,4 @@
-"""The one environment loop: evaluation, :func:`~lit_qlearn.data.collect` and
+"""The one environment loop: evaluation, :func:`lit_qlearn.datasets.collect` and
 :class:`~lit_qlearn.data.OnlineDataModule` all step environments through :class:`Rollout`.
 
 It keeps ``terminated`` (the bootstrap is cut) apart from ``truncated`` (a time

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from lit_qlearn.data import (
-    REF_SCORES, DatasetError, collect, default_dataset_path, ensure_default_dataset, read_d4rl, reference_scores,
-)
+from lit_qlearn.data import REF_SCORES, DatasetError, default_dataset_path, read_d4rl, reference_scores
 from lit_qlearn.data.checkpoint import CheckpointError
 from lit_qlearn.data.d4rl import load_d4rl_raw
+from lit_qlearn.datasets import collect, ensure_default_dataset
 
 
 def test_random_pendulum_rollout_matches_gymnasium(tmp_path):
@@ -158,7 +157,7 @@ def test_default_dataset_is_generated_once(isolated_dirs):
     # rolled from the shipped medium SAC policy, with its reference scores
     import torch
 
-    from lit_qlearn.data.generated import policy_dir
+    from lit_qlearn.data.names import policy_dir
 
     entry = torch.load(policy_dir() / "hopper-v5-sac.pt", weights_only=True)
     assert meta["dataset"] == "hopper-medium-v5" and meta["policy_return"] == entry["medium"]["return"]

@@ -78,7 +78,7 @@ def test_online_buffer_rows_are_terminated_only_at_the_goal():
     L.seed_everything(0, verbose=False)
     dm = OnlineDataModule(CHAIN, learning_starts=64, batch_size=8, capacity=500, seed=0)
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(DQN(gamma=0.9, hidden=(8,)), dm)
+              enable_model_summary=False).fit(DQN(gamma=0.9, critic_hidden=(8,)), dm)
     rows = dm.buffer.gather(torch.arange(len(dm.buffer)))
     goals = int((rows.rew > 0).sum())
     # Without a time limit every episode (at most 8 steps, else it is cut) would end at the goal:

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lit_qlearn.data import OfflineDataModule, read_d4rl
-from lit_qlearn.data import generated
 from lit_qlearn.data.d4rl import DatasetError, read_d4rl_metadata
+from lit_qlearn.data.names import ENV_IDS, LEVELS, dataset_names, parse_name
+from lit_qlearn.datasets import generated
 from lit_qlearn.networks import SquashedGaussianActor
 
 
@@ -16,8 +17,8 @@ def policies(tmp_path, monkeypatch):
     SAC actors on a curve whose middle point is nearest a third of the final return."""
     monkeypatch.setenv("LIT_QLEARN_POLICY_DIR", str(tmp_path / "policies"))
     monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(tmp_path / "data"))
-    from lit_qlearn.data.behaviour import BehaviourRun
     from lit_qlearn.data.types import DataSpec
+    from lit_qlearn.datasets import BehaviourRun
 
     curve = [{"env_steps": 1000 * (k + 1), "return": r, "seconds": 0.0} for k, r in enumerate((10.0, 100.0, 300.0))]
     actors = {}
@@ -29,10 +30,11 @@ def policies(tmp_path, monkeypatch):
 
 
 def test_names_and_errors(policies):
-    assert generated.dataset_names() == [f"hopper-{level}-v5" for level in generated.LEVELS]
-    assert generated.parse_name("hopper-medium-expert-v5") == ("hopper", "medium-expert")
-    assert generated.parse_name("walker2d-medium-replay-v5") == ("walker2d", "medium-replay")
-    assert generated.parse_name("hopper-medium-v2") is None and generated.parse_name("ant-medium-v5") is None
+    assert dataset_names() == [f"hopper-{level}-v5" for level in LEVELS]
+    assert generated.dataset_names is dataset_names  # the making side lists the names the reading side knows
+    assert parse_name("hopper-medium-expert-v5") == ("hopper", "medium-expert")
+    assert parse_name("walker2d-medium-replay-v5") == ("walker2d", "medium-replay")
+    assert parse_name("hopper-medium-v2") is None and parse_name("ant-medium-v5") is None
     with pytest.raises(DatasetError, match="not one lit_qlearn makes; these are: hopper-random-v5"):
         generated.make_dataset("ant-medium-v5", steps=10)
     with pytest.raises(DatasetError, match="no shipped SAC policy for 'walker2d' .`lit-qlearn datasets train"):
@@ -66,16 +68,31 @@ def test_each_level_is_rolled_from_its_policy_with_metadata(policies, tmp_path):
     assert read_d4rl_metadata(both)["steps"] == 600 and not list(tmp_path.glob("me.*.hdf5"))
 
 
-def test_offline_datamodule_makes_a_generated_dataset_on_first_use(policies, tmp_path, monkeypatch):
-    make = generated.make_dataset
-    monkeypatch.setattr(generated, "make_dataset",
-                        lambda name, steps, *args, **kwargs: make(name, 200, *args, **kwargs))
+def test_offline_datamodule_reads_a_generated_dataset_once_made(policies, tmp_path):
+    # made explicitly (as `lit-qlearn datasets make hopper-random-v5 --steps 200` does), then read by name
+    path = generated.make_dataset("hopper-random-v5", steps=200)
+    assert path == tmp_path / "data" / "hopper-random-v5.hdf5"
     dm = OfflineDataModule("hopper-random-v5")
     dm.prepare_data()
     dm.setup("fit")
-    assert (tmp_path / "data" / "hopper-random-v5.hdf5").is_file() and dm.env_id == "Hopper-v5"
+    assert dm.env_id == "Hopper-v5" and dm.num_transitions == len(read_d4rl(path)["rewards"])
     entry = torch.load(policies, weights_only=True)
     assert dm.ref_scores == (entry["random_return"], entry["expert"]["return"])
+
+
+def test_default_is_made_by_name_like_the_generated_datasets(policies, tmp_path, capsys):
+    from lit_qlearn.cli import main
+    from lit_qlearn.data.names import default_dataset_path
+
+    assert generated.total_steps("default") == generated.DEFAULT_STEPS == 100_000
+    main(["datasets", "make", "default", "--steps", "150"])
+    path = default_dataset_path()
+    assert capsys.readouterr().out.strip().endswith(f"wrote {path}")
+    meta = read_d4rl_metadata(path)
+    assert meta["dataset"] == "hopper-medium-v5" and meta["steps"] == 150 and meta["env_id"] == "Hopper-v5"
+    dm = OfflineDataModule("default")
+    dm.prepare_data()
+    assert dm.num_transitions == len(read_d4rl(path)["rewards"])
 
 
 def test_datasets_command(policies, tmp_path, capsys, monkeypatch):
@@ -125,7 +142,7 @@ def test_medium_replay_is_the_runs_buffer_and_a_rerun_remakes_it(tmp_path, monke
 
     monkeypatch.setenv("LIT_QLEARN_POLICY_DIR", str(tmp_path / "policies"))
     monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setitem(generated.ENV_IDS, "pendulum", "Pendulum-v1")
+    monkeypatch.setitem(ENV_IDS, "pendulum", "Pendulum-v1")
     options = dict(learning_starts=256, eval_every=150, episodes=1)
     path = generated.train_policy("pendulum", steps=706, seed=2, return_episodes=1, **options)
     entry = torch.load(path, weights_only=True)
@@ -151,8 +168,8 @@ def test_medium_replay_is_the_runs_buffer_and_a_rerun_remakes_it(tmp_path, monke
 
 
 def test_replay_arrays_marks_terminations_and_truncations():
-    from lit_qlearn.data.behaviour import replay_arrays
     from lit_qlearn.data.replay import ReplayBuffer
+    from lit_qlearn.datasets import replay_arrays
 
     buf = ReplayBuffer(10, 1)
     # episode 1: states 0 -> 1 -> 2 (terminates); episode 2: 5 -> 6 -> 7 (truncated); episode 3: 9 -> 10 (cut)
@@ -174,15 +191,13 @@ def _no_generation(monkeypatch):
     as this AssertionError instead of the DatasetError the tests expect."""
     import importlib
 
-    import lit_qlearn.data.behaviour as behaviour
-
-    collect_module = importlib.import_module("lit_qlearn.data.collect")  # (lit_qlearn.data.collect is the function)
+    collect_module = importlib.import_module("lit_qlearn.datasets.collect")  # (lit_qlearn.datasets.collect: the function)
 
     def started(*args, **kwargs):
         raise AssertionError("data generation started before the output directory was checked")
 
     monkeypatch.setattr(generated, "collect", started)
-    monkeypatch.setattr(behaviour, "train_sac", started)
+    monkeypatch.setattr(generated, "train_sac", started)
     monkeypatch.setattr(collect_module, "make_vector_env", started)
 
 
@@ -212,16 +227,16 @@ def _unwritable(how, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["under a file", "is a file", "refuses files"])
-@pytest.mark.parametrize("entry", ["ensure_default_dataset", "OfflineDataModule", "make_dataset", "collect"])
+@pytest.mark.parametrize("entry", ["ensure_default_dataset", "ensure_dataset", "make_dataset", "collect"])
 def test_an_unwritable_data_directory_fails_before_any_generation(how, entry, tmp_path, monkeypatch):
-    from lit_qlearn.data import collect, ensure_default_dataset
+    from lit_qlearn.datasets import collect, ensure_default_dataset
 
     data_dir, reason = _unwritable(how, tmp_path, monkeypatch)
     monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(data_dir))
     _no_generation(monkeypatch)
     calls = {
         "ensure_default_dataset": lambda: ensure_default_dataset(),
-        "OfflineDataModule": lambda: OfflineDataModule("hopper-medium-v5").prepare_data(),
+        "ensure_dataset": lambda: generated.ensure_dataset("hopper-medium-v5", progress=lambda n: None),
         "make_dataset": lambda: generated.make_dataset("hopper-random-v5", steps=1000),
         "collect": lambda: collect("Hopper-v5", "random", steps=1000),  # default path: the data directory
     }
@@ -236,7 +251,7 @@ def test_an_unwritable_data_directory_fails_before_any_generation(how, entry, tm
 def test_a_cached_dataset_in_a_read_only_directory_is_reused(tmp_path, monkeypatch):
     # the writability check is for making a file: an existing one needs none
     monkeypatch.setenv("LIT_QLEARN_DATA_DIR", str(tmp_path / "data"))
-    from lit_qlearn.data import ensure_default_dataset
+    from lit_qlearn.datasets import ensure_default_dataset
 
     path = ensure_default_dataset(steps=50, progress=lambda n: None)
     _unwritable("refuses files", tmp_path, monkeypatch)

@@ -314,9 +314,9 @@ def test_explicit_env_id_overrides_metadata(tmp_path, arrays):
 
 
 def test_default_dataset_and_lazy_attributes(isolated_dirs):
-    from lit_qlearn.data import ensure_default_dataset
+    from lit_qlearn.datasets import ensure_default_dataset
 
-    ensure_default_dataset(steps=300)  # what prepare_data would do, kept small here
+    ensure_default_dataset(steps=300)  # what `lit-qlearn datasets make default` does, kept small here
     dm = OfflineDataModule()
     assert dm.observation_dim == 11  # reading an attribute runs setup
     assert dm.env_id == "Hopper-v5" and dm.num_transitions == 299
@@ -333,7 +333,7 @@ def test_hyperparameters_are_plain_python(tmp_path):
 
 
 def test_discrete_actions_end_to_end(tmp_path):
-    from lit_qlearn.data import collect
+    from lit_qlearn.datasets import collect
 
     path = collect("CartPole-v1", "random", steps=120, path=tmp_path / "cp.hdf5", seed=0)
     d = read_d4rl(path)
@@ -365,7 +365,7 @@ def test_a_batch_larger_than_the_dataset_is_an_error_before_training(toy):
 
 
 def test_a_d4rl_name_found_nowhere_lists_the_datasets_lit_qlearn_makes(isolated_dirs):
-    from lit_qlearn.data.generated import dataset_names
+    from lit_qlearn.data.names import dataset_names
 
     with pytest.raises(DatasetError) as e:
         OfflineDataModule("hopper-medium-v2").setup("fit")
@@ -375,7 +375,8 @@ def test_a_d4rl_name_found_nowhere_lists_the_datasets_lit_qlearn_makes(isolated_
     assert "('hopper-medium-v5' is lit_qlearn's own counterpart): default, hopper-random-v5, hopper-medium-v5" in msg
     assert len(dataset_names()) == 15 and all(name in msg for name in dataset_names()) and "\n" not in msg
     # no counterpart to offer for a name of no family; a path is not a name (its message stays short)
-    with pytest.raises(DatasetError, match=r"not found: .*; or a dataset lit_qlearn makes itself on first use: defa"):
+    with pytest.raises(DatasetError, match=r"not found: .*; or a dataset lit_qlearn makes .`lit-qlearn datasets make "
+                                           r"NAME`.: defa"):
         OfflineDataModule("antmaze-umaze-v2").setup("fit")
     with pytest.raises(DatasetError) as e:
         OfflineDataModule(str(isolated_dirs / "nope.hdf5")).setup("fit")

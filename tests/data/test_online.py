@@ -63,7 +63,7 @@ def _fitted(steps=6, **kwargs):
     options = dict(learning_starts=40, batch_size=8, capacity=500)
     options.update(kwargs)
     dm = OnlineDataModule(CHAIN, **options)
-    module = DQN(gamma=0.9, hidden=(8,))
+    module = DQN(gamma=0.9, critic_hidden=(8,))
     L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, dm)
     return dm, module
@@ -93,7 +93,7 @@ def test_resume_without_the_buffer_keeps_the_schedules(tmp_path):
 
     def run(steps, ckpt=None):
         dm = OnlineDataModule(CHAIN, learning_starts=40, batch_size=8, capacity=500, n_step=3, save_buffer=False)
-        module = DQN(gamma=0.9, hidden=(8,), epsilon_steps=100)
+        module = DQN(gamma=0.9, critic_hidden=(8,), epsilon_steps=100)
         trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             default_root_dir=tmp_path)
         with pytest.warns(UserWarning, match="no replay buffer") if ckpt else contextlib.nullcontext():
@@ -124,7 +124,7 @@ def test_prioritized_replay_gets_each_updates_td_errors():
 
     dm = OnlineDataModule(CHAIN, learning_starts=40, batch_size=8, capacity=500, prioritized=True, beta=0.4,
                           beta_steps=10)
-    module = DQN(gamma=0.9, hidden=(8,), loss="mse")
+    module = DQN(gamma=0.9, critic_hidden=(8,), loss="mse")
     seen = []
 
     class Record(L.Callback):

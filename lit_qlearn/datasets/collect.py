@@ -1,92 +1,31 @@
 """Build D4RL-format datasets by rolling a policy in a gymnasium environment.
 
-Datasets cannot be downloaded on machines without internet (DESIGN.md section 6), so
-the package builds its own, as D4RL did: random policy, or a policy trained by one of
-the package's algorithms. Also the normalised-score reference returns.
+Datasets cannot be downloaded on machines without internet (docs/design.md section 6),
+so the package builds its own, as D4RL did: a random policy, a callable, or a policy
+trained by one of the package's algorithms (rebuilt from its checkpoint).
 """
 from __future__ import annotations
 
 import importlib
 import os
 import pathlib
-import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch import LightningModule
 
+import lit_qlearn.algorithms as algorithms
 from lit_qlearn.data.checkpoint import CheckpointError, read_checkpoint
 from lit_qlearn.data.d4rl import DatasetError, check_output_dir, check_output_path, one_line, write_d4rl
-from lit_qlearn.data.rollout import Rollout, make_env, make_vector_env
+from lit_qlearn.data.names import DATA_DIR_HINT, REF_SCORES, data_dir, env_family
+from lit_qlearn.data.rollout import Rollout, make_vector_env
 
-__all__ = [
-    "REF_SCORES",
-    "D4RL_ENV_IDS",
-    "env_family",
-    "reference_scores",
-    "normalized_score",
-    "make_env",
-    "load_policy",
-    "policy_classes",
-    "collect",
-    "default_dataset_path",
-    "ensure_default_dataset",
-]
-
-# D4RL's published reference returns (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE,
-# identical for every dataset of a family): (random policy, expert policy).
-REF_SCORES: dict[str, tuple[float, float]] = {
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
-# The gymnasium environment a D4RL locomotion family is evaluated in here. The v5
-# envs keep the v2 observation layout for hopper / halfcheetah / walker2d; Ant-v5
-# has 105 dims where D4RL's ant has 111, which the env check reports.
-D4RL_ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+__all__ = ["Policy", "load_policy", "policy_classes", "collect"]
 
 Policy = Callable[[np.ndarray], np.ndarray]
-
-
-def env_family(name: str | os.PathLike | None) -> str | None:
-    """The D4RL family in a dataset name, env id or file name (``Hopper-v5``,
-    ``hopper-medium-v2``, ``hopper_medium-v2.hdf5``, ``mujoco/hopper/expert-v0``):
-    the first ``-``/``_``/``/``-separated token that is a key of :data:`REF_SCORES`,
-    else None (so ``antmaze-umaze-v2`` is not ``ant``)."""
-    if name is None:
-        return None
-    tokens = re.split(r"[-_/.\s]+", os.fspath(name).lower())
-    return next((t for t in tokens if t in REF_SCORES), None)
-
-
-def reference_scores(
-    env_id_or_name: str | os.PathLike | None, metadata: Mapping[str, Any] | None = None
-) -> tuple[float, float] | None:
-    """``(ref_min, ref_max)`` returns for the normalised score
-    ``100 * (return - ref_min) / (ref_max - ref_min)``.
-
-    ``metadata['ref_min_score']`` / ``['ref_max_score']`` (as a file stores them) win;
-    a missing one comes from the D4RL family table; None if either is still unknown.
-    Random-policy datasets made by :func:`collect` store the measured mean return of
-    the random policy as ``ref_min_score`` and D4RL's expert reference of the family
-    as ``ref_max_score``.
-    """
-    metadata = metadata or {}
-    table = REF_SCORES.get(env_family(env_id_or_name) or "", (None, None))
-    lo = metadata.get("ref_min_score", table[0])
-    hi = metadata.get("ref_max_score", table[1])
-    if lo is None or hi is None:
-        return None
-    return float(lo), float(hi)
-
-
-def normalized_score(returns: float | np.ndarray, ref: tuple[float, float]) -> float | np.ndarray:
-    """D4RL's normalised score, ``100 * (return - ref_min) / (ref_max - ref_min)``."""
-    lo, hi = ref
-    return 100.0 * (np.asarray(returns, dtype=np.float64) - lo) / (hi - lo)
 
 
 # ------------------------------------------------------------------------- policies
@@ -96,8 +35,6 @@ def policy_classes() -> dict[str, type]:
     """The classes a checkpoint's ``lit_qlearn_class`` may name for :func:`collect` to
     rebuild: lit_qlearn's own algorithms (the names :mod:`lit_qlearn.algorithms` exports),
     under both of their dotted paths (``lit_qlearn.algorithms.TD3``, ``lit_qlearn.algorithms.td3.TD3``)."""
-    import lit_qlearn.algorithms as algorithms
-
     classes: dict[str, type] = {}
     for name in algorithms.__all__:
         cls = getattr(algorithms, name)
@@ -108,8 +45,6 @@ def policy_classes() -> dict[str, type]:
 def _class_named(spec: str | type) -> type:
     """The class a user names (a class, or ``"package.module:Class"``): importing it is the
     user's choice, made on the command line or in code, never a file's."""
-    from lightning.pytorch import LightningModule
-
     cls: Any = spec
     if isinstance(spec, str):
         module_name, _, class_name = spec.partition(":") if ":" in spec else spec.rpartition(".")
@@ -227,7 +162,7 @@ def collect(
     if path is not None:
         path = check_output_path(path)
     else:
-        check_output_dir(_data_dir(), create=True, hint=DATA_DIR_HINT)
+        check_output_dir(data_dir(), create=True, hint=DATA_DIR_HINT)
     limits = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
     envs = make_vector_env(env_id, 1, **limits)
     try:
@@ -269,7 +204,7 @@ def collect(
         "max_episode_steps": limit,
         "num_episodes": len(returns),
         "policy_mean_return": mean_return,
-        "generator": "lit_qlearn.data.collect",
+        "generator": "lit_qlearn.datasets.collect",
     }
     if description == "random" and returns:
         metadata["ref_min_score"] = mean_return
@@ -279,7 +214,7 @@ def collect(
     metadata.update(extra or {})
     if path is None:
         kind = description.split(":")[0]
-        path = _data_dir() / f"{env_id.replace('/', '_')}-{kind}-s{seed}.hdf5"
+        path = data_dir() / f"{env_id.replace('/', '_')}-{kind}-s{seed}.hdf5"
     arrays = {
         "observations": observations,
         "actions": actions,
@@ -289,36 +224,3 @@ def collect(
         "next_observations": next_observations,
     }
     return write_d4rl(path, arrays, metadata)
-
-
-# ------------------------------------------------------------- the embedded default
-
-
-DATA_DIR_HINT = "set LIT_QLEARN_DATA_DIR to a writable data directory"
-
-
-def _data_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("LIT_QLEARN_DATA_DIR") or "~/.cache/lit_qlearn/datasets").expanduser()
-
-
-def default_dataset_path() -> pathlib.Path:
-    """``$LIT_QLEARN_DATA_DIR/default-hopper-medium-v5-100k.hdf5`` (default dir
-    ``~/.cache/lit_qlearn/datasets``): the data ``lit-qlearn demo`` trains on."""
-    return _data_dir() / "default-hopper-medium-v5-100k.hdf5"
-
-
-def ensure_default_dataset(steps: int = 100_000, seed: int = 0,
-                           progress: Callable[[int], Any] | None = None) -> pathlib.Path:
-    """Return :func:`default_dataset_path`, first generating it if it is absent: ``steps``
-    steps of the shipped medium SAC actor in Hopper-v5
-    (``make_dataset("hopper-medium-v5", steps, ...)``, D4RL's medium data at a tenth of
-    its size; about 30 s for 100k steps on one CPU core), with a progress bar unless
-    ``progress`` is given. An existing file is reused whatever its size."""
-    from lit_qlearn.data.generated import check_request, ensure_dataset
-
-    path = default_dataset_path()
-    if not path.is_file():
-        check_request("hopper-medium-v5", steps, seed, path)  # a data directory that cannot take it: say so first
-        rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} Hopper-v5 steps of the shipped medium "
-                       f"SAC policy) at {path}")
-    return ensure_dataset("hopper-medium-v5", path, steps, seed, progress)

@@ -9,7 +9,7 @@ evaluation whose return is nearest a third of the final one (D4RL's definition),
 
 The same call with the same arguments reruns the same run bit for bit on a CPU (one
 torch thread, seeded, MuJoCo is deterministic): that is how ``medium-replay`` (the run's
-own replay buffer up to the medium policy) is remade where it is not cached.
+own replay buffer up to the medium policy) is remade where it is not on disk.
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+from lit_qlearn.algorithms import SAC
+from lit_qlearn.data.online import OnlineDataModule
+from lit_qlearn.data.replay import ReplayBuffer
+from lit_qlearn.data.rollout import make_vector_env, run_episodes
 
 __all__ = ["BehaviourRun", "train_sac", "medium_point", "replay_arrays"]
 
@@ -42,7 +47,7 @@ class BehaviourRun:
     curve: list[dict[str, float]]
     actors: dict[int, dict[str, torch.Tensor]]
     spec: dict[str, Any]
-    buffer: Any
+    buffer: ReplayBuffer | None
 
     def medium(self) -> dict[str, float] | None:
         """:func:`medium_point` of the curve."""
@@ -77,10 +82,6 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
             ``spec`` and ``buffer`` are set when the run ends).
         progress: called with the number of environment steps done since its last call.
     """
-    from lit_qlearn.algorithms import SAC
-    from lit_qlearn.data.online import OnlineDataModule
-    from lit_qlearn.data.rollout import make_vector_env, run_episodes
-
     if steps <= learning_starts:
         raise ValueError(f"train_sac: steps ({steps}) must exceed learning_starts ({learning_starts})")
     settings = {"env_id": env_id, "steps": int(steps), "seed": int(seed), "learning_starts": int(learning_starts),
@@ -98,7 +99,7 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
         reported = [0]
 
         class _Evaluate(L.Callback):
-            def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+            def on_train_batch_end(self, trainer: L.Trainer, pl_module: SAC, *args: Any) -> None:
                 env_steps = dm.rollout.env_steps
                 if progress is not None:
                     progress(env_steps - reported[0])
@@ -123,7 +124,7 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
         torch.set_num_threads(previous_threads)
 
 
-def replay_arrays(buffer: Any, rows: int) -> dict[str, np.ndarray]:
+def replay_arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
     """The first ``rows`` rows of a 1-step, 1-environment replay buffer, as D4RL arrays
     (in the order written if the buffer has not wrapped: :func:`train_sac`'s never does).
     The buffer keeps ``terminated`` but not truncation: an episode ends at row ``i``

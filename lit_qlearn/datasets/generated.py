@@ -1,74 +1,74 @@
 """D4RL-style datasets that lit_qlearn makes itself, from behaviour policies it trained
-itself with SAC (DESIGN.md section 6): nothing is downloaded.
+itself with SAC (docs/design.md section 6): nothing is downloaded.
 
 ``{hopper,halfcheetah,walker2d}-{random,medium,medium-replay,expert,medium-expert}-v5``:
 ``random`` rolls uniform actions, ``medium`` / ``expert`` the shipped SAC actors
 (deterministic, ``tanh(mean)``), ``medium-expert`` is the two concatenated, as D4RL's,
 and ``medium-replay`` is the SAC run's own replay buffer up to the medium policy (every
 transition it trained on, the random warm-up included), remade by rerunning that run
-with its recorded settings (:func:`lit_qlearn.data.behaviour.train_sac`, bit for bit on
-a CPU; the file records whether the rerun reproduced the shipped medium actor).
+with its recorded settings (:func:`lit_qlearn.datasets.behaviour.train_sac`, bit for bit
+on a CPU; the file records whether the rerun reproduced the shipped medium actor).
+``"default"`` is ``hopper-medium-v5`` at a tenth of its size
+(:func:`ensure_default_dataset`).
 
 The actors live in ``lit_qlearn/policies/<family>-v5-sac.pt`` with the command that
 trained them (``lit-qlearn datasets train FAMILY``), the run's settings and learning
 curve, their measured returns and the random policy's; those two returns are the
 datasets' reference scores for the normalised score (``ref_min_score`` = random,
-``ref_max_score`` = expert).
+``ref_max_score`` = expert). The names, paths and reference scores are
+:mod:`lit_qlearn.data.names`' (reading needs them, making is here).
 """
 from __future__ import annotations
 
 import os
 import pathlib
-import re
+import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
-from lit_qlearn.data.collect import DATA_DIR_HINT, _data_dir, collect
-from lit_qlearn.data.d4rl import (DatasetError, check_output_path, load_d4rl_raw, looks_like_path,
-                                  read_d4rl_metadata, resolve_dataset_path, write_d4rl)
+from lit_qlearn import __version__
+from lit_qlearn.data.d4rl import DatasetError, check_output_path, load_d4rl_raw, read_d4rl_metadata, write_d4rl
+from lit_qlearn.data.names import (DATA_DIR_HINT, ENV_IDS, data_dir, dataset_names, dataset_path, default_dataset_path,
+                                   parse_name, policy_dir)
+from lit_qlearn.data.rollout import make_vector_env, run_episodes
 from lit_qlearn.data.types import DataSpec
+from lit_qlearn.datasets.behaviour import BehaviourRun, replay_arrays, train_sac
+from lit_qlearn.datasets.collect import collect
+from lit_qlearn.networks import SquashedGaussianActor
 
-__all__ = ["LEVELS", "ENV_IDS", "dataset_names", "parse_name", "check_request", "make_dataset", "ensure_dataset",
-           "resolve", "shipped_actor", "check_train", "train_policy", "write_policy_file", "policy_dir", "total_steps"]
+# dataset_names is lit_qlearn.data.names' (reading lists what can be made), re-exported with the makers
+__all__ = ["DEFAULT_NAME", "DEFAULT_STEPS", "dataset_names", "check_request", "make_dataset", "ensure_dataset",
+           "ensure_default_dataset", "shipped_actor", "check_train", "train_policy", "write_policy_file",
+           "write_replay", "total_steps"]
 
-LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
-ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-_NAME = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<level>random|medium-expert|medium-replay|medium|expert)-v5$")
-
-
-def policy_dir() -> pathlib.Path:
-    """``$LIT_QLEARN_POLICY_DIR``, else the policies shipped inside the package."""
-    return pathlib.Path(os.environ.get("LIT_QLEARN_POLICY_DIR") or pathlib.Path(__file__).parent.parent / "policies")
-
-
-def dataset_names() -> list[str]:
-    """Every dataset :func:`make_dataset` can make here (families with a shipped policy)."""
-    families = [f for f in ENV_IDS if (policy_dir() / f"{f}-v5-sac.pt").is_file()]
-    return [f"{f}-{level}-v5" for f in families for level in LEVELS]
+# "default": the shipped medium Hopper actor, rolled for a tenth of D4RL's million steps
+DEFAULT_NAME, DEFAULT_STEPS = "hopper-medium-v5", 100_000
 
 
-def parse_name(name: str) -> tuple[str, str] | None:
-    """``(family, level)`` of a generated dataset name such as ``hopper-medium-v5``, else None."""
-    match = _NAME.match(os.fspath(name))
-    return (match["family"], match["level"]) if match and match["family"] in ENV_IDS else None
-
-
-def _output_path(name: str, path: str | os.PathLike | None) -> pathlib.Path:
-    """Where ``make_dataset`` writes ``name``, checked writable (:func:`check_output_path`):
-    the package's data directory is created if absent; a directory the user named is not."""
-    path = pathlib.Path(path).expanduser() if path is not None else _data_dir() / f"{name}.hdf5"
-    own = os.path.abspath(path.parent) == os.path.abspath(_data_dir())
-    return check_output_path(path, create_dir=own, hint=DATA_DIR_HINT if own else "")
+def _target(name: str, steps: int | None, path: str | os.PathLike | None
+            ) -> tuple[str, int | None, pathlib.Path]:
+    """``(generated name, steps, output path)`` of a request: ``"default"`` is
+    :data:`DEFAULT_NAME` with :data:`DEFAULT_STEPS` steps (unless ``steps``) at
+    :func:`~lit_qlearn.data.names.default_dataset_path`; any other name is written to
+    :func:`~lit_qlearn.data.names.dataset_path` unless ``path``."""
+    if name == "default":
+        name, steps = DEFAULT_NAME, DEFAULT_STEPS if steps is None else steps
+        return name, steps, pathlib.Path(path).expanduser() if path is not None else default_dataset_path()
+    return name, steps, pathlib.Path(path).expanduser() if path is not None else dataset_path(name)
 
 
 def check_request(name: str, steps: int | None = None, seed: int | None = None,
                   path: str | os.PathLike | None = None) -> pathlib.Path:
     """Everything :func:`make_dataset` needs before its first environment step, checked in
     milliseconds: a name it makes, the family's policy file, options that apply, and an
-    output path a file can be written to. Returns that path; raises :class:`DatasetError`."""
+    output path a file can be written to (the package's data directory is created if
+    absent; a directory the user named is not). Returns that path; raises :class:`DatasetError`."""
+    name, steps, path = _target(name, steps, path)
     parsed = parse_name(name)
     if parsed is None:
         raise DatasetError(f"dataset {name!r} is not one lit_qlearn makes; these are: {', '.join(dataset_names())}")
@@ -82,7 +82,8 @@ def check_request(name: str, steps: int | None = None, seed: int | None = None,
                                    f"{entry.get('train', {}).get('seed')})")
     elif steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2):
         raise DatasetError(f"{name}: steps must be an integer >= 2 (one transition), got {steps!r}")
-    return _output_path(name, path)
+    own = os.path.abspath(path.parent) == os.path.abspath(data_dir())
+    return check_output_path(path, create_dir=own, hint=DATA_DIR_HINT if own else "")
 
 
 def _policy_file(family: str) -> dict[str, Any]:
@@ -106,8 +107,6 @@ def shipped_actor(family: str, level: str) -> Callable[[np.ndarray], np.ndarray]
 
 def _deterministic_actor(entry: dict[str, Any], level: str) -> Callable[[np.ndarray], np.ndarray]:
     """The actor ``entry[level]`` of a policy file as ``obs -> tanh(mean)`` scaled to the bounds."""
-    from lit_qlearn.networks import SquashedGaussianActor
-
     spec = DataSpec.from_dict(entry["spec"])
     actor = SquashedGaussianActor(spec.obs_dim, spec.action_dim, spec.action_low, spec.action_high,
                                   **entry["actor_options"])
@@ -124,15 +123,17 @@ def _deterministic_actor(entry: dict[str, Any], level: str) -> Callable[[np.ndar
 def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | None = None,
                  seed: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
     """Write the generated dataset ``name`` (D4RL format) to ``path`` (default: the data
-    directory, ``<name>.hdf5``) and return the path.
+    directory, ``<name>.hdf5``; ``"default"``: :func:`~lit_qlearn.data.names.default_dataset_path`)
+    and return the path: ``lit-qlearn datasets make NAME``.
 
     ``steps``: environment steps rolled (default 1M, as D4RL; ``medium-expert``: of
-    each); ``seed``: the rollout's (default 0). ``medium-replay`` takes neither: its size
-    is the run's medium step and its seed the run's recorded one. Metadata: the policy, its measured return and
-    environment steps, the seed, the steps, the package version, the reference scores,
-    the command that trained the policy. Every input is checked before the first step
-    (:func:`check_request`)."""
+    each; ``"default"``: :data:`DEFAULT_STEPS`); ``seed``: the rollout's (default 0).
+    ``medium-replay`` takes neither: its size is the run's medium step and its seed the
+    run's recorded one. Metadata: the policy, its measured return and environment steps,
+    the seed, the steps, the package version, the reference scores, the command that
+    trained the policy. Every input is checked before the first step (:func:`check_request`)."""
     path = check_request(name, steps, seed, path)
+    name, steps, _ = _target(name, steps, path)
     family, level = parse_name(name)
     entry = _policy_file(family)
     common = _metadata(name, entry)
@@ -161,8 +162,6 @@ def make_dataset(name: str, steps: int | None = None, path: str | os.PathLike | 
 
 def _metadata(name: str, entry: dict[str, Any]) -> dict[str, Any]:
     """What every generated file records about its policy file."""
-    from lit_qlearn import __version__
-
     return {"dataset": name, "lit_qlearn_version": __version__, "ref_min_score": entry["random_return"],
             "ref_max_score": entry["expert"]["return"], "policy_command": entry["command"]}
 
@@ -170,8 +169,6 @@ def _metadata(name: str, entry: dict[str, Any]) -> dict[str, Any]:
 def _medium_replay(name: str, entry: dict[str, Any], path: pathlib.Path, progress: Callable[[int], Any] | None,
                    common: dict[str, Any]) -> pathlib.Path:
     """Rerun the recorded SAC run up to the medium policy and write its replay buffer."""
-    from lit_qlearn.data.behaviour import train_sac
-
     train = entry.get("train")
     if not train:
         raise DatasetError(f"{name}: the shipped policy file records no training settings to rerun")
@@ -180,16 +177,12 @@ def _medium_replay(name: str, entry: dict[str, Any], path: pathlib.Path, progres
     return write_replay(path, run, medium, entry, common)
 
 
-def write_replay(path: pathlib.Path, run: Any, rows: int, entry: dict[str, Any], common: dict[str, Any]
+def write_replay(path: pathlib.Path, run: BehaviourRun, rows: int, entry: dict[str, Any], common: dict[str, Any]
                  ) -> pathlib.Path:
     """``medium-replay``: the first ``rows`` rows of ``run``'s buffer as a D4RL file;
     ``reproduces_shipped_medium`` says whether ``run``'s actor at ``rows`` equals the
     shipped medium actor bit for bit (a warning if not: the data is then the replay of an
     equivalent run, not of the one that made the shipped policy)."""
-    import warnings
-
-    from lit_qlearn.data.behaviour import replay_arrays
-
     shipped = entry["medium"]["state_dict"]
     actor = run.actors.get(rows, {})
     same = set(actor) == set(shipped) and all(torch.equal(actor[k], v) for k, v in shipped.items())
@@ -201,13 +194,14 @@ def write_replay(path: pathlib.Path, run: Any, rows: int, entry: dict[str, Any],
     metadata = common | {"env_id": run.settings["env_id"], "policy": "sac replay buffer up to the medium policy",
                          "seed": run.settings["seed"], "steps": rows, "num_episodes": int(ends.sum()),
                          "policy_return": entry["medium"]["return"], "policy_env_steps": rows,
-                         "reproduces_shipped_medium": bool(same), "generator": "lit_qlearn.data.behaviour"}
+                         "reproduces_shipped_medium": bool(same), "generator": "lit_qlearn.datasets.behaviour"}
     return write_d4rl(path, arrays, metadata)
 
 
 def total_steps(name: str, steps: int | None = None) -> int:
     """Environment steps :func:`make_dataset` takes for ``name`` (medium-expert rolls both,
     medium-replay reruns SAC up to the medium policy)."""
+    name, steps, _ = _target(name, steps, None)
     parsed = parse_name(name)
     if parsed is not None and parsed[1] == "medium-replay":
         return int(_policy_file(parsed[0])["medium"]["env_steps"])
@@ -217,16 +211,14 @@ def total_steps(name: str, steps: int | None = None) -> int:
 
 def ensure_dataset(name: str, path: str | os.PathLike | None = None, steps: int | None = None,
                    seed: int | None = None, progress: Callable[[int], Any] | None = None) -> pathlib.Path:
-    """The cached file of a generated dataset (default ``<data dir>/<name>.hdf5``), made on
-    first use by :func:`make_dataset` (1M steps unless ``steps``), with a progress bar
-    unless ``progress`` is given. An existing file is reused whatever its size (so a
-    read-only directory that holds it is fine); a missing one is checked makeable and
-    writable (:func:`check_request`) before the bar is drawn."""
-    path = pathlib.Path(path).expanduser() if path is not None else _data_dir() / f"{name}.hdf5"
+    """The file of the generated dataset ``name`` (or ``"default"``; by default where
+    :func:`~lit_qlearn.data.names.resolve` looks for it), made by :func:`make_dataset`
+    if absent, with a progress bar unless ``progress`` is given. An existing file is
+    reused whatever its size (so a read-only directory that holds it is fine); a missing
+    one is checked makeable and writable (:func:`check_request`) before the bar is drawn."""
+    path = _target(name, steps, path)[2]
     if not path.is_file():
-        from contextlib import nullcontext
-
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # here, not at the top: only a missing file draws a bar
 
         check_request(name, steps, seed, path)  # before the bar: a bad name or directory costs no work
         with tqdm(total=total_steps(name, steps), desc=name, unit="step") if progress is None else nullcontext() as bar:
@@ -234,44 +226,37 @@ def ensure_dataset(name: str, path: str | os.PathLike | None = None, steps: int 
     return path
 
 
-def resolve(name: str | os.PathLike) -> pathlib.Path:
-    """A D4RL file path or name (:func:`~lit_qlearn.data.d4rl.resolve_dataset_path`); a
-    generated dataset's name that is not on disk yet is made and cached first. A bare name
-    found nowhere is an error that lists the names lit_qlearn makes itself."""
-    text = os.fspath(name)
-    try:
-        return resolve_dataset_path(name)
-    except DatasetError as e:
-        if parse_name(text) is not None:
-            return ensure_dataset(text)
-        if looks_like_path(text) or pathlib.Path(text).exists():
-            raise  # a path the user typed: the message already names it
-        # D4RL's downloads cannot exist on a machine without internet: say what can
-        ours = dataset_names()
-        counterpart = re.sub(r"-v\d+$", "-v5", text.removesuffix(".hdf5"))  # hopper-medium-v2 -> -v5
-        alike = f" ({counterpart!r} is lit_qlearn's own counterpart)" if counterpart in ours else ""
-        raise DatasetError(f"{e}; or a dataset lit_qlearn makes itself on first use{alike}: "
-                           f"{', '.join(['default', *ours])}") from None
+def ensure_default_dataset(steps: int = DEFAULT_STEPS, seed: int = 0,
+                           progress: Callable[[int], Any] | None = None) -> pathlib.Path:
+    """:func:`~lit_qlearn.data.names.default_dataset_path`, first made if absent
+    (``lit-qlearn datasets make default``): ``steps`` steps of the shipped medium SAC actor
+    in Hopper-v5 (``make_dataset("hopper-medium-v5", steps, ...)``, D4RL's medium data at
+    a tenth of its size), with a progress bar unless ``progress`` is given. An existing
+    file is reused whatever its size."""
+    path = default_dataset_path()
+    if not path.is_file():
+        check_request("default", steps, seed, path)  # a data directory that cannot take it: say so first
+        rank_zero_info(f"lit_qlearn: generating the default dataset ({steps} Hopper-v5 steps of the shipped medium "
+                       f"SAC policy) at {path}")
+    return ensure_dataset("default", path, steps, seed, progress)
 
 
 def train_policy(family: str, steps: int = 300_000, seed: int = 0, *, return_episodes: int = 10,
-                 on_eval: Callable[[Any], Any] | None = None, progress: Callable[[int], Any] | None = None,
+                 on_eval: Callable[[BehaviourRun], Any] | None = None, progress: Callable[[int], Any] | None = None,
                  **options: Any) -> pathlib.Path:
     """``lit-qlearn datasets train FAMILY``: train SAC on the family's environment
-    (:func:`lit_qlearn.data.behaviour.train_sac` with ``options``), write the policy file
-    (:func:`write_policy_file`, returns measured over ``return_episodes`` episodes) and the
-    run's ``medium-replay`` dataset into the data directory (so it need not be rerun
-    here). Returns the policy file. Both outputs are checked writable before training
-    (:func:`check_train`)."""
-    from lit_qlearn.data.behaviour import train_sac
-
-    check_train(family)
+    (:func:`lit_qlearn.datasets.behaviour.train_sac` with ``options``), write the policy
+    file (:func:`write_policy_file`, returns measured over ``return_episodes`` episodes)
+    and the run's ``medium-replay`` dataset into the data directory (so it need not be
+    rerun here). Returns the policy file. Both outputs are checked writable before
+    training (:func:`check_train`)."""
+    _, replay = check_train(family)
     run = train_sac(ENV_IDS[family], steps, seed, on_eval=on_eval, progress=progress, **options)
     command = f"lit-qlearn datasets train {family} --steps {steps} --seed {seed}"
     target = write_policy_file(run, family, return_episodes, command)
     entry = _policy_file(family)
     name = f"{family}-medium-replay-v5"
-    write_replay(_data_dir() / f"{name}.hdf5", run, entry["medium"]["env_steps"], entry, _metadata(name, entry))
+    write_replay(replay, run, entry["medium"]["env_steps"], entry, _metadata(name, entry))
     return target
 
 
@@ -283,18 +268,17 @@ def check_train(family: str) -> tuple[pathlib.Path, pathlib.Path]:
         raise DatasetError(f"no environment for family {family!r}; these are: {', '.join(ENV_IDS)}")
     policy = check_output_path(policy_dir() / f"{family}-v5-sac.pt", create_dir=True,
                                hint="set LIT_QLEARN_POLICY_DIR to a writable policy directory")
-    return policy, _output_path(f"{family}-medium-replay-v5", None)
+    replay = check_output_path(dataset_path(f"{family}-medium-replay-v5"), create_dir=True, hint=DATA_DIR_HINT)
+    return policy, replay
 
 
-def write_policy_file(run: Any, family: str = "hopper", episodes: int = 10, command: str | None = None
+def write_policy_file(run: BehaviourRun, family: str = "hopper", episodes: int = 10, command: str | None = None
                       ) -> pathlib.Path:
-    """The shipped ``<family>-v5-sac.pt`` from a :class:`~lit_qlearn.data.behaviour.BehaviourRun`:
-    the medium (:meth:`~lit_qlearn.data.behaviour.BehaviourRun.medium`) and final
+    """The shipped ``<family>-v5-sac.pt`` from a :class:`~lit_qlearn.datasets.behaviour.BehaviourRun`:
+    the medium (:meth:`~lit_qlearn.datasets.behaviour.BehaviourRun.medium`) and final
     ("expert") actors with their returns and the random policy's, measured here over
     ``episodes`` episodes; the run's settings (to rerun it for ``medium-replay``), its
     learning curve and ``command``."""
-    from lit_qlearn.data.rollout import make_vector_env, run_episodes
-
     medium = run.medium()
     if medium is None:
         raise ValueError("write_policy_file: the run has fewer than two evaluations, so no medium policy")
