@@ -1,12 +1,15 @@
 """Lightning callbacks that measure, predict and prevent Q-value divergence.
 
-They depend on the probe protocol (:mod:`lit_qlearn.probe`) and the NTK engine
-(:mod:`lit_qlearn.ntk`) only, never on a specific algorithm.
+They depend on the probe protocol (:mod:`lit_qlearn.probe`), the NTK engine
+(:mod:`lit_qlearn.ntk`), the plasticity measures (:mod:`lit_qlearn.plasticity`) and the
+crash laws (:mod:`lit_qlearn.forecast`) only, never on a specific algorithm.
 """
-from lit_qlearn.callbacks.crash import CrashFit, CrashPredictor, predict_crash_step
+from lit_qlearn.callbacks.crash import CrashPredictor
 from lit_qlearn.callbacks.ema import EMATarget
+from lit_qlearn.callbacks.healthy import HealthyCheckpoint
 from lit_qlearn.callbacks.monitors import NTKGramCallback, ProbeCallback, SEEMMonitor
 from lit_qlearn.callbacks.plasticity import PlasticityMonitor
 from lit_qlearn.callbacks.preqn import PreQNLineSearch
 
-__all__ = ["CrashFit", "CrashPredictor", "EMATarget", "NTKGramCallback", "PlasticityMonitor", "PreQNLineSearch", "ProbeCallback", "SEEMMonitor", "predict_crash_step"]
+__all__ = ["CrashPredictor", "EMATarget", "HealthyCheckpoint", "NTKGramCallback", "PlasticityMonitor",
+           "PreQNLineSearch", "ProbeCallback", "SEEMMonitor"]

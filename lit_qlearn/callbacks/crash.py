@@ -1,85 +1,32 @@
-"""Crash prediction (Yue et al. 2023, Theorems 3-4; DESIGN.md section 5.4).
+"""CrashPredictor: measure the crash laws' quantities on the probe set, publish the
+forecasts as ``crash/*``, and act before the critic diverges (Yue et al. 2023,
+Theorems 3-4; docs/design.md section 5.4).
 
-After the critical step, SGD on an L-layer ReLU critic gives
-||u_t|| = O((1 - C lambda eta t)^(-L/(2L-2))), so ||u_t||^(-(2L-2)/L) falls
-linearly in t and reaches zero at the crash step T = 1/(C lambda eta).
+The laws and their fits are pure maths in :mod:`lit_qlearn.forecast`; keeping the last
+healthy state is :class:`~lit_qlearn.callbacks.healthy.HealthyCheckpoint`'s job.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import shutil
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lit_qlearn.callbacks.healthy import HealthyCheckpoint, all_finite
 from lit_qlearn.callbacks.monitors import ProbeCallback
-from lit_qlearn.data.types import Transitions
+from lit_qlearn.forecast import Forecast, adam_slope, bellman_bound
+from lit_qlearn.forecast import forecast as fit_laws
 from lit_qlearn.ntk import check_choice, parameter_norm
 from lit_qlearn.probe import bootstrap_target, critic_members
 
-__all__ = ["CrashFit", "CrashPredictor", "predict_crash_step"]
+if TYPE_CHECKING:
+    from lit_qlearn.data.types import Transitions
 
-
-@dataclass(frozen=True)
-class CrashFit:
-    """A line ``y = slope * t + intercept`` fitted to ``y = ||u||^exponent``.
-
-    ``step`` is where the line reaches zero (the forecast crash step), or None when
-    the line does not fall (no divergence under way); ``r2`` is the fit's R^2.
-    """
-
-    step: float | None
-    slope: float
-    intercept: float
-    r2: float
-    exponent: float
-
-
-def predict_crash_step(steps: Sequence[float], td_error_norms: Sequence[float], num_layers: int = 2) -> CrashFit:
-    """Fit ``||u||^(-(2L-2)/L)`` linearly against the step (Eq.: for L = 2, ``1/||u||``).
-
-    Args:
-        steps: training steps t of the measurements, ``(K,)``, K >= 2.
-        td_error_norms: ``||u_t||`` at those steps, positive and finite.
-        num_layers: L, the number of Linear layers of the critic (>= 2).
-
-    Returns:
-        :class:`CrashFit`; its ``step`` is the forecast crash step ``-intercept / slope``
-        when the fitted line falls, else None.
-    """
-    t = np.asarray(steps, dtype=np.float64)
-    u = np.asarray(td_error_norms, dtype=np.float64)
-    if t.ndim != 1 or t.shape != u.shape or len(t) < 2:
-        raise ValueError(
-            f"predict_crash_step: steps and td_error_norms must be 1-D of the same length >= 2, "
-            f"got shapes {t.shape} and {u.shape}"
-        )
-    if not np.all(np.isfinite(u)) or np.any(u <= 0):
-        raise ValueError("predict_crash_step: td_error_norms must be positive and finite")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
-        raise ValueError(f"predict_crash_step: num_layers must be an integer >= 2, got {num_layers!r}")
-    exponent = -(2 * num_layers - 2) / num_layers
-    slope, intercept, r2 = _line(t, u**exponent)
-    step = float(-intercept / slope) if slope < 0 else None
-    return CrashFit(step=step, slope=float(slope), intercept=float(intercept), r2=r2, exponent=exponent)
-
-
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares ``y = slope * x + intercept``; returns ``(slope, intercept, r2)``."""
-    slope, intercept = np.polyfit(x, y, 1)
-    total = np.sum((y - y.mean()) ** 2)
-    r2 = 1.0 - float(np.sum((y - (slope * x + intercept)) ** 2) / total) if total > 0 else 0.0
-    return float(slope), float(intercept), r2
+__all__ = ["CrashPredictor"]
 
 
 ACTIONS = ("warn", "stop", "checkpoint_and_stop")
@@ -92,10 +39,11 @@ class CrashPredictor(ProbeCallback):
     Every ``every_n_steps`` steps the TD-error vector ``u = Q(X) - (r + gamma (1 - d)
     Q(X*))`` is computed on the fixed probe set (``X* = (s', greedy_action(s'))``, the
     probe protocol), and ``||u||`` is kept in a sliding window of ``window``
-    measurements. Two laws of Yue et al. (2023, DESIGN.md 5.4) are fitted on it:
+    measurements. Two laws of Yue et al. (2023, docs/design.md section 5.4) are fitted on it
+    (:func:`lit_qlearn.forecast.forecast`):
 
     * **SGD**: ``||u||^(-(2L-2)/L)`` falls linearly and reaches zero at the crash step
-      (:func:`predict_crash_step`). Logged: ``crash/predicted_step``,
+      (:func:`~lit_qlearn.forecast.predict_crash_step`). Logged: ``crash/predicted_step``,
       ``crash/steps_left`` and ``crash/fit_r2``, when the line falls with R^2 >=
       ``min_r2``. Not under the Adam law, where this line keeps receding.
     * **Adam**: no finite crash time; ``||u|| = Theta(t^L)`` and ``||theta||`` grows by
@@ -145,32 +93,32 @@ class CrashPredictor(ProbeCallback):
       weights, target networks, optimiser states, loop counters and ``global_step``, the
       module's update count and random states, the callbacks' and the DataModule's
       states, all of that step. So ``fit(ckpt_path=...)`` goes on from that step exactly
-      as from an ordinary checkpoint of it. To that end every healthy measurement writes
-      that checkpoint with ``Trainer.save_checkpoint`` (as a ``ModelCheckpoint`` does, on
-      every rank, rank zero writing) to a hidden file in ``dirpath``
-      (``.last-healthy-<hash of state_key>.tmp.ckpt``), replacing the previous one by a rename, so that a run killed mid-write keeps the
-      previous whole file; at detection that file is renamed ``last-healthy-step=<step>.ckpt``,
-      and at the end of a run without detection, or of one that raises, it is removed
-      (a killed process leaves it: an ordinary checkpoint of that step). Its cost is one
-      checkpoint write per healthy measurement, what a ``ModelCheckpoint`` saving at every
-      measurement would cost, on disk and not in memory (a DataModule that saves its
-      replay buffer writes the buffer too). A healthy measurement whose weights or
-      optimiser states are not all finite (a NaN the probe does not see) is not kept:
-      the file is then that of the last healthy measurement before it whose state was
-      finite. Nothing is written when no measurement was healthy with a finite state.
+      as from an ordinary checkpoint of it. A :class:`~lit_qlearn.callbacks.HealthyCheckpoint`
+      (:attr:`healthy`) takes that checkpoint at every healthy measurement, to a hidden
+      file in ``dirpath`` named after :attr:`state_key`, and renames it at detection; a
+      run without detection, or one that raises, leaves nothing behind. A healthy
+      measurement whose weights or optimiser states are not all finite (a NaN the probe
+      does not see) is not kept: the file is then that of the last healthy measurement
+      before it whose state was finite. Nothing is written when no measurement was
+      healthy with a finite state.
 
     A NaN between measurements is seen at the next one; with ``guard=True`` it stops
     the run at once (``"stop"`` / ``"checkpoint_and_stop"``): the critic's parameters
     (those of ``q_networks()``, else ``q_network()``: where a divergence starts) are
     then checked after every step with one fused norm (non-finite, or so large that
-    the norm overflows). That check reads the critic's weights once per step, about
-    2.5% of a TD3+BC update at batch 256 on CPU (benchmarks/crash_prediction.py) and
-    one synchronisation per step on a GPU, hence off by default.
+    the norm overflows). The kept checkpoint does not need it (its own finiteness check
+    keeps a NaN out); it saves the updates a run would spend on NaN weights until the
+    next measurement, which Lightning 2 does not stop by itself (``EarlyStopping``'s
+    ``check_finite`` looks at a metric at epoch or validation ends only). It reads the
+    critic's weights once per step, and synchronises once per step on a GPU, hence off
+    by default; its cost is ``overhead.crash_predictor`` in
+    benchmarks/results/crash_prediction.json.
 
     Under DDP every rank measures the same probe set with the same parameters; the
-    decisions (unhealthy, checkpoint finite) are nevertheless reduced across ranks, as
-    Lightning's ``EarlyStopping`` reduces its stop, so that every rank stops at the same
-    step and rank zero writes the checkpoint whichever rank saw the divergence.
+    decision is nevertheless reduced across ranks, one reduction per measurement (and
+    per step with ``guard``), as Lightning's ``EarlyStopping`` reduces its stop, so that
+    every rank acts at the same step and rank zero writes the checkpoint whichever rank
+    saw the divergence.
 
     Args:
         every_n_steps: measure at each multiple of it the step reaches or passes
@@ -243,15 +191,12 @@ class CrashPredictor(ProbeCallback):
         self.checkpoint_path: str | None = None
         self.healthy_step: int | None = None
         self.stopped_step: int | None = None
-        # Resolved at the first measurement (None: no bound); the healthy state (not
-        # checkpointed: it lives in its own file): the step k whose checkpoint is the
-        # temporary file, and the directory holding it.
+        # Resolved at the first measurement (None: no bound); the keeper of the last
+        # healthy state, made at each fit's setup (not checkpointed: it is its own file).
         self.bound: float | None = None
         self._bound_resolved = False
-        self._healthy_step: int | None = None
-        self._directory: Path | None = None
-        self._capture_at: int | None = None  # the healthy step whose checkpoint is taken at batch end
-        self._capture: _HealthyCapture | None = None
+        self.healthy: HealthyCheckpoint | None = None
+        self._outlook: Forecast | None = None  # the laws' forecast at the latest measurement
         self._adam_slope: float | None = None
         self._guarded: list[Tensor] = []
 
@@ -266,18 +211,16 @@ class CrashPredictor(ProbeCallback):
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.action == "checkpoint_and_stop" and self._capture is None:
-            # The healthy checkpoint is taken by a companion placed after every other
-            # callback and before the checkpoint callbacks (Lightning keeps those last), the
-            # very point where a ModelCheckpoint of that step dumps its state.
-            self._capture = _HealthyCapture(self)
-            callbacks = trainer.callbacks
-            at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
-            callbacks.insert(at, self._capture)
+        if stage == "fit" and self.action == "checkpoint_and_stop":
+            if self.healthy is not None:  # one left attached by a fit that raised (no teardown then)
+                self.healthy.detach(trainer)
+            # Placed after every other callback and before the checkpoint callbacks, the very
+            # point where a ModelCheckpoint of that step dumps its state.
+            self.healthy = HealthyCheckpoint(self.state_key, self.dirpath)
+            self.healthy.attach(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._healthy_step = self._capture_at = self._directory = None  # nothing kept from an earlier fit
         network = pl_module.q_network()
         if self.num_layers is None:
             self._layers = sum(isinstance(m, nn.Linear) for m in network.modules())
@@ -301,7 +244,7 @@ class CrashPredictor(ProbeCallback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 if any(p is params[0] for p in group["params"]) and "betas" in group:
-                    return float(group["lr"]) * math.sqrt(sum(p.numel() for p in params))
+                    return adam_slope(group["lr"], sum(p.numel() for p in params))
         return None
 
     def _resolve_bound(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> float | None:
@@ -312,28 +255,19 @@ class CrashPredictor(ProbeCallback):
         rewards = getattr(getattr(trainer.datamodule, "data", None), "rew", None)
         if not isinstance(rewards, Tensor) or rewards.numel() == 0:
             rewards = probe.rew
-        r_max, gamma = float(rewards.abs().max()), float(pl_module.gamma)
-        if r_max == 0 or gamma >= 1 or not math.isfinite(r_max):
-            return None
-        return r_max / (1.0 - gamma)
+        return bellman_bound(float(rewards.abs().max()), float(pl_module.gamma))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
-        self._discard_healthy(trainer)  # no detection (else renamed already): nothing left behind
-        if self._capture is not None and self._capture in trainer.callbacks:
-            trainer.callbacks.remove(self._capture)
-        self._capture = None
+        if self.healthy is not None:  # no detection (else kept already): nothing left behind
+            self.healthy.detach(trainer)
         super().teardown(trainer, pl_module, stage)
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Lightning calls no teardown hook after an exception (Ctrl-C included).
-        self._discard_healthy(trainer)
 
     # ------------------------------------------------------------ measuring
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.guard and self.action != "warn" and not trainer.should_stop:
-            broken = _any_rank(trainer, not _all_finite(self._guarded))
+            broken = _any_rank(trainer, not all_finite(self._guarded))
             if broken:
                 self._act(trainer, pl_module, trainer.global_step, ["the critic's parameters became non-finite"])
                 return
@@ -355,10 +289,10 @@ class CrashPredictor(ProbeCallback):
         reasons: list[str] = []
         if math.isfinite(u_norm) and math.isfinite(p_norm) and math.isfinite(q_max):
             metrics = self._record(step, u_norm, p_norm, next_act.detach().cpu())
-            left = [metrics[k] for k in ("crash/steps_left", "crash/threshold_steps_left") if k in metrics]
-            if left and min(left) <= self.horizon:
-                reasons.append(f"the critic is forecast to diverge at step {step + min(left):.0f} "
-                               f"({min(left):.0f} steps from now; ||u|| = {u_norm:.3g})")
+            if self._outlook is not None and self._outlook.within(self.horizon):
+                left = self._outlook.soonest()
+                reasons.append(f"the critic is forecast to diverge at step {step + left:.0f} "
+                               f"({left:.0f} steps from now; ||u|| = {u_norm:.3g})")
             if self.bound is not None:
                 metrics["crash/q_bound_ratio"] = q_max / self.bound
                 if q_max > self.bound:
@@ -366,15 +300,12 @@ class CrashPredictor(ProbeCallback):
                     reasons.append(f"max |Q| on the probe set is {q_max:.4g}, beyond {source} = {self.bound:.4g}")
         else:  # the crash has happened: nothing finite to fit
             reasons.append("the critic is non-finite on the probe set")
-        # Every rank takes the same decision at the same step (EarlyStopping's reduction).
-        if not _any_rank(trainer, bool(reasons)):
-            self._keep_healthy(trainer, pl_module, step)
-        elif not self.fired:
-            self._act(trainer, pl_module, step, reasons)
+        self.decide(trainer, pl_module, step, reasons)
         return metrics
 
     def _record(self, step: int, u_norm: float, p_norm: float, actions: Tensor) -> dict[str, float]:
-        """Append the measurement to the window and fit the laws on it."""
+        """Append the measurement to the window and fit the laws on it; return the metrics
+        to publish. The forecast is ``_outlook`` (None: fewer than ``min_points`` measurements)."""
         if self.restart_on_action_change and _actions_moved(actions, self.previous_actions, self.action_rtol):
             # A new segment starts: keep the last (min_points - 1) measurements plus this one at most.
             self.history = self.history[-(self.min_points - 1):] if self.min_points > 1 else []
@@ -384,72 +315,25 @@ class CrashPredictor(ProbeCallback):
         metrics = {"crash/td_error_norm": u_norm, "params/norm": p_norm}
         if self._adam_slope is not None:
             metrics["params/adam_slope"] = self._adam_slope
-        metrics.update(self._fit(step, u_norm))
+        self._outlook = None
+        if len(self.history) >= self.min_points:
+            steps, u, p = zip(*self.history)
+            self._outlook = fit_laws(steps, u, p, law=self._law, num_layers=self._layers, min_r2=self.min_r2,
+                                     threshold=self.threshold)
+            metrics.update(_forecast_metrics(self._outlook))
         self.forecast = {k: v for k, v in metrics.items() if k.startswith("crash/") and k != "crash/td_error_norm"}
         return metrics
 
-    def _fit(self, step: int, u_norm: float) -> dict[str, float]:
-        if len(self.history) < self.min_points:
-            return {}
-        steps, u, p = (np.array(col, dtype=np.float64) for col in zip(*self.history))
-        metrics: dict[str, float] = {"params/norm_slope": _line(steps, p)[0]}
-        fit = predict_crash_step(steps, u, self._layers) if self._law == "sgd" else None
-        if fit is not None and fit.step is not None and fit.r2 >= self.min_r2:
-            metrics.update({"crash/predicted_step": fit.step, "crash/steps_left": fit.step - step,
-                            "crash/fit_r2": fit.r2})
-        positive = steps > 0
-        if positive.sum() >= 2:
-            slope, intercept, r2 = _line(np.log(steps[positive]), np.log(u[positive]))
-            metrics["crash/loglog_slope"] = slope
-            if u_norm >= self.threshold:
-                metrics.update({"crash/threshold_step": float(step), "crash/threshold_steps_left": 0.0})
-            elif slope > 0 and r2 >= self.min_r2:
-                crossing = math.exp(min((math.log(self.threshold) - intercept) / slope, 700.0))
-                metrics.update({"crash/threshold_step": crossing, "crash/threshold_steps_left": crossing - step})
-        return metrics
-
     # ------------------------------------------------------------ acting
-    def _keep_healthy(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        """Mark this healthy step: its checkpoint is taken at the end of the batch
-        (:class:`_HealthyCapture`), once every other callback has seen the step."""
-        if self.action == "checkpoint_and_stop" and not self.fired:
-            self._capture_at = step
-
-    def _capture_healthy(self, trainer: Trainer) -> None:
-        """Write this step's checkpoint with ``Trainer.save_checkpoint`` to the temporary
-        file, when the weights and optimiser states are finite (called on every rank: the
-        save is collective, it gathers every rank's random state and rank zero writes)."""
-        if self._capture_at is None or self._capture_at != trainer.global_step:
-            return
-        step, self._capture_at = self._capture_at, None
-        # What the checkpoint would hold of the model and optimisers (references, no copy):
-        # one fused norm over them; reduced, so that every rank takes part in the save or none.
-        states = [trainer.lightning_module.state_dict(), [list(o.state.values()) for o in trainer.optimizers]]
-        if not trainer.strategy.reduce_boolean_decision(_all_finite(_tensors(states)), all=True):
-            return  # keep the previous healthy file, whose state was finite
-        if self._directory is None:  # resolved once, on every rank (trainer.log_dir is collective)
-            self._directory = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
-        partial, kept = self._temporary_files()
-        trainer.save_checkpoint(partial, weights_only=False)  # ends with a barrier: the file is whole
-        if trainer.is_global_zero:
-            os.replace(partial, kept)  # atomic: the kept file is always one whole checkpoint
-        self._healthy_step = step
-
-    def _temporary_files(self) -> tuple[Path, Path]:
-        """The file being written, and the healthy checkpoint it replaces while the run goes
-        on: hidden, their stems not starting with "last" (ModelCheckpoint's ckpt_path="last"
-        search never takes them), and named after this predictor's state_key, so two
-        predictors with other options may share a directory."""
-        tag = hashlib.sha1(self.state_key.encode()).hexdigest()[:10]
-        return (self._directory / f".last-healthy-{tag}.partial.ckpt",
-                self._directory / f".last-healthy-{tag}.tmp.ckpt")
-
-    def _discard_healthy(self, trainer: Trainer) -> None:
-        """Remove the temporary files (rank zero, which wrote them)."""
-        if self._directory is not None and trainer.is_global_zero:
-            for path in self._temporary_files():
-                _remove(path)
-        self._healthy_step = self._capture_at = None
+    def decide(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
+        """Act on this measurement: unhealthy on any rank (one reduction, as Lightning's
+        ``EarlyStopping`` reduces its stop, so every rank acts the same at the same step)
+        fires ``action`` once; healthy, the step's checkpoint is kept (``checkpoint_and_stop``)."""
+        if not _any_rank(trainer, bool(reasons)):
+            if self.healthy is not None and not self.fired:
+                self.healthy.mark(step)  # taken at the end of the batch, once every other callback saw it
+        elif not self.fired:
+            self._act(trainer, pl_module, step, reasons)
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
         self.fired = True
@@ -460,23 +344,18 @@ class CrashPredictor(ProbeCallback):
             rank_zero_warn(message)
             return
         if self.action == "checkpoint_and_stop":
-            message += "; " + self._write_healthy(trainer, pl_module)
+            message += "; " + self._write_healthy(trainer)
         rank_zero_warn(message + "; training stops")
         trainer.should_stop = True
 
-    def _write_healthy(self, trainer: Trainer, pl_module: LightningModule) -> str:
-        """Rename the kept healthy checkpoint ``last-healthy-step=<step>.ckpt``; return what
+    def _write_healthy(self, trainer: Trainer) -> str:
+        """Keep the last healthy checkpoint as ``last-healthy-step=<step>.ckpt``; return what
         was done, for the warning. The live run is untouched and ends in the state it reached."""
-        step = self._healthy_step
-        if step is None or self._directory is None:  # the same on every rank: captures are collective
+        path = self.healthy.keep(trainer) if self.healthy is not None else None
+        if path is None:  # the same on every rank: captures are collective
             return "no measurement before was healthy with a finite state, no checkpoint is written"
-        path = self._directory / f"last-healthy-step={step}.ckpt"
-        if trainer.is_global_zero:
-            os.replace(self._temporary_files()[1], path)
-        trainer.strategy.barrier("CrashPredictor.last_healthy")
-        self._healthy_step = None  # renamed: nothing for teardown to remove
-        self.healthy_step, self.checkpoint_path = step, str(path)
-        return f"the state of the last healthy measurement (step {step}) is written to {path}"
+        self.healthy_step, self.checkpoint_path = self.healthy.step, str(path)
+        return f"the state of the last healthy measurement (step {self.healthy_step}) is written to {path}"
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -509,37 +388,15 @@ def _actions_moved(actions: Tensor, previous: Tensor | None, rtol: float) -> boo
     return bool(change > rtol * torch.linalg.vector_norm(previous.double()).clamp_min(1e-12))
 
 
-def _all_finite(tensors: Iterable[Tensor]) -> bool:
-    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel() > 0]
-    return not floats or bool(parameter_norm(floats, torch.float64).isfinite())
-
-
-def _tensors(state: Any) -> Iterator[Tensor]:
-    """Every tensor in a nested dict / list / tuple."""
-    if isinstance(state, Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from _tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from _tensors(value)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, or the directory a sharded strategy's save_checkpoint writes; no error if absent."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-class _HealthyCapture(Callback):
-    """CrashPredictor's companion: at the end of a healthy measurement's batch, after the
-    other callbacks and before the checkpoint callbacks, it takes that step's checkpoint."""
-
-    def __init__(self, predictor: CrashPredictor) -> None:
-        self.predictor = predictor
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self.predictor._capture_healthy(trainer)
+def _forecast_metrics(outlook: Forecast) -> dict[str, float]:
+    """The ``crash/*`` and ``params/norm_slope`` scalars of a forecast (absent: no forecast)."""
+    metrics = {"params/norm_slope": outlook.norm_slope}
+    if outlook.crash is not None:
+        metrics.update({"crash/predicted_step": outlook.crash.step, "crash/steps_left": outlook.steps_left,
+                        "crash/fit_r2": outlook.crash.r2})
+    if outlook.loglog_slope is not None:
+        metrics["crash/loglog_slope"] = outlook.loglog_slope
+    if outlook.threshold_step is not None:
+        metrics.update({"crash/threshold_step": outlook.threshold_step,
+                        "crash/threshold_steps_left": outlook.threshold_steps_left})
+    return metrics

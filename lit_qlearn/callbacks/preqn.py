@@ -1,5 +1,5 @@
 """PreQNLineSearch: PreQN's preconditioned critic step and line search in place of
-another module's critic optimiser step (DESIGN.md 5.5)."""
+another module's critic optimiser step (docs/design.md section 5.5)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.ntk import METHODS, PreconditionedStep, check_choice, check_preconditioner_args, preconditioned_step
-from lit_qlearn.probe import Cadence, ProbeProtocolError, bootstrap_target, check_probe_module, critic_members
+from lit_qlearn.probe import (Cadence, ProbeProtocolError, bootstrap_target, check_probe_module, critic_members,
+                              publish)
 
 __all__ = ["PreQNLineSearch"]
 
@@ -46,7 +47,8 @@ class PreQNLineSearch(Callback):
     Logs ``preqn/cos`` (the smallest over critic members), ``preqn/shrink_steps``
     (the largest), ``preqn/step_norm`` (over all members) and ``preqn/accepted``
     (fraction of members meeting the criterion) whenever ``global_step`` reaches or passes
-    a multiple of the Trainer's ``log_every_n_steps`` (:class:`~lit_qlearn.probe.Cadence`);
+    a multiple of the Trainer's ``log_every_n_steps`` (:class:`~lit_qlearn.probe.Cadence`),
+    at that step (:func:`~lit_qlearn.probe.publish`);
     :attr:`last` holds the latest :class:`~lit_qlearn.ntk.PreconditionedStep` per member.
 
     Args:
@@ -159,9 +161,7 @@ class PreQNLineSearch(Callback):
             "preqn/step_norm": math.sqrt(sum(s.step_norm**2 for s in self.last)),
             "preqn/accepted": sum(s.accepted for s in self.last) / len(self.last),
         }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        publish(trainer, metrics, step)
 
 
 def _step(self: PreQNLineSearch, closure: Any = None, **kwargs: Any) -> Any:

@@ -1,3 +1,5 @@
+"""CrashPredictor on the R1 toy and TD3+BC: what it publishes, when it acts, the healthy
+checkpoint it keeps (the laws' fits alone: tests/test_forecast.py)."""
 import copy
 import math
 import warnings
@@ -11,62 +13,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from lit_qlearn.algorithms import TD3BC
-from lit_qlearn.callbacks import CrashPredictor, predict_crash_step
+from lit_qlearn.callbacks import CrashPredictor
 from lit_qlearn.data import OfflineDataModule
+from lit_qlearn.forecast import predict_crash_step
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ, compass_directions
 from tests.conftest import CHAIN_STATES, fit, run_ddp_script
 
-
-def diverging(t, crash, layers, c=0.3):
-    """Theorem 3's law: ||u_t|| = c (1 - t/T)^(-L/(2L-2))."""
-    return c * (1 - np.asarray(t, dtype=float) / crash) ** (-layers / (2 * layers - 2))
-
-
-@pytest.mark.parametrize("layers", [2, 3])
-@pytest.mark.parametrize("crash", [605.0, 12_345.0])
-def test_recovers_the_crash_step_exactly(layers, crash):
-    t = np.linspace(0.5 * crash, 0.8 * crash, 20)
-    fit = predict_crash_step(t, diverging(t, crash, layers), num_layers=layers)
-    assert fit.step == pytest.approx(crash, rel=1e-9)
-    assert fit.r2 == pytest.approx(1.0, abs=1e-12)
-    assert fit.exponent == pytest.approx(-(2 * layers - 2) / layers)
-
-
-def test_published_example_line():
-    # Paper: a line fitted on steps 450-500 gave 1/||u|| = -1.44e-3 t + 0.87, crash at about 605.
-    t = np.arange(450, 501, 5)
-    fit = predict_crash_step(t, 1 / (-1.44e-3 * t + 0.87))
-    assert fit.slope == pytest.approx(-1.44e-3) and fit.intercept == pytest.approx(0.87)
-    assert fit.step == pytest.approx(0.87 / 1.44e-3)  # 604.2
-
-
-def test_converging_or_flat_curves_forecast_no_crash():
-    t = np.arange(100, 200)
-    assert predict_crash_step(t, 5 * np.exp(-t / 50)).step is None  # TD error shrinking
-    assert predict_crash_step(t, np.full(100, 2.0)).step is None  # stalled
-
-
-def test_tolerates_noise():
-    rng = np.random.default_rng(0)
-    t = np.linspace(300, 480, 40)
-    u = diverging(t, 600.0, 2) * np.exp(rng.normal(0, 0.02, size=t.shape))
-    fit = predict_crash_step(t, u)
-    assert fit.step == pytest.approx(600.0, rel=0.02) and fit.r2 > 0.95
-
-
-@pytest.mark.parametrize("steps, norms, layers, match", [
-    ([1], [1.0], 2, "length >= 2"),
-    ([1, 2], [1.0], 2, "same length"),
-    ([1, 2], [1.0, np.nan], 2, "positive and finite"),
-    ([1, 2], [1.0, 0.0], 2, "positive and finite"),
-    ([1, 2], [1.0, 2.0], 1, "num_layers"),
-])
-def test_bad_input_is_named(steps, norms, layers, match):
-    with pytest.raises(ValueError, match=match):
-        predict_crash_step(steps, norms, num_layers=layers)
-
-
-# ----------------------------------------------------------------- CrashPredictor
 
 
 class MemoryLogger(Logger):
@@ -111,7 +63,7 @@ class StateSpy(L.Callback):
 
 def r1_fit(callback, lr=0.02, seed=0, max_steps=2000, optimizer="sgd", logger=None, dm=None, extra=(),
            **trainer_kwargs):
-    """Train the R1 toy (DESIGN.md 7) with ``callback`` (and ``extra`` callbacks after it);
+    """Train the R1 toy (docs/design.md section 7) with ``callback`` (and ``extra`` callbacks after it);
     return (module, trainer, logger)."""
     L.seed_everything(seed, verbose=False)
     logger = logger or MemoryLogger()
@@ -167,7 +119,7 @@ def test_logged_norms_are_the_probe_td_error_and_critic_norms():
 
 @pytest.mark.parametrize("restart", [False, True])
 def test_r1_forecast_at_80_percent_within_10_percent(r1_crash, restart):
-    """DESIGN.md 7, R1: a fit over 10% of the run ending at 80% of the NaN step predicts it
+    """docs/design.md section 7, R1: a fit over 10% of the run ending at 80% of the NaN step predicts it
     within 10% (restart=False is the paper's plain window; True the callback's default)."""
     crash, _ = r1_crash
     window = round(0.1 * crash)
