@@ -2,7 +2,7 @@
 
 Every network in lit_qlearn is built by :func:`mlp`, a plain ``nn.Sequential``
 of ``Linear`` / norm / activation / dropout layers. The NTK engine relies on that
-structure (DESIGN.md section 5.2), so critics keep each member a plain ``mlp``
+structure (docs/design.md section 5.2), so critics keep each member a plain ``mlp``
 and only *evaluate* an ensemble in one batched computation.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ __all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", 
 
 
 class Sin(nn.Module):
-    """``sin(x)``: PreQN's activation with the smallest NTK row ratio (DESIGN.md 5.5)."""
+    """``sin(x)``: PreQN's activation with the smallest NTK row ratio (docs/design.md section 5.5)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sin(x)
@@ -54,7 +54,7 @@ def mlp(
         hidden: widths of the hidden layers (``()`` gives a linear model).
         activation: one of ``relu``, ``tanh``, ``sin``, ``elu``, ``mish``.
         norm: ``None``, ``"layer"`` (LayerNorm between Linear and activation, the
-            divergence remedy of DESIGN.md 5.6) or ``"batch"`` (BatchNorm1d).
+            divergence remedy of docs/design.md section 5.6) or ``"batch"`` (BatchNorm1d).
         norm_layers: indices of the hidden layers that get the norm (default: all).
         norm_affine: learnable gain and bias in the norm layers.
         weight_norm_output: weight-normalise the output ``Linear`` (the paper's WeightNorm).

@@ -2,11 +2,11 @@
 
 ``model(*inputs)`` must return one scalar per sample, shape ``(N,)`` or ``(N, 1)``.
 The Gram matrix is ``G[i, j] = <dQ(x'_i)/dtheta, dQ(x_j)/dtheta>`` over every
-trainable parameter (DESIGN.md sections 3 and 5).
+trainable parameter (docs/design.md sections 3 and 5).
 
 Two engines, chosen by ``method``:
 
-* ``"structured"`` (DESIGN.md 5.2): for ``Linear`` layers ``z = W a + b`` the
+* ``"structured"`` (docs/design.md section 5.2): for ``Linear`` layers ``z = W a + b`` the
   parameter gradient of sample i is ``delta_i a_i^T`` (and ``delta_i``), so the
   layer's Gram contribution is ``(D' D^T) * (A' A^T + 1)``; for ``LayerNorm``
   ``y = gamma * xhat + beta`` it is ``(G' * Xh')(G * Xh)^T + G' G^T``. One forward
@@ -339,9 +339,9 @@ def max_real_eigenvalue(a: Tensor, solver: str = "auto", *, krylov: int = 96, re
                         tol: float | None = None, seed: int = 0) -> tuple[complex, str]:
     """The eigenvalue of ``a`` (square, not symmetric) with the largest real part.
 
-    ``solver="dense"``: ``torch.linalg.eigvals`` (all eigenvalues, O(N^3): 6.7 s in
-    float64 at N = 2560 on 2 CPU cores). ``solver="arnoldi"``: restarted Arnoldi,
-    O(N^2 k) per cycle (0.5 s at N = 2560 for a diverging critic's A), accepted when
+    ``solver="dense"``: ``torch.linalg.eigvals`` (all eigenvalues, O(N^3)).
+    ``solver="arnoldi"``: restarted Arnoldi, O(N^2 k) per cycle, an order of magnitude
+    faster at N = 2560 (timings: benchmarks/results/ntk_speed.json), accepted when
     the Ritz residual is below ``tol * ||A||_F`` — so the *normalised* value
     (eigenvalue / ||A||_F) is accurate to about ``tol`` — and replaced by the dense
     solver when it does not converge within ``restarts`` cycles (typical when the
@@ -359,7 +359,7 @@ def max_real_eigenpair(a: Tensor, solver: str = "auto", *, krylov: int = 96, res
                        tol: float | None = None, seed: int = 0) -> tuple[complex, Tensor, str]:
     """:func:`max_real_eigenvalue` with its unit eigenvector (complex, ``(N,)``):
     ``(eigenvalue, eigenvector, solver used)``. Arnoldi has the vector for free; the
-    dense solver then uses ``torch.linalg.eig`` (about 1.4x ``eigvals``' time at N = 1024)."""
+    dense solver then uses ``torch.linalg.eig``, slower than ``eigvals``."""
     return _max_real(a, solver, krylov, restarts, tol, seed, vector=True, owner="max_real_eigenpair")
 
 
@@ -429,9 +429,9 @@ def seem(
     divergence). ``scale_by_params`` divides G by P, as the authors' code does; the
     normalised value is scale-free either way. Where the top eigenvector sits says
     whether the self-excitation is the critic's as a whole or one transition's: its
-    participation is tens or more for an eigenvector spread over the probe set (medians
-    29-60 of 512 for diverging critics in ``benchmarks/r3_norms.py``), ~1 when a single
-    transition whose bootstrap gradient dwarfs the others' carries it.
+    participation is tens or more for an eigenvector spread over the probe set (diverging
+    critics, benchmarks/results/r3_norms.json), ~1 when a single transition whose
+    bootstrap gradient dwarfs the others' carries it (docs/design.md section 5.3).
 
     Args:
         x_inputs: dataset pairs X = (s, a).
@@ -541,7 +541,7 @@ def preconditioned_step(
     rcond: float = 1e-6,
     method: str = "auto",
 ) -> PreconditionedStep:
-    """PreQN's critic update (Achiam, Knight & Abbeel 2019; DESIGN.md 5.5), in place.
+    """PreQN's critic update (Achiam, Knight & Abbeel 2019; docs/design.md section 5.5), in place.
 
     With ``K = G(X, X)`` the NTK Gram of ``model`` on the batch ``X`` (float64) and
     ``delta`` the TD errors ``y - Q(X)``:

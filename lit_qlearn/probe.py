@@ -1,4 +1,4 @@
-"""The probe protocol: what a callback may ask of any module (DESIGN.md section 4).
+"""The probe protocol: what a callback may ask of any module (docs/design.md section 4).
 
 A module is monitorable when it has
 
@@ -144,7 +144,7 @@ def bootstrap_target(module: Any, batch: Transitions, next_act: Tensor | None = 
 
 
 def publish(trainer: Any, metrics: dict[str, float], step: int) -> None:
-    """Write ``metrics`` at ``step`` (the update count, DESIGN.md 8) to every logger
+    """Write ``metrics`` at ``step`` (the update count, docs/design.md section 8) to every logger
     (loggers write on rank zero only) and expose them in ``trainer.callback_metrics``
     (for EarlyStopping, ModelCheckpoint(monitor=...) and friends). NaNs are skipped."""
     metrics = {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}

@@ -1,5 +1,5 @@
 """NTKGramCallback and SEEMMonitor: measure the critic's empirical NTK and the SEEM
-divergence indicator on a fixed probe set while training (DESIGN.md sections 4, 5).
+divergence indicator on a fixed probe set while training (docs/design.md sections 4, 5).
 
 Both depend on the probe protocol and :mod:`lit_qlearn.ntk` only, so they work
 with every module of the package and with a user's own module implementing
@@ -54,7 +54,7 @@ class ProbeCallback(Callback):
         probe_size: number of probe transitions (when the DataModule has fewer, one
             warning, and the probe set is what it has).
         probe_seed: seed of the probe draw (the same on every rank).
-        probe_source: ``"datamodule"`` (its ``probe_batch(n, seed)``, DESIGN.md 4) or
+        probe_source: ``"datamodule"`` (its ``probe_batch(n, seed)``, docs/design.md section 4) or
             ``"batches"`` (the first training batches, for online training; under DDP
             rank zero's are broadcast).
         method: NTK engine, see :func:`lit_qlearn.ntk.ntk_gram`.
@@ -188,7 +188,7 @@ class NTKGramCallback(ProbeCallback):
 
     Logs ``ntk/diag_mean``, ``ntk/offdiag_abs_mean``, ``ntk/row_ratio_mean`` (PreQN's
     row ratio), ``ntk/cos_prev`` (kernel direction against the previous evaluation: 1
-    when the kernel stops changing, the "critical step" of DESIGN.md 5.4) and
+    when the kernel stops changing, the "critical step" of docs/design.md section 5.4) and
     ``ntk/cos_first`` (against the first evaluation); with ``log_heatmap=True`` also
     an image ``ntk/gram`` of the Gram to TensorBoard.
 
@@ -253,19 +253,18 @@ class SEEMMonitor(ProbeCallback):
     Reading the participation: a positive SEEM spread over many transitions (tens or
     more) is the critic's self-excitation; one carried by one or two is a few
     transitions' local one — e.g. a LayerNorm critic on medium-replay data, whose SEEM
-    comes and goes (median participation 1.2 where it is positive) while Q stays
-    bounded, where the diverging critics' is spread over tens (medians 29-60 of 512;
-    ``benchmarks/r3_norms.py``, ``benchmarks/r3_layernorm_seem.py``). Near SEEM = 0 (a
-    stable critic) the top eigenvector is one of a cluster and its participation means
-    little.
+    comes and goes, carried by one or two transitions, while Q stays bounded, where the
+    diverging critics' is spread over tens (benchmarks/results/r3_norms.json,
+    benchmarks/results/r3_layernorm_seem.json). Near SEEM = 0 (a stable critic) the top
+    eigenvector is one of a cluster and its participation means little.
 
     Defaults follow the authors' code: first critic, online actor for pi(s'),
     terminal flags ignored in A, 2560 probe transitions, every 10,000 steps. The
     eigenvalue comes from restarted Arnoldi accepted at a residual below
     ``tol * ||A||_F`` (see :func:`lit_qlearn.ntk.max_real_eigenvalue`): the
-    normalised SEEM is accurate to about ``tol`` (default 1e-4; the indicator's
-    values of interest are 0.01-0.2), in ~0.5 s at N = 2560 on 2 CPU cores,
-    stable or diverging critic alike. ``solver="dense"`` gives every digit (7 s).
+    normalised SEEM is accurate to about ``tol`` (default 1e-4, well below the values
+    at which the paper reads divergence). ``solver="dense"`` gives every digit, an
+    order of magnitude slower at N = 2560 (timings: benchmarks/results/ntk_speed.json).
 
     Args:
         every_n_steps: measure at each multiple of it the step reaches or passes (:class:`ProbeCallback`).
@@ -279,7 +278,7 @@ class SEEMMonitor(ProbeCallback):
         tol: relative residual at which the Arnoldi eigenvalue is accepted.
         log_spectrum: also write a histogram of all eigenvalues' real parts (dense, slower).
         participation: compute the top eigenvector and log ``seem/participation``
-            (free with Arnoldi; where the dense solver runs, ~1.4x its time).
+            (free with Arnoldi; where the dense solver runs, it takes longer).
     """
 
     def __init__(self, every_n_steps: int = 10_000, probe_size: int = 2560, probe_seed: int = 0,
