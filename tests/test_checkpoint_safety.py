@@ -43,7 +43,7 @@ CLI_FIT = ["fit", "--model", "lit_qlearn.algorithms.DQN", "--data", "lit_qlearn.
 
 
 def _module() -> DQN:
-    return DQN(gamma=0.9, hidden=(8,), epsilon_steps=50, target_every=3)
+    return DQN(gamma=0.9, critic_hidden=(8,), epsilon_steps=50, target_every=3)
 
 
 def _fit(steps, dm, ckpt_path=None, callbacks=(), root=None, module=None):
@@ -270,7 +270,7 @@ def test_load_from_checkpoint_imports_nothing_a_checkpoint_names(key, loader, on
         elif loader == "datamodule":
             OnlineDataModule.load_from_checkpoint(path)
         else:
-            from lit_qlearn.data import collect
+            from lit_qlearn.datasets import collect
 
             collect(CHAIN, path, steps=20, path=tmp_path / "d.hdf5")
     assert not marker.exists() and name not in sys.modules
@@ -420,7 +420,7 @@ def test_ctrl_c_in_any_commands_trainer_is_one_line_and_status_130(monkeypatch, 
     import lit_qlearn.cli as cli
 
     def trains(args):
-        _fit(1000, OnlineDataModule(CHAIN, **DM), module=SignalsItself(gamma=0.9, hidden=(8,)))
+        _fit(1000, OnlineDataModule(CHAIN, **DM), module=SignalsItself(gamma=0.9, critic_hidden=(8,)))
 
     monkeypatch.setattr(cli, "demo", trains)
     lightning_log = logging.getLogger("lightning.pytorch")

@@ -3,8 +3,9 @@ options, optimisers, the probe protocol and the logged scalars. TD3 (and DDPG, T
 PreQN) and SAC differ only in their actor, targets and losses."""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from lit_qlearn.ntk import parameter_norm
 from lit_qlearn.targets import TargetUpdate
 from lit_qlearn.td import check_gamma, td_loss
 
-__all__ = ["ActorCritic"]
+__all__ = ["ActorCritic", "CriticLoss", "frozen"]
 
 
 class ActorCritic(QLearningModule):
@@ -33,7 +34,7 @@ class ActorCritic(QLearningModule):
         gamma: discount factor in [0, 1).
         critic_hidden: hidden widths of each critic.
         critic_activation: critic activation, one of relu, tanh, sin, elu, mish.
-        critic_norm: None, "layer" (the LayerNorm remedy of DESIGN.md 5.6) or "batch".
+        critic_norm: None, "layer" (the LayerNorm remedy of docs/design.md 5.6) or "batch".
         critic_norm_layers: indices of the hidden layers that get the norm (None: all).
         critic_norm_affine: learnable gain and bias in the critic's norm layers.
         critic_weight_norm: weight-normalise the critic's output layer.
@@ -90,19 +91,17 @@ class ActorCritic(QLearningModule):
         self.actor_lr, self.critic_lr, self.critic_weight_decay = actor_lr, critic_lr, critic_weight_decay
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
         self.compile_networks = bool(compile)
-        self.target_update = TargetUpdate(target_tau, self.default_target_every() if target_every is None
-                                          else target_every)
+        self.target_tau, self.target_every = target_tau, target_every
         self.actor: nn.Module | None = None
         self.critic: Critic | None = None
-        self._last: dict[str, Tensor] = {}
-        self._init_spec = None if obs_dim is None or act_dim is None else DataSpec.continuous(
-            obs_dim, act_dim, action_low, action_high)
+        if obs_dim is not None and act_dim is not None:  # built once every constructor has run
+            self.given_spec = DataSpec.continuous(obs_dim, act_dim, action_low, action_high)
 
-    def build_now(self) -> None:
-        """Build the networks if the sizes were given (subclasses call it at the end of
-        their ``__init__``, once their own options are set)."""
-        if self._init_spec is not None:
-            self.build_for(self._init_spec)
+    def default_target_update(self) -> TargetUpdate | None:
+        """Polyak averaging at ``target_tau`` every ``target_every`` updates (None:
+        :meth:`default_target_every`), resolved after every constructor has run."""
+        every = self.default_target_every() if self.target_every is None else self.target_every
+        return TargetUpdate(self.target_tau, every)
 
     def default_target_every(self) -> int:
         """Updates between target moves when ``target_every`` is None."""
@@ -115,11 +114,11 @@ class ActorCritic(QLearningModule):
     def build(self, spec: DataSpec) -> None:
         self.critic = Critic(spec.obs_dim, spec.action_dim, num_q=self.num_q, **self.critic_options)
         self.actor = self.make_actor(spec)
-        self.add_targets()
+        self.build_targets()
 
-    def add_targets(self) -> None:
-        """The critic's target copy; subclasses add the actor's where they use one."""
-        self.critic_target = self.add_target(self.critic)
+    def build_targets(self) -> None:
+        """The target networks the algorithm bootstraps from (:meth:`add_target`), made
+        after the critic and the actor; none by default (PreQN has none)."""
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"critic": self.adam(self.critic.parameters(), lr=self.critic_lr, weight_decay=self.critic_weight_decay),
@@ -148,22 +147,43 @@ class ActorCritic(QLearningModule):
         return self.actor(self.normalize(obs)).cpu().numpy()
 
     # --------------------------------------------------------------- the update
-    def critic_update(self, batch: Transitions, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One critic step on the (weighted) TD loss against ``y``; returns ``(Q(s, a) of
-        every member (num_q, B), per-sample |TD error| (B,))``."""
+    def critic_loss(self, batch: Transitions, y: Tensor) -> CriticLoss:
+        """The (importance-weighted) TD loss of every critic member against ``y`` (``(B,)``,
+        no gradient); a variant overrides it to add a term (CQL's penalty)."""
         q = self.critic(batch.obs, batch.act)
-        critic = td_loss(q, y, batch.weight)
-        self.step("critic", critic.loss)
-        self._last["train/critic_loss"] = critic.loss.detach()
-        return q.detach(), critic.td_abs
+        td = td_loss(q, y, batch.weight)
+        return CriticLoss(td.loss, q.detach(), td.td_abs, {"train/critic_loss": td.loss.detach()})
 
-    def log_update(self, batch: Transitions, q_data: Tensor, extra: dict[str, Tensor | float] | None = None) -> None:
-        """Log the update's scalars (called on logging steps only)."""
-        metrics: dict[str, Any] = {"q/data_mean": q_data.mean(), **self._last}
-        if "q/policy_mean" not in metrics:
-            with torch.no_grad():
-                metrics["q/policy_mean"] = self.q_value(batch.obs, self.greedy_action(batch.obs)).mean()
+    def log_update(self, batch: Transitions, q_data: Tensor, scalars: dict[str, Tensor | float]) -> None:
+        """Log one update's scalars (call on logging steps only): ``q/data_mean`` (of
+        ``q_data``, the first critic on the data's actions before its step, ``(B,)``),
+        ``scalars``, ``q/policy_mean`` (measured now unless ``scalars`` has it) and
+        ``params/critic_norm``."""
+        metrics: dict[str, Tensor | float] = {"q/data_mean": q_data.mean(), **scalars}
         with torch.no_grad():
+            if "q/policy_mean" not in metrics:
+                metrics["q/policy_mean"] = self.q_value(batch.obs, self.greedy_action(batch.obs)).mean()
             metrics["params/critic_norm"] = parameter_norm(self.critic.parameters())
-        metrics.update(extra or {})
         self.log_scalars(metrics)
+
+
+class CriticLoss(NamedTuple):
+    """A critic loss and what the rest of the update reads from it."""
+
+    loss: Tensor  # () what the critic's optimiser minimises
+    q: Tensor  # (num_q, B) Q(s, a) of every member on the data's actions, before the step, detached
+    td_abs: Tensor  # (B,) per-sample |TD error|, detached: new priorities for prioritised replay
+    # detached scalars to log: "train/critic_loss" (the TD loss) and a variant's own, which
+    # its other optimisers may read (CQL's alpha' reads "train/cql_gap")
+    scalars: dict[str, Tensor]
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s parameters get no gradient (an actor's loss
+    backpropagates through the critic without touching the critic's ``.grad``)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)

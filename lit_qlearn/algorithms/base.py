@@ -1,13 +1,15 @@
-"""What every Q-learning module shares (DESIGN.md section 8): reading the data's spec,
-the update counter, optimisers by name, target updates inside the update, gradient
-sync, logging at the update count, RNG state in checkpoints, evaluation episodes.
-An algorithm owns only its networks (:meth:`build`), its losses (:meth:`update`) and
-its two policies (:meth:`act`, :meth:`explore`).
+"""QLearningModule: the update loop and its contract (docs/design.md section 8).
+
+An algorithm owns its networks (:meth:`~QLearningModule.build`), its losses
+(:meth:`~QLearningModule.update`) and its two policies (``act``, ``explore``); the base
+owns the rest of a fit: reading the data's spec, counting updates, moving targets inside
+the update, stepping optimisers by name (:mod:`lit_qlearn.algorithms.optim`), logging at
+the update count, RNG state in checkpoints (:mod:`lit_qlearn.algorithms.checkpointing`)
+and evaluation (:mod:`lit_qlearn.evaluation`).
 """
 from __future__ import annotations
 
-import math
-import random
+import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -15,12 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from lit_qlearn.data.checkpoint import CheckpointError, check_before_loading, explain_load_failure
+from lit_qlearn.algorithms.checkpointing import (explain_broken_checkpoints, quiet_checkpoint_warning,
+                                                 remove_warning_filter, rng_state, set_rng_state)
+from lit_qlearn.algorithms.optim import Stepper
+from lit_qlearn.data.checkpoint import check_before_loading
+from lit_qlearn.data.rollout import make_vector_env
 from lit_qlearn.data.types import DataSpec, Transitions, data_spec
+from lit_qlearn.evaluation import Evaluation, evaluate_module
 from lit_qlearn.probe import publish
 from lit_qlearn.targets import TargetUpdate, make_target
 from lit_qlearn.td import td_target
@@ -28,78 +35,51 @@ from lit_qlearn.td import td_target
 __all__ = ["QLearningModule"]
 
 
-# Lightning 2.6's ModelCheckpoint(every_n_train_steps=...) warns, in 15 lines, on every
-# save of a module with manual optimisation unless the module keeps pre-step copies of
-# weights in attributes named `saved_models` and `layer`. It does not apply here: a
-# QLearningModule counts one global_step per update (its counted optimiser only) and
-# moves its targets inside the update, so the checkpoint written at step k is the one
-# consistent state after k updates, the state that resume needs; pre-step weights would
-# pair the weights of k - 1 updates with the counters of k. Only that message, from that
-# module, is silenced, from fit start to teardown (installed at import, the filter would
-# be lost to any warnings.catch_warnings() block the import happened in).
-def _quiet_manual_optimization_checkpoint_warning() -> tuple[Any, ...]:
-    """Install the filter (at fit start) and return its entry, for teardown to remove: a
-    user's own manually optimised module fitted later in the process still gets the warning."""
-    warnings.filterwarnings(
-        "ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
-        r"pre-optimization state was saved", category=UserWarning,
-        module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
-    return warnings.filters[0]
+class _BuildsAfterInit(type):
+    """Metaclass of :class:`QLearningModule`: once the most-derived ``__init__`` has
+    returned, and only then, the module resolves its defaults and builds its networks
+    (:meth:`QLearningModule.finish_init`). So a subclass may set its options anywhere in
+    its constructor, before or after ``super().__init__()``, and has no closing call to
+    remember. (Wrapping each subclass's ``__init__`` instead would put wrapper frames
+    between the constructors, where ``save_hyperparameters``' walk up the stack stops.)"""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        module = super().__call__(*args, **kwargs)
+        module.finish_init()
+        return module
+
+    @property
+    def __signature__(cls) -> inspect.Signature:
+        # inspect.signature(cls) would otherwise report __call__'s (*args, **kwargs)
+        signature = inspect.signature(cls.__init__)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
-def _explain_broken_checkpoints(strategy: Any) -> None:
-    """Make a failed ``Trainer.fit(ckpt_path=...)`` read one line naming the file and what
-    is wrong with it (:class:`~lit_qlearn.data.checkpoint.CheckpointError`): the Trainer
-    loads the file after every ``setup`` hook, through ``strategy.checkpoint_io``, and
-    torch's own errors for an empty, truncated or code-holding file are a stack of
-    internals, one of them advice to load with ``weights_only=False`` (which would run the
-    file's code). The loader is wrapped once per CheckpointIO object; a file that loads is
-    untouched, and an error the file itself does not explain is raised as it was."""
-    io = strategy.checkpoint_io
-    if getattr(io, "_lit_qlearn_explains", False):
-        return
-    load = io.load_checkpoint
-
-    def load_checkpoint(path: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return load(path, *args, **kwargs)
-        except Exception as error:
-            try:
-                explain_load_failure(path)
-            except CheckpointError as explained:
-                raise explained from None
-            raise error
-
-    io.load_checkpoint = load_checkpoint
-    io._lit_qlearn_explains = True
-
-
-def _no_op() -> None:
-    return None
-
-
-class QLearningModule(LightningModule):
+class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
     """Base class of lit_qlearn's algorithms.
 
     A subclass implements
 
     * :meth:`build` ``(spec)``: create its networks for the data's
       :class:`~lit_qlearn.data.DataSpec` (observation shape, action space), called
-      once, from the constructor when the sizes are given or from :meth:`setup`
-      when they are read from the DataModule; :attr:`action_kinds` says which kinds
-      of action space it supports, checked before ``build``;
+      once: after the constructor when it set :attr:`given_spec` (sizes given), else
+      at :meth:`setup` from the DataModule; :attr:`action_kinds` says which kinds of
+      action space it supports, checked before ``build``;
     * :meth:`build_optimizers` ``() -> {name: optimizer}``: ``"critic"``,
       ``"actor"``, and any others (temperature, Lagrange multipliers);
     * :meth:`update` ``(batch) -> |TD error| (B,) or None``: the training step,
       targets, losses and :meth:`step` calls top to bottom. The base counts the
       update first (``self.updates`` is 1 during the first), applies the target
-      rule after it, hands the returned per-sample |TD error| to a prioritised
-      replay buffer, and evaluates on schedule;
+      rule after it and hands the returned per-sample |TD error| to a prioritised
+      replay buffer;
     * :meth:`act` (evaluation policy) and optionally :meth:`explore` (the
       behaviour policy an :class:`~lit_qlearn.data.OnlineDataModule` rolls).
 
     What the base guarantees:
 
+    * **One build, after the constructors.** :meth:`finish_init` runs once the
+      most-derived ``__init__`` returned: the default target rule
+      (:meth:`default_target_update`), then :meth:`build` if the sizes were given.
     * **One step axis.** ``self.updates`` counts updates; only the counted
       optimiser's steps (``"critic"``, else the first) enter ``global_step``, so
       ``Trainer(max_steps=n)`` means n updates, and every scalar, the module's,
@@ -112,27 +92,28 @@ class QLearningModule(LightningModule):
       ``load_from_checkpoint`` needs no DataModule), and the torch, numpy and
       Python RNG states of every rank, restored when a fit resumes.
     * **Multi-device.** Under DDP, gradients are averaged across ranks with one
-      flat all-reduce per optimiser step, instead of DDP's reducer, which expects
-      every parameter in every backward pass; logged scalars are rank means.
-    * **Evaluation.** Every ``eval_every`` updates, ``eval_episodes`` episodes in
-      the data's environment on rank zero, shared with every rank: ``eval/return``,
-      ``eval/normalized_score``.
+      flat all-reduce per optimiser step (:mod:`lit_qlearn.algorithms.optim`); logged
+      scalars are rank means.
+    * **Evaluation.** With ``eval_every > 0``, an :class:`~lit_qlearn.evaluation.Evaluation`
+      callback (:meth:`configure_callbacks`): ``eval_episodes`` episodes in the data's
+      environment on rank zero every ``eval_every`` updates, shared with every rank:
+      ``eval/return``, ``eval/length``, ``eval/normalized_score``.
     * **Compilation.** With ``compile_networks`` (an algorithm's ``compile=True``), every
       network's forward is compiled with ``torch.compile`` at fit start
       (:meth:`compile_all`, in place, so parameters, ``state_dict`` keys, checkpoints
-      and the probe protocol are unchanged); the backward of a compiled forward is
-      compiled too. Where compilation is unavailable, a warning and eager execution.
+      and the probe protocol are unchanged). Where compilation is unavailable, a
+      warning and eager execution.
     """
 
     #: Kinds of action space the algorithm supports: "continuous", "discrete".
     action_kinds: tuple[str, ...] = ("continuous", "discrete")
-    #: Flush denormal floats to zero while fitting on CPU (``torch.set_flush_denormal``).
-    #: Adam's second moments of small gradients sink into the denormal range, where
-    #: x86 arithmetic is ~10x slower: measured here, a fused Adam step of a 256x256
-    #: DQN took 0.53 ms with denormals and 0.05 ms without, a third of the update.
+    #: Flush denormal floats to zero while fitting on CPU (``torch.set_flush_denormal``):
+    #: Adam's second moments of small gradients sink into the denormal range, where x86
+    #: arithmetic is many times slower (benchmarks/README.md, offline speed).
     flush_denormal: bool = True
     #: Whether :meth:`update` applies ``batch.weight`` and returns |TD error| (prioritised replay).
     supports_weights: bool = True
+    #: Updates between evaluations (0: none) and episodes per evaluation.
     eval_every: int = 0
     eval_episodes: int = 10
 
@@ -140,12 +121,15 @@ class QLearningModule(LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.updates = 0
+        #: The data's spec once built (None before).
         self.spec: DataSpec | None = None
+        #: The spec given to the constructor (sizes): built by :meth:`finish_init`.
+        self.given_spec: DataSpec | None = None
         self.target_update: TargetUpdate | None = None
         self._target_pairs: list[tuple[nn.Module, nn.Module]] = []
         self._optimizer_names: list[str] = []
-        self._ddp: Any = None
-        self._direct_steps = False
+        #: How this fit's optimiser steps run (made at fit start).
+        self.stepper: Stepper | None = None
         self._eval_env: Any = None
         self.env_id: str | None = None
         self.ref_scores: tuple[float, float] | None = None
@@ -153,6 +137,24 @@ class QLearningModule(LightningModule):
         #: ``torch.compile`` the networks at fit start (an algorithm's ``compile`` argument).
         self.compile_networks = False
         self._compiled = False
+
+    # ------------------------------------------------------------ construction
+    def finish_init(self) -> None:
+        """Called once, after the most-derived ``__init__`` returned, every option set:
+        the default target rule unless the constructor set one, then the networks if
+        the constructor gave the sizes (:attr:`given_spec`) and did not build them.
+        (The hyper-parameters stay Lightning's: every constructor level's arguments, which
+        a subclass may read; ``load_from_checkpoint`` passes back only those the class
+        takes.)"""
+        if self.target_update is None:
+            self.target_update = self.default_target_update()
+        if self.given_spec is not None and self.spec is None:
+            self.build_for(self.given_spec)
+
+    def default_target_update(self) -> TargetUpdate | None:
+        """The target rule when the constructor sets none (None: the module has no targets,
+        or :meth:`build` sets its rule)."""
+        return None
 
     # ------------------------------------------------------------------ the data
     def build(self, spec: DataSpec) -> None:
@@ -182,7 +184,7 @@ class QLearningModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
-            _explain_broken_checkpoints(self.trainer.strategy)
+            explain_broken_checkpoints(self.trainer.strategy)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None:
             if self.spec is None:
@@ -257,8 +259,6 @@ class QLearningModule(LightningModule):
             update_priorities = getattr(self.trainer.datamodule, "update_priorities", None)
             if update_priorities is not None:
                 update_priorities(batch.index, td_abs)
-        if self.eval_every and self.updates % self.eval_every == 0:
-            self.log_evaluation()
         if self.logging_now():
             rollout = getattr(self.trainer.datamodule, "rollout_metrics", None)
             if rollout is not None:
@@ -269,10 +269,30 @@ class QLearningModule(LightningModule):
         """The algorithm's optimisers by name (``"critic"`` first when there is one)."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_optimizers()")
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def build_schedulers(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+        """Learning-rate schedulers (``torch.optim.lr_scheduler``) by the name of the
+        optimiser each drives; none by default. Optimisation is manual, so Lightning
+        checkpoints and restores them but never steps them: :meth:`update` does, through
+        :meth:`scheduler`."""
+        return {}
+
+    def configure_optimizers(self) -> Any:
         optimizers = self.build_optimizers()
         self._optimizer_names = list(optimizers)
-        return list(optimizers.values())
+        schedulers = self.build_schedulers(optimizers)
+        self._scheduler_names = list(schedulers)
+        if not schedulers:
+            return list(optimizers.values())
+        return list(optimizers.values()), list(schedulers.values())
+
+    def scheduler(self, name: str) -> Any:
+        """The learning-rate scheduler of the optimiser called ``name`` (:meth:`build_schedulers`)."""
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        try:
+            return schedulers[self._scheduler_names.index(name)]
+        except ValueError:
+            raise KeyError(f"{type(self).__name__} has schedulers for {self._scheduler_names}, not {name!r}") from None
 
     @property
     def counted_optimizer(self) -> str:
@@ -293,14 +313,43 @@ class QLearningModule(LightningModule):
         self.optimize(self.optimizer(name), loss, count_step=name == self.counted_optimizer,
                       max_grad_norm=max_grad_norm)
 
-    def on_fit_start(self) -> None:
-        from torch.nn.parallel import DistributedDataParallel
+    def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True,
+                 max_grad_norm: float | None = None) -> None:
+        """One optimiser step on ``loss`` (:meth:`lit_qlearn.algorithms.optim.Stepper.step`):
+        zero grads, backward, average across ranks, clip the global gradient norm to
+        ``max_grad_norm`` (if given), step. ``count_step=False`` keeps the step out of
+        Lightning's ``global_step`` (:meth:`step` passes it for every optimiser but the
+        counted one)."""
+        self.stepper.step(optimizer, loss, count=count_step, max_grad_norm=max_grad_norm)
 
-        self.__dict__["_checkpoint_warning_filter"] = _quiet_manual_optimization_checkpoint_warning()
-        wrapper = self.trainer.strategy.model
-        # Kept out of nn.Module registration: the wrapper contains this module.
-        self.__dict__["_ddp"] = wrapper if isinstance(wrapper, DistributedDataParallel) else None
-        self._direct_steps = self._nothing_listens_to_steps()
+    @staticmethod
+    def adam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Adam:
+        """Adam with the fused kernel where the parameters' device has one: mathematically
+        the same update as ``torch.optim.Adam``'s default, faster on CPU
+        (benchmarks/results/throughput.json)."""
+        params = list(params)
+        try:
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
+        except (RuntimeError, ValueError):  # device or dtype without a fused kernel
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps)
+
+    # ------------------------------------------------------------ fit start / end
+    def configure_callbacks(self) -> list[Callback]:
+        """The module's own callbacks, merged by Lightning into the Trainer's: an
+        :class:`~lit_qlearn.evaluation.Evaluation` every ``eval_every`` updates (none on
+        data without an environment id). An ``Evaluation`` given to the Trainer wins: the
+        module then adds none."""
+        if not self.eval_every:
+            return []
+        if any(isinstance(callback, Evaluation) for callback in self.trainer.callbacks):
+            rank_zero_info(f"{type(self).__name__}(eval_every={self.eval_every}): the Trainer has an Evaluation "
+                           "callback; the module adds none")
+            return []
+        return [Evaluation(self.eval_every, self.eval_episodes, required=False)]
+
+    def on_fit_start(self) -> None:
+        self.__dict__["_checkpoint_warning_filter"] = quiet_checkpoint_warning()
+        self.stepper = Stepper(self)
         if self.flush_denormal and self.device.type == "cpu":
             torch.set_flush_denormal(True)
         if self.compile_networks and not self._compiled:
@@ -318,8 +367,6 @@ class QLearningModule(LightningModule):
         :meth:`~lit_qlearn.networks.SquashedGaussianActor.sample`). Returns whether they
         were compiled: if ``torch.compile`` cannot compile a small network on this
         device (no C++ compiler, an unsupported Python), it warns and leaves them eager."""
-        import warnings
-
         try:
             probe = torch.compile(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).to(self.device))
             probe(torch.zeros(3, 2, device=self.device)).sum().backward()
@@ -334,88 +381,15 @@ class QLearningModule(LightningModule):
         self._compiled = True
         return True
 
-    # Hooks that Lightning's backward / optimiser-step wrappers exist to call.
-    _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+    def on_fit_end(self) -> None:
+        if self.flush_denormal and self.device.type == "cpu":
+            torch.set_flush_denormal(False)  # the process default
 
-    def _nothing_listens_to_steps(self) -> bool:
-        """Whether Lightning's backward and step wrappers would do nothing but dispatch
-        hooks nobody overrides: full precision, one device or DDP (whose gradient sync
-        optimize() does itself), and no callback or module hook on those events. Then
-        optimize() calls ``backward`` and the optimiser directly, saving ~0.2 ms per
-        update on CPU; otherwise it goes through Lightning as usual."""
-        from lightning.pytorch import Callback
-        from lightning.pytorch.plugins.precision import Precision
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-        from lightning.pytorch.utilities.model_helpers import is_overridden
-
-        strategy = self.trainer.strategy
-        if type(strategy.precision_plugin) is not Precision or type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
-            return False
-        if any(is_overridden(h, self, LightningModule) for h in (*self._STEP_HOOKS, "backward")):
-            return False
-        return not any(is_overridden(h, cb, Callback) for cb in self.trainer.callbacks for h in self._STEP_HOOKS)
-
-    def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True,
-                 max_grad_norm: float | None = None) -> None:
-        """One optimiser step on ``loss``: zero grads, backward, average across ranks,
-        clip the global gradient norm to ``max_grad_norm`` (if given), step.
-
-        ``count_step=False`` keeps the step out of Lightning's ``global_step``
-        (:meth:`step` passes it for every optimiser but the counted one).
-        """
-        raw = getattr(optimizer, "optimizer", optimizer)
-        direct = self._direct_steps and hasattr(optimizer, "_on_after_step")
-        raw.zero_grad(set_to_none=True)
-        if direct:
-            loss.backward()
-        elif self._ddp is None:
-            self.manual_backward(loss)
-        else:
-            # Keep DDP's reducer out of this backward (Lightning arms it before each
-            # manual backward); the gradients are averaged below instead.
-            self._ddp.require_backward_grad_sync = False
-            try:
-                self.manual_backward(loss)
-            finally:
-                self._ddp.require_backward_grad_sync = True
-        if self._ddp is not None:
-            grads = [p.grad for group in raw.param_groups for p in group["params"] if p.grad is not None]
-            flat = _flatten_dense_tensors(grads)
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
-        if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_([p for group in raw.param_groups for p in group["params"]], max_grad_norm)
-        if direct:
-            # Lightning counts a LightningOptimizer's steps through these two hooks.
-            if count_step:
-                optimizer._on_before_step()
-            raw.step()
-            if count_step:
-                optimizer._on_after_step()
-        elif count_step or not hasattr(optimizer, "_on_after_step"):
-            optimizer.step()
-        else:
-            hooks = optimizer._on_before_step, optimizer._on_after_step
-            optimizer._on_before_step = optimizer._on_after_step = _no_op
-            try:
-                optimizer.step()
-            finally:
-                optimizer._on_before_step, optimizer._on_after_step = hooks
-
-    @staticmethod
-    def adam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Adam:
-        """Adam with the fused kernel where the parameters' device has one.
-
-        Mathematically the same update as ``torch.optim.Adam``'s default, about 4x
-        faster on CPU for a 256x256 twin critic (benchmarks/results/throughput.json).
-        """
-        params = list(params)
-        try:
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
-        except (RuntimeError, ValueError):  # device or dtype without a fused kernel
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps)
+    def teardown(self, stage: str) -> None:
+        remove_warning_filter(self.__dict__.pop("_checkpoint_warning_filter", None))
+        if self._eval_env is not None:
+            self._eval_env.close()
+            self._eval_env = None
 
     # ------------------------------------------------------------------ logging
     def logging_now(self) -> bool:
@@ -471,11 +445,11 @@ class QLearningModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_qlearn_updates"] = self.updates
-        # Lets `load_from_checkpoint` and `lit_qlearn.data.collect` rebuild the module alone.
+        # Lets `load_from_checkpoint` and `lit_qlearn.datasets.collect` rebuild the module alone.
         checkpoint["lit_qlearn_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.spec is not None:
             checkpoint["lit_qlearn_spec"] = self.spec.to_dict()
-        state = _rng_state()
+        state = rng_state()
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             states: list[Any] = [None] * trainer.world_size
@@ -497,9 +471,9 @@ class QLearningModule(LightningModule):
         # Only a resumed fit takes the random state back; loading weights leaves it alone.
         if states and self._trainer is not None and self.trainer.state.fn == "fit":
             rank = self.trainer.global_rank
-            _set_rng_state(states[rank if rank < len(states) else 0])
+            set_rng_state(states[rank if rank < len(states) else 0])
 
-    # ---------------------------------------------------------------- policies
+    # ------------------------------------------------------- policies, evaluation
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The evaluation policy on raw (unnormalised) observations ``(*obs_shape)`` or ``(B, *obs_shape)``."""
         raise NotImplementedError
@@ -510,83 +484,16 @@ class QLearningModule(LightningModule):
         Default: :meth:`act`."""
         return self.act(obs)
 
-    # ---------------------------------------------------------------- evaluation
-    def on_fit_end(self) -> None:
-        if self.flush_denormal and self.device.type == "cpu":
-            torch.set_flush_denormal(False)  # the process default
-
-    def teardown(self, stage: str) -> None:
-        entry = self.__dict__.pop("_checkpoint_warning_filter", None)
-        if entry is not None and entry in warnings.filters:
-            warnings.filters.remove(entry)
-            mutated = getattr(warnings, "_filters_mutated", None)  # (CPython: drop its cached decisions)
-            if mutated is not None:
-                mutated()
-        if self._eval_env is not None:
-            self._eval_env.close()
-            self._eval_env = None
-
-    @torch.no_grad()
     def evaluate(self, episodes: int | None = None, seed: int = 10_000) -> dict[str, float]:
-        """Run ``episodes`` evaluation episodes; return mean ``return``, ``length`` and ``normalized_score``."""
-        from lit_qlearn.data.rollout import run_episodes
-
+        """Run ``episodes`` (default ``eval_episodes``) episodes of :meth:`act` in the data's
+        environment (:func:`lit_qlearn.evaluation.evaluate_policy`); return the mean
+        ``return``, ``length`` and ``normalized_score`` (NaN without reference scores)."""
         if self.env_id is None:
             raise RuntimeError(
                 f"{type(self).__name__}.evaluate: no environment id; the DataModule has no env_id "
                 "(pass env_id= to the DataModule)"
             )
         if self._eval_env is None:
-            from lit_qlearn.data.rollout import make_vector_env
-
             self._eval_env = make_vector_env(self.env_id, 1, self.spec.env_wrapper if self.spec else None)
-        episodes = self.eval_episodes if episodes is None else episodes
-        was_training = self.training
-        self.eval()
-        try:
-            returns, lengths = run_episodes(self._eval_env, self.act, episodes, seed=seed)
-        finally:
-            self.train(was_training)
-        result = {"return": float(np.mean(returns)), "length": float(np.mean(lengths))}
-        result["normalized_score"] = self.normalized_score(result["return"])
-        return result
-
-    def normalized_score(self, ret: float) -> float:
-        """D4RL's ``100 * (return - ref_min) / (ref_max - ref_min)``; NaN without references."""
-        if self.ref_scores is None:
-            return math.nan
-        lo, hi = self.ref_scores
-        return 100.0 * (ret - lo) / (hi - lo)
-
-    def log_evaluation(self) -> None:
-        """Evaluate on rank zero and log ``eval/return`` and ``eval/normalized_score`` at the
-        update; the result is broadcast, so every rank's ``callback_metrics`` hold the same
-        numbers (``ModelCheckpoint`` / ``EarlyStopping`` monitoring ``eval/*`` agree under DDP)."""
-        if self.env_id is None:
-            return
-        result = self.evaluate() if self.trainer.global_rank == 0 else None
-        result = self.trainer.strategy.broadcast(result, src=0)
-        metrics = {"eval/return": result["return"], "eval/length": result["length"]}
-        if not math.isnan(result["normalized_score"]):
-            metrics["eval/normalized_score"] = result["normalized_score"]
-        publish(self.trainer, metrics, self.updates)
-
-
-def _rng_state() -> dict[str, Any]:
-    # numpy's state as (name, key tensor, pos, has_gauss, gauss): checkpoints stay
-    # loadable with torch.load(weights_only=True)
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        return evaluate_module(self, self._eval_env, self.eval_episodes if episodes is None else episodes,
+                               seed=seed, ref_scores=self.ref_scores)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_qlearn.algorithms.actor_critic import CriticLoss
 from lit_qlearn.algorithms.sac import SAC
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.td import td_loss
@@ -151,26 +152,32 @@ class CQL(SAC):
 
     def lagrange_loss(self, gap: Tensor) -> Tensor:
         """``-alpha' cql_alpha (mean_i gap_i - target_action_gap)`` for the critics' gaps
-        ``(num_q,)`` (detached): its gradient in log alpha' is minus that product, so
-        descent raises alpha' while the gap exceeds the target and lowers it below."""
+        ``(num_q,)`` or their mean ``()`` (detached): its gradient in log alpha' is minus
+        that product, so descent raises alpha' while the gap exceeds the target and lowers
+        it below."""
         alpha_prime = self.log_cql_alpha.exp().clamp(max=MAX_LAGRANGE)
         return -alpha_prime * self.cql_alpha * (gap.detach().mean() - self.target_action_gap)
 
-    def critic_update(self, batch: Transitions, y: Tensor) -> tuple[Tensor, Tensor]:
-        """SAC's critic step with ``w * sum_i gap_i`` added to the TD loss, then (Lagrange)
-        one step of alpha'; returns ``(Q(s, a) (num_q, B), |TD error| (B,))``."""
+    def critic_loss(self, batch: Transitions, y: Tensor) -> CriticLoss:
+        """SAC's TD loss plus ``w * sum_i gap_i``; logs ``train/cql_gap`` (the members' mean
+        gap, which alpha' reads in :meth:`extra_losses`) and ``train/cql_weight``. Without a
+        penalty (``cql_alpha=0``, no Lagrange) it is SAC's, and draws no proposals."""
         if self.cql_alpha == 0 and not self.lagrange:
-            return super().critic_update(batch, y)
+            return super().critic_loss(batch, y)
         q = self.critic(batch.obs, batch.act)
-        critic = td_loss(q, y, batch.weight)
+        td = td_loss(q, y, batch.weight)
         gap = self.cql_penalty(batch, q)
         weight = self.cql_weight
-        self.step("critic", critic.loss + weight * gap.sum())
+        scalars = {"train/critic_loss": td.loss.detach(), "train/cql_gap": gap.detach().mean(),
+                   "train/cql_weight": weight}
+        return CriticLoss(td.loss + weight * gap.sum(), q.detach(), td.td_abs, scalars)
+
+    def extra_losses(self, critic: CriticLoss, logp: Tensor) -> dict[str, Tensor]:
+        """SAC's, and with ``lagrange`` the multiplier's :meth:`lagrange_loss` on this update's gap."""
+        losses = super().extra_losses(critic, logp)
         if self.lagrange:
-            self.step("cql_alpha", self.lagrange_loss(gap))
-        self._last.update({"train/critic_loss": critic.loss.detach(), "train/cql_gap": gap.detach().mean(),
-                           "train/cql_weight": weight})
-        return q.detach(), critic.td_abs
+            losses["cql_alpha"] = self.lagrange_loss(critic.scalars["train/cql_gap"])
+        return losses
 
 
 def _is_number(value: object) -> bool:

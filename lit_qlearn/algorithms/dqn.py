@@ -5,20 +5,32 @@ the :class:`~lit_qlearn.data.OnlineDataModule`, not subclasses: a batch carries 
 that the prioritised buffer takes as new priorities."""
 from __future__ import annotations
 
+import inspect
+import os
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lit_qlearn.algorithms.base import QLearningModule
+from lit_qlearn.data.checkpoint import read_checkpoint
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import DiscreteQNetwork
 from lit_qlearn.ntk import DiscreteQ, parameter_norm
 from lit_qlearn.targets import TargetUpdate
 from lit_qlearn.td import TD_LOSSES, check_gamma, td_loss
 
-__all__ = ["DQN"]
+__all__ = ["DQN", "RENAMED"]
+
+#: DQN's arguments that took the actor-critics' names (old -> new). The old names are
+#: accepted, with a FutureWarning, until the next release; checkpoints whose
+#: hyper-parameters hold them keep loading (:meth:`DQN.load_from_checkpoint`).
+RENAMED = {"hidden": "critic_hidden", "activation": "critic_activation", "norm": "critic_norm",
+           "norm_layers": "critic_norm_layers", "norm_affine": "critic_norm_affine",
+           "weight_norm": "critic_weight_norm", "dropout": "critic_dropout", "lr": "critic_lr"}
 
 
 class DQN(QLearningModule):
@@ -40,17 +52,17 @@ class DQN(QLearningModule):
         num_actions: number of actions; None reads it from the DataModule.
         obs_dtype: dtype of the observations given with ``obs_shape`` ("uint8" for Atari frames).
         gamma: discount factor in [0, 1).
-        hidden: hidden widths of the Q-head (after the convolutional encoder for images).
-        activation: activation of the head, one of relu, tanh, sin, elu, mish.
-        norm: None, "layer" (LayerNorm, DESIGN.md 5.6) or "batch" in the head.
-        norm_layers: indices of the hidden layers that get the norm (None: all).
-        norm_affine: learnable gain and bias in the norm layers.
-        weight_norm: weight-normalise the head's output layer.
-        dropout: dropout rate after each hidden activation.
+        critic_hidden: hidden widths of the Q-head (after the convolutional encoder for images).
+        critic_activation: activation of the head, one of relu, tanh, sin, elu, mish.
+        critic_norm: None, "layer" (LayerNorm, docs/design.md 5.6) or "batch" in the head.
+        critic_norm_layers: indices of the hidden layers that get the norm (None: all).
+        critic_norm_affine: learnable gain and bias in the norm layers.
+        critic_weight_norm: weight-normalise the head's output layer.
+        critic_dropout: dropout rate after each hidden activation.
         dueling: the dueling head Q = V + A - mean A.
         double: double Q-learning: the online network picks the next action, the target network values it.
         loss: "huber" (smooth L1, threshold 1) or "mse".
-        lr: Adam learning rate.
+        critic_lr: Adam learning rate.
         adam_eps: Adam epsilon.
         max_grad_norm: clip the gradient's global norm (None: no clipping).
         target_tau: 1 for hard copies, < 1 for Polyak averaging.
@@ -61,6 +73,9 @@ class DQN(QLearningModule):
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
         compile: ``torch.compile`` the Q-network and its target at fit start.
+        hidden, activation, norm, norm_layers, norm_affine, weight_norm, dropout, lr: the
+            names of ``critic_hidden`` ... ``critic_lr`` before they took the actor-critics'
+            names; accepted with a FutureWarning until the next release (:data:`RENAMED`).
     """
 
     action_kinds = ("discrete",)
@@ -71,17 +86,17 @@ class DQN(QLearningModule):
         num_actions: int | None = None,
         obs_dtype: str = "float32",
         gamma: float = 0.99,
-        hidden: Sequence[int] = (256, 256),
-        activation: str = "relu",
-        norm: str | None = None,
-        norm_layers: Sequence[int] | None = None,
-        norm_affine: bool = True,
-        weight_norm: bool = False,
-        dropout: float = 0.0,
+        critic_hidden: Sequence[int] = (256, 256),
+        critic_activation: str = "relu",
+        critic_norm: str | None = None,
+        critic_norm_layers: Sequence[int] | None = None,
+        critic_norm_affine: bool = True,
+        critic_weight_norm: bool = False,
+        critic_dropout: float = 0.0,
         dueling: bool = False,
         double: bool = True,
         loss: str = "huber",
-        lr: float = 1e-4,
+        critic_lr: float = 1e-4,
         adam_eps: float = 1e-8,
         max_grad_norm: float | None = 10.0,
         target_tau: float = 1.0,
@@ -92,9 +107,25 @@ class DQN(QLearningModule):
         eval_every: int = 0,
         eval_episodes: int = 10,
         compile: bool = False,
+        hidden: Sequence[int] | None = None,
+        activation: str | None = None,
+        norm: str | None = None,
+        norm_layers: Sequence[int] | None = None,
+        norm_affine: bool | None = None,
+        weight_norm: bool | None = None,
+        dropout: float | None = None,
+        lr: float | None = None,
     ) -> None:
+        old = dict(hidden=hidden, activation=activation, norm=norm, norm_layers=norm_layers, norm_affine=norm_affine,
+                   weight_norm=weight_norm, dropout=dropout, lr=lr)
+        (critic_hidden, critic_activation, critic_norm, critic_norm_layers, critic_norm_affine, critic_weight_norm,
+         critic_dropout, critic_lr) = _renamed(old, dict(
+             critic_hidden=critic_hidden, critic_activation=critic_activation, critic_norm=critic_norm,
+             critic_norm_layers=critic_norm_layers, critic_norm_affine=critic_norm_affine,
+             critic_weight_norm=critic_weight_norm, critic_dropout=critic_dropout, critic_lr=critic_lr))
         super().__init__()
-        self.save_hyperparameters()
+        # (the old names stay in the hyper-parameters where given: a LightningCLI config keeps them as written)
+        self.save_hyperparameters(ignore=[name for name, value in old.items() if value is None])
         if loss not in TD_LOSSES:
             raise ValueError(f"DQN: loss must be one of {TD_LOSSES}, got {loss!r}")
         for name, value in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end)):
@@ -103,25 +134,40 @@ class DQN(QLearningModule):
         if isinstance(epsilon_steps, bool) or not isinstance(epsilon_steps, int) or epsilon_steps < 1:
             raise ValueError(f"DQN: epsilon_steps must be an integer >= 1, got {epsilon_steps!r}")
         self.gamma = check_gamma("DQN", gamma)
-        self.net_options = dict(hidden=hidden, activation=activation, norm=norm, norm_layers=norm_layers,
-                                norm_affine=norm_affine, weight_norm_output=weight_norm, dropout=dropout)
+        self.critic_options = dict(hidden=critic_hidden, activation=critic_activation, norm=critic_norm,
+                                   norm_layers=critic_norm_layers, norm_affine=critic_norm_affine,
+                                   weight_norm_output=critic_weight_norm, dropout=critic_dropout)
         self.dueling, self.double, self.loss = bool(dueling), bool(double), loss
-        self.lr, self.adam_eps, self.max_grad_norm = lr, adam_eps, max_grad_norm
+        self.critic_lr, self.adam_eps, self.max_grad_norm = critic_lr, adam_eps, max_grad_norm
         self.epsilon_start, self.epsilon_end, self.epsilon_steps = epsilon_start, epsilon_end, epsilon_steps
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
         self.compile_networks = bool(compile)
         self.target_update = TargetUpdate(target_tau, target_every)
         self.q_net: DiscreteQNetwork | None = None
         if obs_shape is not None and num_actions is not None:
-            self.build_for(DataSpec(tuple(obs_shape), num_actions=int(num_actions), obs_dtype=obs_dtype))
+            self.given_spec = DataSpec(tuple(obs_shape), num_actions=int(num_actions), obs_dtype=obs_dtype)
 
     # ---------------------------------------------------------------- networks
     def build(self, spec: DataSpec) -> None:
-        self.q_net = DiscreteQNetwork(spec.obs_shape, spec.num_actions, dueling=self.dueling, **self.net_options)
+        self.q_net = DiscreteQNetwork(spec.obs_shape, spec.num_actions, dueling=self.dueling, **self.critic_options)
         self.q_target = self.add_target(self.q_net)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"critic": self.adam(self.q_net.parameters(), lr=self.lr, eps=self.adam_eps)}
+        return {"critic": self.adam(self.q_net.parameters(), lr=self.critic_lr, eps=self.adam_eps)}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """:meth:`QLearningModule.load_from_checkpoint`, with hyper-parameters saved under
+        DQN's old argument names (:data:`RENAMED`) passed under the new ones, silently: the
+        file cannot be changed by heeding a warning. (Read from local files loaded as
+        data; others go through the constructor's FutureWarning.)"""
+        path = checkpoint_path
+        if isinstance(path, (str, os.PathLike)) and "://" not in str(path) and kwargs.get("weights_only") is not False:
+            hparams = read_checkpoint(path, mmap=True).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+            for old, new in RENAMED.items():
+                if hparams.get(old) is not None and old not in kwargs and new not in kwargs:
+                    kwargs.update({new: hparams[old], old: None})
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------ probe protocol
     def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
@@ -178,3 +224,31 @@ class DQN(QLearningModule):
                                   "train/td_abs_mean": critic.td_abs.mean(),
                                   "params/critic_norm": parameter_norm(self.q_net.parameters())})
         return critic.td_abs
+
+
+def _renamed(old: dict[str, Any], new: dict[str, Any]) -> list[Any]:
+    """The values of ``new``'s arguments, in its order, each taken from its old name
+    (:data:`RENAMED`) where that was given (not None), with a FutureWarning. Giving both is
+    a TypeError; a new name at its default counts as not given (LightningCLI passes every
+    default explicitly)."""
+    parameters = inspect.signature(DQN.__init__).parameters
+    values = dict(new)
+    for old_name, value in old.items():
+        if value is None:
+            continue
+        new_name = RENAMED[old_name]
+        if not _same(values[new_name], parameters[new_name].default):
+            raise TypeError(f"DQN: got both {old_name}={value!r} and {new_name}={values[new_name]!r}; {old_name} is "
+                            f"the old name of {new_name}: give {new_name} only")
+        # stacklevel: the DQN(...) call (this function, DQN.__init__, the metaclass's __call__, the caller)
+        warnings.warn(f"DQN: the argument {old_name!r} is now called {new_name!r} (the actor-critics' name); "
+                      f"{old_name!r} will be removed in the next release", FutureWarning, stacklevel=4)
+        values[new_name] = value
+    return list(values.values())
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, sequences compared as tuples (a config gives lists where defaults are tuples)."""
+    if isinstance(a, Sequence) and not isinstance(a, str) and isinstance(b, Sequence) and not isinstance(b, str):
+        return tuple(a) == tuple(b)
+    return a == b

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 from lit_qlearn.algorithms.actor_critic import ActorCritic
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import GaussianActor, mlp
 
-__all__ = ["IQL", "expectile_loss"]
+__all__ = ["IQL", "CosineToZero", "expectile_loss"]
 
 
 def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
@@ -28,14 +29,15 @@ class IQL(ActorCritic):
     extracted by advantage-weighted regression. No action outside the data is ever
     evaluated by the critics.
 
-    Per update, in CORL's order: the TD target ``y = r + discount (1 - terminated) V(s')``
-    (:meth:`next_value`, the one :meth:`td_target`) with V before its step; V minimises
-    :func:`expectile_loss` of ``min_i Q'_i(s, a_data) - V(s)`` (twin target critics,
-    Polyak-averaged); the critics minimise the TD loss against ``y``; the actor, a
-    :class:`~lit_qlearn.networks.GaussianActor` (CORL's default ``GaussianPolicy``:
-    tanh-bounded mean, state-independent std, not squashed), maximises
-    ``min(exp(beta A), max_weight) log pi(a_data | s)`` with ``A = min_i Q'_i(s, a) - V(s)``
-    from the value step. ``V`` is one :func:`~lit_qlearn.networks.mlp` over the state with
+    Per update, CORL's three steps, each on values computed before any of them (so their
+    order is immaterial): the critics minimise the TD loss against
+    ``y = r + discount (1 - terminated) V(s')`` (:meth:`next_value`, the one
+    :meth:`td_target`); the actor, a :class:`~lit_qlearn.networks.GaussianActor` (CORL's
+    default ``GaussianPolicy``: tanh-bounded mean, state-independent std, not squashed),
+    maximises ``min(exp(beta A), max_weight) log pi(a_data | s)`` with
+    ``A = min_i Q'_i(s, a) - V(s)``, its learning rate on a cosine schedule
+    (:class:`CosineToZero`); V minimises :func:`expectile_loss` of ``A`` (twin target
+    critics, Polyak-averaged). ``V`` is one :func:`~lit_qlearn.networks.mlp` over the state with
     the critic's options (``critic_hidden``, ``critic_norm``, ...), so ``critic_norm="layer"``
     gives it LayerNorm too, and ``compile=True`` compiles it with the other networks.
 
@@ -92,7 +94,6 @@ class IQL(ActorCritic):
         self.value_lr, self.actor_lr_cosine_steps = value_lr, steps
         self.actor_options.update(log_std_min=log_std_min, log_std_max=log_std_max)
         self.value: nn.Module | None = None
-        self.build_now()
 
     # ---------------------------------------------------------------- networks
     def make_actor(self, spec: DataSpec) -> GaussianActor:
@@ -101,6 +102,10 @@ class IQL(ActorCritic):
     def build(self, spec: DataSpec) -> None:
         super().build(spec)
         self.value = mlp(spec.obs_dim, 1, **self.critic_options)
+
+    def build_targets(self) -> None:
+        """The critics' target copy, the ``Q'`` that V regresses onto (no actor or V target)."""
+        self.critic_target = self.add_target(self.critic)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         optimizers = super().build_optimizers()
@@ -111,14 +116,28 @@ class IQL(ActorCritic):
         """``V_psi(s)`` ``(N,)``."""
         return self.value(obs).squeeze(-1)
 
-    def actor_lr_at(self, update: int) -> float:
-        """The actor's learning rate in update ``update`` (1-based): CORL's
-        ``CosineAnnealingLR(T = actor_lr_cosine_steps)`` stepped after each actor step,
-        ``actor_lr (1 + cos(pi (update - 1) / T)) / 2``, held at 0 after T updates."""
+    def build_schedulers(self, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, LRScheduler]:
+        """The actor's rate on CORL's cosine (:class:`CosineToZero`), stepped once per actor
+        step: ``actor_lr (1 + cos(pi (u - 1) / T)) / 2`` in update ``u``, ``T =
+        actor_lr_cosine_steps``, 0 after T updates; none (a constant rate) when T is None."""
+        if self.actor_lr_cosine_steps is None:
+            return {}
+        return {"actor": CosineToZero(optimizers["actor"], T_max=self.actor_lr_cosine_steps)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         steps = self.actor_lr_cosine_steps
-        if steps is None:
-            return self.actor_lr
-        return self.actor_lr * 0.5 * (1.0 + math.cos(math.pi * min(update - 1, steps) / steps))
+        if steps is None or not checkpoint.get("optimizer_states") or checkpoint.get("lr_schedulers"):
+            return
+        # Written before the schedule was a scheduler: no scheduler state, and the actor's rate
+        # set by hand to its last update's. A resumed fit goes on from the update count, as it did.
+        done = min(self.updates, steps)  # actor steps taken, one per update
+        state = CosineToZero(torch.optim.SGD([torch.zeros(1)], lr=self.actor_lr), T_max=steps).state_dict()
+        rate = self.actor_lr * 0.5 * (1.0 + math.cos(math.pi * done / steps))  # the next update's
+        state.update(last_epoch=done, **({"_last_lr": [rate]} if "_last_lr" in state else {}))
+        checkpoint["lr_schedulers"] = [state]
+        group = checkpoint["optimizer_states"][list(self.build_optimizers()).index("actor")]["param_groups"][0]
+        group.update(lr=rate, initial_lr=self.actor_lr)
 
     # --------------------------------------------------------------- the update
     def next_value(self, batch: Transitions) -> Tensor:
@@ -126,28 +145,43 @@ class IQL(ActorCritic):
         return self.state_value(batch.next_obs)
 
     def update(self, batch: Transitions) -> Tensor:
-        y = self.td_target(batch)  # with V before this update's value step, as in CORL
-        # value: the expectile of the target critics' min over the data's actions
+        # targets: y = r + discount (1 - d) V(s') (V before its step, as in CORL) for the critics, and
+        # min_i Q'_i(s, a_data) for V; the three steps below each read only what is computed here
+        y = self.td_target(batch)
         with torch.no_grad():
             q_target = self.critic_target(batch.obs, batch.act).min(dim=0).values
-        advantage = q_target - self.state_value(batch.obs)
-        value_loss = expectile_loss(advantage, self.expectile)
-        self.step("value", value_loss)
-        q, td_abs = self.critic_update(batch, y)
-        # actor: advantage-weighted regression onto the data's actions
+        advantage = q_target - self.state_value(batch.obs)  # A = min_i Q'_i(s, a) - V(s), with V's gradient
+        # critic
+        critic = self.critic_loss(batch, y)
+        self.step("critic", critic.loss)
+        # actor: advantage-weighted regression onto the data's actions, at the schedule's rate
         weights = torch.exp(self.beta * advantage.detach()).clamp(max=self.max_weight)
         actor_loss = -(weights * self.actor.log_prob(batch.obs, batch.act)).mean()
-        actor_optimizer = self.optimizer("actor")
-        for group in getattr(actor_optimizer, "optimizer", actor_optimizer).param_groups:
-            group["lr"] = self.actor_lr_at(self.updates)
+        actor_lr = self.optimizer("actor").param_groups[0]["lr"]
         self.step("actor", actor_loss)
+        if self.actor_lr_cosine_steps is not None:
+            self.scheduler("actor").step()
+        # value: expectile regression of V(s) onto min_i Q'_i(s, a_data)
+        value_loss = expectile_loss(advantage, self.expectile)
+        self.step("value", value_loss)
         if self.logging_now():
-            self._last.update({"train/value_loss": value_loss.detach(), "train/actor_loss": actor_loss.detach()})
-            self.log_update(batch, q[0], {"train/advantage_mean": advantage.detach().mean(),
-                                          "train/weight_mean": weights.mean(),
-                                          "v/data_mean": (q_target - advantage.detach()).mean(),
-                                          "train/actor_lr": self.actor_lr_at(self.updates)})
-        return td_abs
+            self.log_update(batch, critic.q[0], {**critic.scalars, "train/value_loss": value_loss.detach(),
+                                                 "train/actor_loss": actor_loss.detach(),
+                                                 "train/advantage_mean": advantage.detach().mean(),
+                                                 "train/weight_mean": weights.mean(),
+                                                 "v/data_mean": (q_target - advantage.detach()).mean(),
+                                                 "train/actor_lr": actor_lr})
+        return critic.td_abs
+
+
+class CosineToZero(CosineAnnealingLR):
+    """CORL's ``CosineAnnealingLR(T_max)`` for runs of any length: the rate falls from its
+    initial value to ``eta_min`` by a cosine over ``T_max`` steps, then stays there
+    (torch's rises again, a cosine of period ``2 T_max``)."""
+
+    def step(self, epoch: int | None = None) -> None:
+        if epoch is not None or self.last_epoch < self.T_max:
+            super().step(epoch)
 
 
 def _number(value: object) -> float:

@@ -1,5 +1,5 @@
 """PreQN (Achiam, Knight & Abbeel 2019): a DDPG-style actor-critic without target
-networks whose critic takes NTK-preconditioned steps (DESIGN.md 5.5)."""
+networks whose critic takes NTK-preconditioned steps (docs/design.md 5.5)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,13 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lit_qlearn.algorithms.td3 import TD3
+from lit_qlearn.algorithms.td3 import DeterministicActorCritic
 from lit_qlearn.data.types import Transitions
 from lit_qlearn.ntk import METHODS, check_choice, check_preconditioner_args, preconditioned_step
 
 __all__ = ["PreQN"]
 
-class PreQN(TD3):
+
+class PreQN(DeterministicActorCritic):
     """Preconditioned Q-networks: DDPG's actor, a critic updated by
     :func:`lit_qlearn.ntk.preconditioned_step` and **no target networks**: the TD
     target ``r + gamma (1 - d) Q(s', mu(s'))`` uses the current critic and actor.
@@ -26,9 +27,10 @@ class PreQN(TD3):
     ``-Q(s, mu(s))``. To first order the critic moves like tabular Q-learning with
     step ``preqn_lr`` on the batch, which is why no target network is needed.
 
-    PreQN is TD3 with other defaults: one critic, no target smoothing, an actor step
-    every update, no target networks and no critic optimiser, so those options are
-    not PreQN's arguments. Defaults (no official values exist; chosen here and
+    PreQN is DDPG's shape (:class:`~lit_qlearn.algorithms.td3.DeterministicActorCritic`:
+    its actor, exploration and actor step) with its own critic step: one critic, no
+    target networks (it builds none) and no critic optimiser, so the options of those
+    are not PreQN's arguments. Defaults (no official values exist; chosen here and
     documented): ``critic_activation="sin"`` (the paper's choice: the lowest NTK row
     ratio, so the most diagonal kernel), ``preqn_lr=0.1`` (a tabular step size),
     ``cos_threshold=0.9``, ``shrink=0.5``, ``max_shrinks=20`` (smallest step
@@ -38,7 +40,7 @@ class PreQN(TD3):
     :func:`~lit_qlearn.ntk.preconditioned_step`).
 
     Logs ``preqn/cos``, ``preqn/shrink_steps``, ``preqn/step_norm`` and
-    ``preqn/accepted`` besides TD3's scalars. Under DDP the ranks' minibatches are
+    ``preqn/accepted`` besides DDPG's scalars. Under DDP the ranks' minibatches are
     gathered, so every rank takes the identical critic step on the union batch.
 
     Args:
@@ -80,20 +82,16 @@ class PreQN(TD3):
         super().__init__(obs_dim, act_dim, action_low, action_high, gamma=gamma, critic_hidden=critic_hidden,
                          critic_activation=critic_activation, critic_norm=critic_norm, num_q=1,
                          actor_hidden=actor_hidden, actor_activation=actor_activation, actor_lr=actor_lr,
-                         policy_noise=0.0, policy_freq=1, exploration_noise=exploration_noise,
-                         eval_every=eval_every, eval_episodes=eval_episodes, compile=compile)
-        # PreQN's own arguments only (what load_from_checkpoint passes back): TD3's fixed
-        # ones are not options of PreQN.
-        self.hparams.clear()
-        self.save_hyperparameters()
+                         exploration_noise=exploration_noise, eval_every=eval_every, eval_episodes=eval_episodes,
+                         compile=compile)
         self.preqn = dict(lr=preqn_lr, cos_threshold=cos_threshold, shrink=shrink, max_shrinks=max_shrinks,
                           rcond=rcond, method=ntk_method)
-        self.target_update = None
 
     supports_weights = False  # the preconditioned step solves K Z = delta for the unweighted batch
 
-    def add_targets(self) -> None:
-        """No target networks: the TD target uses the current critic and actor."""
+    def default_target_update(self) -> None:
+        """No target rule: PreQN has no target networks."""
+        return None
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         # The critic has no optimiser; the actor's step is the one Lightning counts.
@@ -103,18 +101,21 @@ class PreQN(TD3):
         """``V(s') = Q(s', mu(s'))`` from the current critic and actor, shape ``(B,)``."""
         return self.q_value(batch.next_obs, self.actor(batch.next_obs))
 
-    def update(self, batch: Transitions) -> Tensor:
+    def update(self, batch: Transitions) -> None:
+        # targets: y = r + discount (1 - d) Q(s', mu(s')) from the current critic and actor
         y = self.td_target(batch)
+        # critic: one NTK-preconditioned step towards y, no optimiser; under DDP on the union
+        # of the ranks' batches, so every rank takes the identical step
         obs, act = batch.obs, batch.act
-        if self.trainer.world_size > 1:  # one step on the union batch, identical on every rank
+        if self.trainer.world_size > 1:
             obs, act, y = (self.trainer.strategy.all_gather(t).flatten(0, 1) for t in (obs, act, y))
         with torch.no_grad():
             q = self.q_value(obs, act)
         step = preconditioned_step(self.q_network(), (obs, act), y - q, **self.preqn)
-        self.actor_update(batch)
+        # actor: DDPG's -Q(s, mu(s)) against the stepped critic
+        actor = self.actor_step(batch)
         if self.logging_now():
-            extra = {"preqn/cos": step.cos, "preqn/shrink_steps": float(step.shrink_steps),
-                     "preqn/step_norm": step.step_norm, "preqn/accepted": float(step.accepted)}
-            self._last["train/critic_loss"] = (q - y).pow(2).mean()
-            self.log_update(batch, q, extra)
-        return None
+            self.log_update(batch, q, {"train/critic_loss": (q - y).pow(2).mean(), **actor,
+                                       "preqn/cos": step.cos, "preqn/shrink_steps": float(step.shrink_steps),
+                                       "preqn/step_norm": step.step_norm, "preqn/accepted": float(step.accepted)})
+        return None  # no |TD error| for a prioritised buffer (supports_weights is False)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_qlearn.algorithms.actor_critic import ActorCritic
+from lit_qlearn.algorithms.actor_critic import ActorCritic, CriticLoss, frozen
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import SquashedGaussianActor
 
@@ -46,7 +46,6 @@ class SAC(ActorCritic):
         self.alpha_lr, self.learn_alpha, self.target_entropy = alpha_lr, bool(learn_alpha), target_entropy
         self.actor_options.update(log_std_min=log_std_min, log_std_max=log_std_max)
         self.log_alpha = nn.Parameter(torch.tensor(float(np.log(init_alpha))), requires_grad=self.learn_alpha)
-        self.build_now()
 
     # ---------------------------------------------------------------- networks
     def make_actor(self, spec: DataSpec) -> SquashedGaussianActor:
@@ -54,6 +53,10 @@ class SAC(ActorCritic):
             self.target_entropy = -float(spec.action_dim)  # the paper's heuristic -|A|
         return SquashedGaussianActor(spec.obs_dim, spec.action_dim, spec.action_low, spec.action_high,
                                      **self.actor_options)
+
+    def build_targets(self) -> None:
+        """The critics' target copy, the ``Q'`` of the soft bootstrap."""
+        self.critic_target = self.add_target(self.critic)
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         optimizers = super().build_optimizers()
@@ -84,19 +87,26 @@ class SAC(ActorCritic):
         return -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
 
     def update(self, batch: Transitions) -> Tensor:
-        q, td_abs = self.critic_update(batch, self.td_target(batch))
+        # critic: the twin TD loss against the soft y = r + discount (1 - d) V(s') (next_value)
+        critic = self.critic_loss(batch, self.td_target(batch))
+        self.step("critic", critic.loss)
         # actor: alpha log pi(a|s) - min_i Q_i(s, a), a ~ pi(s) reparameterised; the critic gets no gradient
-        self.critic.requires_grad_(False)
-        try:
+        with frozen(self.critic):
             pi, logp = self.actor.sample(batch.obs)
             q_pi = self.critic(batch.obs, pi).min(dim=0).values
             actor_loss = (self.alpha * logp - q_pi).mean()
             self.step("actor", actor_loss)
-        finally:
-            self.critic.requires_grad_(True)
-        if self.learn_alpha:
-            self.step("alpha", self.temperature_loss(logp))
+        # the other optimisers: the temperature's (and a variant's, see extra_losses)
+        for name, loss in self.extra_losses(critic, logp).items():
+            self.step(name, loss)
         if self.logging_now():
-            self._last.update({"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()})
-            self.log_update(batch, q[0], {"train/alpha": self.alpha, "train/entropy": -logp.detach().mean()})
-        return td_abs
+            self.log_update(batch, critic.q[0], {**critic.scalars, "train/actor_loss": actor_loss.detach(),
+                                                 "q/policy_mean": q_pi.detach().mean(), "train/alpha": self.alpha,
+                                                 "train/entropy": -logp.detach().mean()})
+        return critic.td_abs
+
+    def extra_losses(self, critic: CriticLoss, logp: Tensor) -> dict[str, Tensor]:
+        """The losses of the optimisers other than the critic's and the actor's, by optimiser
+        name, from this update's critic loss and ``log pi(a|s)`` ``(B,)``: the temperature's
+        (:meth:`temperature_loss`) when alpha is learned."""
+        return {"alpha": self.temperature_loss(logp)} if self.learn_alpha else {}

@@ -1,4 +1,5 @@
-"""TD3 (Fujimoto et al. 2018), TD3+BC (Fujimoto & Gu 2021) and DDPG (Lillicrap et al. 2016)."""
+"""TD3 (Fujimoto et al. 2018), TD3+BC (Fujimoto & Gu 2021) and DDPG (Lillicrap et al. 2016), on DDPG's
+shape (:class:`DeterministicActorCritic`), which PreQN shares."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,50 +9,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_qlearn.algorithms.actor_critic import ActorCritic
+from lit_qlearn.algorithms.actor_critic import ActorCritic, frozen
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import Actor
 
-__all__ = ["TD3", "TD3BC", "DDPG"]
+__all__ = ["TD3", "TD3BC", "DDPG", "DeterministicActorCritic"]
 
 
-class TD3(ActorCritic):
-    """Twin delayed DDPG (Fujimoto et al. 2018). Offline, without a behaviour-cloning
-    term, it is the divergence baseline of Yue et al. (2023); :class:`TD3BC` adds the
-    BC term, :class:`DDPG` is TD3 with DDPG's defaults. The other arguments (sizes,
-    critic options, learning rates, targets, evaluation) are :class:`ActorCritic`'s.
+class DeterministicActorCritic(ActorCritic):
+    """DDPG's shape, shared by :class:`TD3` (and its variants) and
+    :class:`~lit_qlearn.algorithms.PreQN`: a deterministic actor ``mu(s)`` (an
+    :class:`~lit_qlearn.networks.Actor`, tanh-bounded to the action box), Gaussian
+    exploration around it, and actor steps on ``-Q_1(s, mu(s))``
+    (:meth:`actor_loss`, which a variant overrides). The other arguments are
+    :class:`ActorCritic`'s.
 
     Args:
-        policy_noise: std of the target policy smoothing noise, in units of the action half-range.
-        noise_clip: clip of that noise, in the same units.
-        policy_freq: the actor (and, by default, the targets) update every ``policy_freq`` critic updates.
         exploration_noise: std of the Gaussian noise :meth:`explore` adds online, in half-ranges.
-        bc_alpha: None for pure TD3; else TD3+BC's alpha (actor loss -lambda Q + (pi - a)^2, lambda = alpha / mean|Q|).
     """
 
-    def __init__(self, *args: Any, policy_noise: float = 0.2, noise_clip: float = 0.5, policy_freq: int = 2,
-                 exploration_noise: float = 0.1, bc_alpha: float | None = None, **kwargs: Any) -> None:
-        if isinstance(policy_freq, bool) or not isinstance(policy_freq, int) or policy_freq < 1:
-            raise ValueError(f"{type(self).__name__}: policy_freq must be an integer >= 1, got {policy_freq!r}")
-        self.policy_freq = policy_freq
+    def __init__(self, *args: Any, exploration_noise: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.policy_noise, self.noise_clip = float(policy_noise), float(noise_clip)
-        self.exploration_noise, self.bc_alpha = float(exploration_noise), bc_alpha
-        self.build_now()
+        self.exploration_noise = float(exploration_noise)
 
-    def default_target_every(self) -> int:
-        return self.policy_freq  # TD3 moves its targets with the delayed actor
-
-    # ---------------------------------------------------------------- networks
     def make_actor(self, spec: DataSpec) -> Actor:
         return Actor(spec.obs_dim, spec.action_dim, spec.action_low, spec.action_high, **self.actor_options)
 
-    def add_targets(self) -> None:
-        """Target copies of the critic and the actor (TD3's ``Q'`` and ``mu'``)."""
-        super().add_targets()
-        self.actor_target = self.add_target(self.actor)
-
-    # ---------------------------------------------------------------- policies
     @torch.no_grad()
     def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
         """``mu(s)`` plus Gaussian noise of std ``exploration_noise`` half-ranges, clipped to the bounds."""
@@ -59,6 +42,52 @@ class TD3(ActorCritic):
         a = actor(self.normalize(obs))
         a = a + torch.randn_like(a) * self.exploration_noise * actor.action_scale
         return torch.clamp(a, actor.action_low, actor.action_high).cpu().numpy()
+
+    def actor_loss(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> Tensor:
+        """DDPG's ``-Q_1(s, mu(s))`` from ``pi = mu(s)`` ``(B, da)`` and ``q_pi = Q_1(s, pi)`` ``(B,)``."""
+        return -q_pi.mean()
+
+    def actor_step(self, batch: Transitions) -> dict[str, Tensor]:
+        """One actor step on :meth:`actor_loss`, the critic frozen (it gets no gradient);
+        returns the step's ``train/actor_loss`` and ``q/policy_mean`` to log."""
+        with frozen(self.critic):
+            pi = self.actor(batch.obs)
+            q_pi = self.q_value(batch.obs, pi)
+            loss = self.actor_loss(batch, pi, q_pi)
+            self.step("actor", loss)
+        return {"train/actor_loss": loss.detach(), "q/policy_mean": q_pi.detach().mean()}
+
+
+class TD3(DeterministicActorCritic):
+    """Twin delayed DDPG (Fujimoto et al. 2018). Offline, without a behaviour-cloning
+    term, it is the divergence baseline of Yue et al. (2023); :class:`TD3BC` adds the
+    BC term, :class:`DDPG` is TD3 with DDPG's defaults. The other arguments (sizes,
+    critic options, learning rates, targets, evaluation, exploration) are
+    :class:`DeterministicActorCritic`'s and :class:`ActorCritic`'s.
+
+    Args:
+        policy_noise: std of the target policy smoothing noise, in units of the action half-range.
+        noise_clip: clip of that noise, in the same units.
+        policy_freq: the actor (and, by default, the targets) update every ``policy_freq`` critic updates.
+        bc_alpha: None for pure TD3; else TD3+BC's alpha (actor loss -lambda Q + (pi - a)^2, lambda = alpha / mean|Q|).
+    """
+
+    def __init__(self, *args: Any, policy_noise: float = 0.2, noise_clip: float = 0.5, policy_freq: int = 2,
+                 bc_alpha: float | None = None, **kwargs: Any) -> None:
+        if isinstance(policy_freq, bool) or not isinstance(policy_freq, int) or policy_freq < 1:
+            raise ValueError(f"{type(self).__name__}: policy_freq must be an integer >= 1, got {policy_freq!r}")
+        super().__init__(*args, **kwargs)
+        self.policy_freq = policy_freq
+        self.policy_noise, self.noise_clip = float(policy_noise), float(noise_clip)
+        self.bc_alpha = bc_alpha
+
+    def default_target_every(self) -> int:
+        return self.policy_freq  # TD3 moves its targets with the delayed actor
+
+    def build_targets(self) -> None:
+        """Target copies of the critic and the actor (TD3's ``Q'`` and ``mu'``)."""
+        self.critic_target = self.add_target(self.critic)
+        self.actor_target = self.add_target(self.actor)
 
     # --------------------------------------------------------------- the update
     def next_value(self, batch: Transitions) -> Tensor:
@@ -73,29 +102,20 @@ class TD3(ActorCritic):
     def actor_loss(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> Tensor:
         """``-Q(s, pi(s))``, plus TD3+BC's normalised BC term when ``bc_alpha`` is set."""
         if self.bc_alpha is None:
-            return -q_pi.mean()
+            return super().actor_loss(batch, pi, q_pi)
         lmbda = self.bc_alpha / q_pi.abs().mean().detach()
         return -lmbda * q_pi.mean() + F.mse_loss(pi, batch.act)
 
     def update(self, batch: Transitions) -> Tensor:
-        q, td_abs = self.critic_update(batch, self.td_target(batch))
-        if self.updates % self.policy_freq == 0:
-            self.actor_update(batch)
+        # critic: the twin TD loss against y = r + discount (1 - d) min_i Q'_i(s', smoothed mu'(s'))
+        critic = self.critic_loss(batch, self.td_target(batch))
+        self.step("critic", critic.loss)
+        # actor, every policy_freq updates (the targets move with it after the update, by the base's
+        # rule); on the other updates no actor_loss is logged and q/policy_mean is measured at the log
+        actor = self.actor_step(batch) if self.updates % self.policy_freq == 0 else {}
         if self.logging_now():
-            self.log_update(batch, q[0])
-        return td_abs
-
-    def actor_update(self, batch: Transitions) -> None:
-        """One actor step on :meth:`actor_loss` (the critic gets no gradients)."""
-        self.critic.requires_grad_(False)
-        try:
-            pi = self.actor(batch.obs)
-            q_pi = self.q_value(batch.obs, pi)
-            actor_loss = self.actor_loss(batch, pi, q_pi)
-            self.step("actor", actor_loss)
-        finally:
-            self.critic.requires_grad_(True)
-        self._last.update({"train/actor_loss": actor_loss.detach(), "q/policy_mean": q_pi.detach().mean()})
+            self.log_update(batch, critic.q[0], {**critic.scalars, **actor})
+        return critic.td_abs
 
 
 class DDPG(TD3):

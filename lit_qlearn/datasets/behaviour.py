@@ -25,7 +25,7 @@ import torch
 from lit_qlearn.algorithms import SAC
 from lit_qlearn.data.online import OnlineDataModule
 from lit_qlearn.data.replay import ReplayBuffer
-from lit_qlearn.data.rollout import make_vector_env, run_episodes
+from lit_qlearn.evaluation import EnvStepEvaluation
 
 __all__ = ["BehaviourRun", "train_sac", "medium_point", "replay_arrays"]
 
@@ -94,34 +94,41 @@ def train_sac(env_id: str, steps: int = 300_000, seed: int = 0, *, learning_star
         dm = OnlineDataModule(env_id, learning_starts=learning_starts, batch_size=256, capacity=steps, seed=seed,
                               save_buffer=False)
         module = SAC(eval_every=0)
-        env = make_vector_env(env_id)
         run = BehaviourRun(settings, [], {}, {}, None)
-        reported = [0]
 
-        class _Evaluate(L.Callback):
-            def on_train_batch_end(self, trainer: L.Trainer, pl_module: SAC, *args: Any) -> None:
-                env_steps = dm.rollout.env_steps
-                if progress is not None:
-                    progress(env_steps - reported[0])
-                    reported[0] = env_steps
-                if (env_steps - learning_starts) % eval_every or env_steps == learning_starts:
-                    return
-                returns, _ = run_episodes(env, pl_module.act, episodes, seed=10_000)
-                run.curve.append({"env_steps": env_steps, "return": float(np.mean(returns)),
-                                  "seconds": time.perf_counter() - started})
-                actor = pl_module.actor.state_dict()
-                run.actors[env_steps] = {k: v.detach().cpu().clone() for k, v in actor.items()}
-                if on_eval is not None:
-                    on_eval(run)
+        def keep(trainer: L.Trainer, pl_module: SAC, result: dict[str, float]) -> None:
+            """Each evaluation: a point of the curve and the actor's weights at it."""
+            env_steps = int(result["env_steps"])
+            run.curve.append({"env_steps": env_steps, "return": result["return"],
+                              "seconds": time.perf_counter() - started})
+            run.actors[env_steps] = {k: v.detach().cpu().clone() for k, v in pl_module.actor.state_dict().items()}
+            if on_eval is not None:
+                on_eval(run)
 
+        # every eval_every environment steps after learning_starts (one update per step)
+        callbacks: list[L.Callback] = [EnvStepEvaluation(dm, every=eval_every, episodes=episodes, on_result=keep,
+                                                         origin=learning_starts)]
+        if progress is not None:
+            callbacks.append(_Progress(dm, progress))
         trainer = L.Trainer(max_steps=steps - learning_starts, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, callbacks=[_Evaluate()])
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
         trainer.fit(module, dm)
-        env.close()
         run.spec, run.buffer = module.spec.to_dict(), dm.buffer
         return run
     finally:
         torch.set_num_threads(previous_threads)
+
+
+class _Progress(L.Callback):
+    """Reports the environment steps taken since its last report after every update."""
+
+    def __init__(self, dm: OnlineDataModule, progress: Callable[[int], Any]) -> None:
+        self.dm, self.progress, self.reported = dm, progress, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        env_steps = self.dm.rollout.env_steps
+        self.progress(env_steps - self.reported)
+        self.reported = env_steps
 
 
 def replay_arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:

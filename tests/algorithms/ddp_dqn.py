@@ -15,7 +15,7 @@ from lit_qlearn.data import OnlineDataModule
 def main(outdir: str) -> None:
     L.seed_everything(0, verbose=False)
     dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=100, batch_size=32, capacity=1000)
-    model = DQN(gamma=0.9, hidden=(16, 16), target_every=10)
+    model = DQN(gamma=0.9, critic_hidden=(16, 16), target_every=10)
     seem = SEEMMonitor(every_n_steps=30, probe_size=32)
     trainer = L.Trainer(max_steps=30, strategy="ddp", accelerator="cpu", devices=2, logger=False, callbacks=[seem],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -7,7 +7,8 @@ batch sizes, the mean of the ranks' gradients is the gradient of the mean loss o
 union of their batches: the test compares with a one-process run on the concatenated
 batches.
 
-Usage: python ddp_sgd_average.py OUTDIR. Each rank saves its final parameters.
+Usage: python ddp_sgd_average.py OUTDIR [direct|lightning]. Each rank saves its final parameters
+and whether its steps took the direct path.
 """
 import sys
 import warnings
@@ -47,20 +48,28 @@ class SGDDQN(DQN):
 def make_module() -> SGDDQN:
     """The same initial weights in every process; MSE and no gradient clip, which would hide a factor too."""
     L.seed_everything(0, verbose=False)
-    return SGDDQN(obs_shape=(OBS_DIM,), num_actions=ACTIONS, hidden=(8,), gamma=0.9, loss="mse",
+    return SGDDQN(obs_shape=(OBS_DIM,), num_actions=ACTIONS, critic_hidden=(8,), gamma=0.9, loss="mse",
                   max_grad_norm=None, target_every=1000)
 
 
-def main(outdir: str) -> None:
+class StepListener(L.Callback):
+    """Listening to a step hook routes the module's steps through Lightning's wrappers
+    (manual_backward under DDP's no_sync, LightningOptimizer.step) instead of the direct path."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        pass
+
+
+def main(outdir: str, path: str = "direct") -> None:
     warnings.filterwarnings("ignore")
     module = make_module()
     trainer = L.Trainer(max_steps=STEPS, strategy="ddp", accelerator="cpu", devices=2, logger=False,
                         use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=[StepListener()] if path == "lightning" else [])
     trainer.fit(module)
     torch.save({"params": torch.nn.utils.parameters_to_vector(module.q_net.parameters()).detach(),
-                "updates": module.updates}, f"{outdir}/rank{trainer.global_rank}.pt")
+                "updates": module.updates, "direct": module.stepper.direct}, f"{outdir}/rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -1,4 +1,4 @@
-"""The contract every algorithm shares (DESIGN.md section 8), and the TD target / loss."""
+"""The contract every algorithm shares (docs/design.md section 8), and the TD target / loss."""
 
 import lightning as L
 import numpy as np
@@ -75,7 +75,7 @@ def test_spec_is_read_once_and_checked(tiny_td3bc, chain_file):
 
 def test_checkpoint_rebuilds_any_algorithm_without_sizes(tmp_path):
     L.seed_everything(0, verbose=False)
-    module = DQN(eval_every=0, hidden=(8,))
+    module = DQN(eval_every=0, critic_hidden=(8,))
     trainer = fit(module, OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=64, batch_size=32), 3)
     trainer.save_checkpoint(tmp_path / "dqn.ckpt")
     loaded = DQN.load_from_checkpoint(tmp_path / "dqn.ckpt")
@@ -96,14 +96,24 @@ def test_updates_and_global_step_agree_for_every_algorithm(tiny_td3bc):
         module.optimizer("critic")
 
 
-def test_no_silently_ignored_arguments():
+def _round_trip(module, tmp_path):
+    """Save ``module`` as a checkpoint and load it with its class's load_from_checkpoint."""
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    return type(module).load_from_checkpoint(tmp_path / "m.ckpt")
+
+
+def test_no_silently_ignored_arguments(tmp_path):
     for option in ("critic_lr", "target_tau", "target_every", "policy_noise", "critic_weight_decay"):
         with pytest.raises(TypeError, match=option):
             PreQN(obs_dim=3, act_dim=1, **{option: 0.3})
-    module = PreQN(obs_dim=3, act_dim=1)
-    assert "critic_lr" not in module.hparams and "num_q" not in module.hparams
-    loaded_cls_kwargs = dict(module.hparams)
-    PreQN(**loaded_cls_kwargs)  # what load_from_checkpoint does
+    torch.manual_seed(0)
+    module = PreQN(obs_dim=3, act_dim=1, preqn_lr=0.05, critic_hidden=(8,), actor_hidden=(8,))
+    loaded = _round_trip(module, tmp_path)  # the hparams PreQN does not take are not passed back
+    assert loaded.preqn["lr"] == 0.05 and loaded.critic.num_q == 1 and loaded.target_pairs() == []
+    for a, b in zip(module.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_ema_target_on_a_module_without_targets_says_so(tiny_td3bc):
@@ -155,7 +165,7 @@ def test_online_dqn_resumed_mid_run_is_bit_identical(tmp_path):
         # trust_checkpoint: the environments' episodes continue exactly (our own checkpoint)
         dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=64, batch_size=32, capacity=200,
                               prioritized=True, n_step=2, trust_checkpoint=True)
-        return DQN(gamma=0.9, hidden=(16,), target_every=3, epsilon_steps=30), dm
+        return DQN(gamma=0.9, critic_hidden=(16,), target_every=3, epsilon_steps=30), dm
 
     module = _resume_equals_uninterrupted(make, tmp_path, steps=30, cut=15, callbacks=[lambda: SEEMMonitor(
         every_n_steps=10, probe_size=32)])
@@ -315,3 +325,68 @@ def test_td_target_carries_no_graph_even_when_v_comes_from_trained_networks(name
     module = cls(obs_dim=3, act_dim=1, critic_hidden=(8,), actor_hidden=(8,), eval_every=0)
     y = module.td_target(batch_of())
     assert not y.requires_grad and y.grad_fn is None
+
+
+# ----------------------------------------------------------------------- the build order
+def test_a_subclass_sets_its_options_anywhere_and_builds_once(tiny_td3bc):
+    """The networks are built once, after the most-derived constructor returned: an option
+    set after super().__init__() is there when build() runs (sizes given), a parent's
+    default rule reads the subclass's option (TD3's target period is its policy_freq), and
+    a subclass without its own __init__ builds the same way."""
+    from torch import nn
+
+    builds = []
+
+    class WithHead(TD3):
+        def __init__(self, *args, head_width=3, **kwargs):
+            self.before = "set before super().__init__()"  # allowed too: nothing is built yet
+            super().__init__(*args, **kwargs)
+            self.head_width = head_width
+
+        def build(self, spec):
+            super().build(spec)
+            builds.append(self.head_width)
+            self.head = nn.Linear(spec.obs_dim, self.head_width)
+
+    class Same(WithHead):
+        pass
+
+    module = WithHead(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(8,), actor_hidden=(8,), head_width=7,
+                      policy_freq=3, eval_every=0)
+    assert builds == [7] and module.head.out_features == 7
+    assert module.target_update.every == 3 and len(module.target_pairs()) == 2
+    assert module.hparams["head_width"] == 7 and module.hparams["policy_freq"] == 3
+    Same(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(8,), actor_hidden=(8,), eval_every=0)
+    assert builds == [7, 3]
+    # sizes from the data: built once, at setup
+    _, dm = tiny_td3bc()
+    lazy = WithHead(critic_hidden=(8,), actor_hidden=(8,), eval_every=0, head_width=2)
+    assert builds == [7, 3] and lazy.spec is None
+    fit(lazy, dm, 1)
+    assert builds == [7, 3, 2] and lazy.head.in_features == CHAIN_STATES
+    # a checkpoint rebuilds it from its own arguments
+    import inspect
+
+    assert list(inspect.signature(WithHead).parameters)[-1] == "kwargs"  # the constructor's, not __call__'s
+
+
+class Fixed(TD3):
+    """A user's subclass that fixes some of TD3's options (module level: checkpoints load it)."""
+
+    def __init__(self, obs_dim=None, act_dim=None, width=8):
+        super().__init__(obs_dim, act_dim, critic_hidden=(width,), actor_hidden=(width,), num_q=1, eval_every=0)
+
+    def configure_optimizers(self):  # reads a parent's hyper-parameter, as user code may
+        assert self.hparams.actor_lr == 3e-4
+        return super().configure_optimizers()
+
+
+def test_a_subclass_fixing_a_parents_option_keeps_lightnings_hparams_and_loads(tmp_path):
+    """Hyper-parameters are Lightning's (every constructor level's arguments, which the
+    subclass may read); load_from_checkpoint passes back only the class's own."""
+    module = Fixed(3, 1, width=4)
+    assert {k: module.hparams[k] for k in ("obs_dim", "act_dim", "width", "num_q")} == \
+        {"obs_dim": 3, "act_dim": 1, "width": 4, "num_q": 1}
+    module.configure_optimizers()
+    loaded = _round_trip(module, tmp_path)
+    assert loaded.critic.num_q == 1 and loaded.critic.members[0][0].out_features == 4

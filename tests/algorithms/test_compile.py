@@ -54,7 +54,7 @@ def test_compile_falls_back_to_eager_with_a_warning(chain_file, monkeypatch):
 def test_every_algorithm_trains_compiled_under_a_monitor(name, chain_file):
     L.seed_everything(0, verbose=False)
     if name == "DQN":
-        module = DQN(hidden=(16,), target_every=3, epsilon_steps=20, compile=True)
+        module = DQN(critic_hidden=(16,), target_every=3, epsilon_steps=20, compile=True)
         dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=40, batch_size=16, capacity=200)
     else:
         module, dm = {"TD3": TD3, "TD3BC": TD3BC, "SAC": SAC, "PreQN": PreQN, "CQL": CQL, "IQL": IQL}[name](compile=True, **SMALL), \

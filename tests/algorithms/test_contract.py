@@ -1,4 +1,4 @@
-"""One contract, checked on every algorithm (DESIGN.md section 8): the probe protocol on
+"""One contract, checked on every algorithm (docs/design.md section 8): the probe protocol on
 real rows, updates = global_step, a checkpoint that rebuilds the module alone, and a
 resumed run that ends bit-identical to an uninterrupted one. Each algorithm also has its
 own closed-form test in its test file."""
@@ -22,7 +22,7 @@ ALGORITHMS = {
     "CQL": lambda: CQL(num_samples=3, **SMALL),
     "CQL-Lagrange": lambda: CQL(num_samples=3, lagrange=True, target_action_gap=0.5, **SMALL),
     "IQL": lambda: IQL(**SMALL),
-    "DQN": lambda: DQN(hidden=(16,), target_every=3, epsilon_steps=20),
+    "DQN": lambda: DQN(critic_hidden=(16,), target_every=3, epsilon_steps=20),
 }
 
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from lit_qlearn.data import Transitions
@@ -8,13 +9,17 @@ from tests.algorithms.ddp_sgd_average import STEPS, make_batches, make_module
 from tests.conftest import run_ddp_script
 
 
-def test_ddp_averages_gradients_where_sgd_shows_the_scale(tmp_path):
+@pytest.mark.parametrize("path", ["direct", "lightning"])
+def test_ddp_averages_gradients_where_sgd_shows_the_scale(tmp_path, path):
     """Two ranks on their own batches under SGD end where one process ends on the
     concatenated batches: the base all-reduces the gradients and divides by the world size.
     A sum instead of the mean doubles every SGD step, which Adam's scale-free step hides
-    (the other DDP tests use Adam)."""
-    run_ddp_script(Path(__file__).with_name("ddp_sgd_average.py"), tmp_path)
+    (the other DDP tests use Adam). Both step paths (lit_qlearn.algorithms.optim): direct,
+    and through Lightning's wrappers (a callback listens to a step hook), where DDP's own
+    reducer must stay out of the backward."""
+    run_ddp_script(Path(__file__).with_name("ddp_sgd_average.py"), tmp_path, path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["direct"] == r1["direct"] == (path == "direct")
     assert r0["updates"] == r1["updates"] == STEPS
     assert torch.equal(r0["params"], r1["params"])
 

@@ -1,3 +1,4 @@
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from lit_qlearn.algorithms import DQN, TD3
+from lit_qlearn.algorithms import dqn as dqn_module
 from lit_qlearn.callbacks import CrashPredictor, NTKGramCallback, SEEMMonitor
 from lit_qlearn.data import OnlineDataModule, Transitions
 from lit_qlearn.ntk import ntk_gram
@@ -18,7 +20,7 @@ GAMMA = 0.9
 
 
 def chain_dqn(**kwargs):
-    options = dict(gamma=GAMMA, hidden=(64, 64), lr=1e-3, target_every=50, epsilon_steps=2000,
+    options = dict(gamma=GAMMA, critic_hidden=(64, 64), critic_lr=1e-3, target_every=50, epsilon_steps=2000,
                    epsilon_end=0.2, loss="mse", max_grad_norm=None)
     options.update(kwargs)
     return DQN(**options)
@@ -83,7 +85,7 @@ def _fixed_dqn(seed=8, **kwargs):
     time-limit truncations at rows 2 and 5 (not terminal: they bootstrap like any other
     row), n-step discounts gamma^k with k = 1, 2, 3, and importance weights far from 1."""
     g = torch.Generator().manual_seed(seed)
-    module = DQN(obs_shape=(3,), num_actions=4, hidden=(6,), gamma=0.9, **kwargs)
+    module = DQN(obs_shape=(3,), num_actions=4, critic_hidden=(6,), gamma=0.9, **kwargs)
     with torch.no_grad():
         for net in (module.q_net, module.q_target):
             for p in net.parameters():
@@ -140,7 +142,7 @@ def test_whole_update_matches_a_hand_reference(loss):
     from torch.utils.data import DataLoader
 
     lr, eps, max_norm = 0.05, 0.05, 0.3
-    module, batch = _fixed_dqn(loss=loss, lr=lr, adam_eps=eps, max_grad_norm=max_norm, double=True)
+    module, batch = _fixed_dqn(loss=loss, critic_lr=lr, adam_eps=eps, max_grad_norm=max_norm, double=True)
     params = [p.detach().clone() for p in module.q_net.parameters()]
     target = [p.detach().clone() for p in module.q_target.parameters()]
     unclipped = [p.clone() for p in params]
@@ -186,7 +188,7 @@ def test_whole_update_matches_a_hand_reference(loss):
 
 def test_dueling_head_by_hand():
     g = torch.Generator().manual_seed(1)
-    module = DQN(obs_shape=(3,), num_actions=4, hidden=(5,), dueling=True)
+    module = DQN(obs_shape=(3,), num_actions=4, critic_hidden=(5,), dueling=True)
     net = module.q_net
     with torch.no_grad():
         for p in net.parameters():
@@ -203,7 +205,8 @@ def test_dueling_head_by_hand():
 
 
 def test_epsilon_schedule_by_hand_at_several_env_steps():
-    module = DQN(obs_shape=(3,), num_actions=4, hidden=(8,), epsilon_start=0.8, epsilon_end=0.1, epsilon_steps=250)
+    module = DQN(obs_shape=(3,), num_actions=4, critic_hidden=(8,), epsilon_start=0.8, epsilon_end=0.1,
+                 epsilon_steps=250)
     # eps(t) = 0.8 + min(1, t / 250) (0.1 - 0.8)
     steps = [0, 1, 60, 125, 249, 250, 251, 10**6]
     assert [module.epsilon(t) for t in steps] == pytest.approx([0.8, 0.7972, 0.632, 0.45, 0.1028, 0.1, 0.1, 0.1])
@@ -217,7 +220,7 @@ def test_epsilon_schedule_by_hand_at_several_env_steps():
 
 
 def test_dueling_head_subtracts_the_mean_advantage():
-    module = DQN(obs_shape=(3,), num_actions=4, hidden=(8,), dueling=True)
+    module = DQN(obs_shape=(3,), num_actions=4, critic_hidden=(8,), dueling=True)
     net, obs = module.q_net, torch.randn(5, 3)
     with torch.no_grad():
         value, advantage = net.value(obs), net.head(obs)
@@ -312,7 +315,7 @@ def test_cartpole_reaches_475():
     L.seed_everything(1, verbose=False)
     dm = OnlineDataModule("CartPole-v1", learning_starts=1000, batch_size=64, train_freq=256, gradient_steps=128,
                           seed=1)
-    module = DQN(lr=2.3e-3, target_every=128, epsilon_end=0.04, epsilon_steps=8000, double=False)
+    module = DQN(critic_lr=2.3e-3, target_every=128, epsilon_end=0.04, epsilon_steps=8000, double=False)
     env, best = make_vector_env("CartPole-v1"), []
 
     class Evaluate(L.Callback):
@@ -329,7 +332,7 @@ def test_atari_smoke():
     pytest.importorskip("ale_py")
     L.seed_everything(0, verbose=False)
     dm = OnlineDataModule("ALE/Pong-v5", env_wrapper="atari", learning_starts=64, batch_size=32, capacity=1000)
-    module = DQN(hidden=(64,), target_every=10)
+    module = DQN(critic_hidden=(64,), target_every=10)
     fit(module, dm, 5)
     assert module.spec.obs_shape == (4, 84, 84) and module.spec.obs_dtype == "uint8"
     assert dm.buffer.sample(4).obs.dtype == torch.uint8
@@ -339,7 +342,7 @@ def test_atari_smoke():
 def test_batchnorm_and_dropout_q_networks_explore_in_eval_mode():
     L.seed_everything(0, verbose=False)
     dm = chain_data(learning_starts=64, batch_size=32)
-    module = chain_dqn(norm="batch", dropout=0.1, epsilon_start=0.0, epsilon_end=0.0)
+    module = chain_dqn(critic_norm="batch", critic_dropout=0.1, epsilon_start=0.0, epsilon_end=0.0)
     seen = []
     explore = module.explore
 
@@ -354,11 +357,11 @@ def test_batchnorm_and_dropout_q_networks_explore_in_eval_mode():
 
 def test_spec_mismatch_names_the_field_that_differs():
     pytest.importorskip("ale_py")
-    module = DQN(obs_shape=(4, 84, 84), num_actions=6, hidden=(8,))
+    module = DQN(obs_shape=(4, 84, 84), num_actions=6, critic_hidden=(8,))
     dm = OnlineDataModule("ALE/Pong-v5", env_wrapper="atari", learning_starts=64, batch_size=32, capacity=100)
     with pytest.raises(ValueError, match=r"obs_dtype='float32' vs 'uint8'"):
         fit(module, dm, 1)
-    fit(DQN(obs_shape=(4, 84, 84), num_actions=6, obs_dtype="uint8", hidden=(8,)), dm, 1)  # matches
+    fit(DQN(obs_shape=(4, 84, 84), num_actions=6, obs_dtype="uint8", critic_hidden=(8,)), dm, 1)  # matches
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])
@@ -387,7 +390,7 @@ def test_act_and_explore_normalise_raw_states_like_the_training_data(tmp_path):
         "observations": obs, "actions": rng.integers(0, 4, size=400), "rewards": rng.normal(size=400).astype(np.float32),
         "terminals": np.zeros(400, dtype=bool)})
     L.seed_everything(0, verbose=False)
-    module = DQN(hidden=(16,), epsilon_start=0.0, epsilon_end=0.0)
+    module = DQN(critic_hidden=(16,), epsilon_start=0.0, epsilon_end=0.0)
     fit(module, OfflineDataModule(str(path), batch_size=32, normalize_states=True), 1)
     # D4RL's qlearning_dataset drops the last row (no next state): the statistics of rows 0..398
     kept = obs[:-1].astype(np.float64)
@@ -431,7 +434,8 @@ def test_plain_dqn_target_equals_stable_baselines3s(monkeypatch):
     torch.manual_seed(0)
     model = SB3DQN("MlpPolicy", Env(), policy_kwargs=dict(net_arch=[16]), gamma=GAMMA, learning_starts=0,
                    buffer_size=10, device="cpu", seed=0)
-    module = DQN(obs_shape=(obs_dim,), num_actions=actions, gamma=GAMMA, hidden=(16,), double=False, eval_every=0)
+    module = DQN(obs_shape=(obs_dim,), num_actions=actions, gamma=GAMMA, critic_hidden=(16,), double=False,
+                 eval_every=0)
     with torch.no_grad():
         for p in model.q_net_target.parameters():  # a target network that differs from the online one
             p.add_(0.5 * torch.randn(p.shape))
@@ -471,7 +475,7 @@ def test_the_update_hands_its_td_errors_to_the_prioritised_buffer():
     double-Q target), which the prioritised buffer turns into new priorities."""
     from torch.utils.data import DataLoader
 
-    module, batch = _fixed_dqn(lr=0.05)
+    module, batch = _fixed_dqn(critic_lr=0.05)
     batch = batch._replace(index=torch.tensor([7, 3, 11, 0, 5, 2, 9, 4]))
     rows = torch.arange(8)
     with torch.no_grad():
@@ -498,3 +502,86 @@ def test_the_update_hands_its_td_errors_to_the_prioritised_buffer():
     index, td_abs = calls[0]
     assert torch.equal(index, batch.index)
     torch.testing.assert_close(td_abs, expected)
+
+
+# ------------------------------------------------- the arguments renamed to the actor-critics' names
+OLD_AND_NEW = [("hidden", "critic_hidden", (7,)), ("activation", "critic_activation", "tanh"),
+               ("norm", "critic_norm", "layer"), ("norm_layers", "critic_norm_layers", (0,)),
+               ("norm_affine", "critic_norm_affine", False), ("weight_norm", "critic_weight_norm", True),
+               ("dropout", "critic_dropout", 0.25), ("lr", "critic_lr", 3e-3)]  # values other than the defaults
+
+
+def _dqn(**kwargs):
+    """A sized DQN with two normalised hidden layers, so every head option shows in its layers."""
+    options = dict(obs_shape=(3,), num_actions=2, critic_hidden=(4, 4), critic_norm="batch")
+    options.update(kwargs)
+    if "hidden" in kwargs or "norm" in kwargs:  # the old name replaces the new one
+        options.pop("critic_" + next(k for k in ("hidden", "norm") if k in kwargs))
+    return DQN(**options)
+
+
+def _described(module):
+    """What the options build: the Q-head's layers and the optimiser's learning rate."""
+    return [repr(layer) for layer in module.q_net.head], module.build_optimizers()["critic"].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("old, new, value", OLD_AND_NEW)
+def test_an_old_argument_name_warns_naming_the_new_one_and_still_works(old, new, value):
+    assert {old: new for old, new, _ in OLD_AND_NEW} == dqn_module.RENAMED
+    with pytest.warns(FutureWarning, match=f"DQN: the argument '{old}' is now called '{new}'") as warned:
+        module = _dqn(**{old: value})
+    assert len(warned) == 1 and warned[0].filename == __file__  # pointed at the caller's line
+    assert _described(module) == _described(_dqn(**{new: value}))
+    assert _described(module) != _described(_dqn())  # the value was used, not dropped
+    assert module.hparams[new] == value
+
+
+@pytest.mark.parametrize("old, new, value", OLD_AND_NEW)
+def test_an_old_and_a_new_argument_name_together_are_an_error(old, new, value):
+    with pytest.raises(TypeError, match=f"DQN: got both {old}=.* and {new}=.*give {new} only"):
+        DQN(**{old: value, new: value})
+    # a new name at its default counts as not given (LightningCLI passes every default)
+    default = inspect.signature(DQN).parameters[new].default
+    with pytest.warns(FutureWarning, match=old):
+        DQN(**{old: value, new: list(default) if isinstance(default, tuple) else default})
+
+
+def test_a_checkpoint_with_the_old_argument_names_loads_silently(tmp_path):
+    """A checkpoint written before the renaming holds ``hidden`` / ``lr`` / ... in its
+    hyper-parameters: it loads, without a warning, into the network it was trained with."""
+    module = DQN(obs_shape=(3,), num_actions=2, critic_hidden=(5, 4), critic_norm="layer", critic_lr=2e-3)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    for old, new in dqn_module.RENAMED.items():
+        hparams[old] = hparams.pop(new)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = DQN.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert _described(loaded) == _described(module) and loaded.critic_lr == 2e-3
+    for a, b in zip(loaded.parameters(), module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_cli_still_parses_the_old_names(tmp_path, monkeypatch):
+    from lit_qlearn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(FutureWarning) as warned:
+        main(["fit", "--seed_everything", "0", "--model", "lit_qlearn.algorithms.DQN",
+              "--model.init_args.hidden", "[16]", "--model.init_args.lr", "0.002",
+              "--data", "lit_qlearn.data.OnlineDataModule", "--data.init_args.env_id", CHAIN,
+              "--data.init_args.learning_starts", "16",
+              "--data.init_args.batch_size", "8", "--trainer.max_steps", "2", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.default_root_dir", str(tmp_path)])
+    assert {str(w.message).split("'")[1] for w in warned if w.category is FutureWarning} == {"hidden", "lr"}
+    (ckpt,) = tmp_path.glob("**/*.ckpt")
+    loaded = DQN.load_from_checkpoint(ckpt)
+    assert loaded.q_net.head[0].out_features == 16 and loaded.critic_lr == 0.002

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_qlearn.algorithms import IQL
-from lit_qlearn.algorithms.iql import expectile_loss
+from lit_qlearn.algorithms.iql import CosineToZero, expectile_loss
 from lit_qlearn.data import OfflineDataModule, write_d4rl
 from lit_qlearn.networks import GaussianActor
 from lit_qlearn.probe import check_probe_module
@@ -85,16 +85,77 @@ def test_iql_learns_the_closed_form_q_of_the_chain(chain_file):
     np.testing.assert_allclose(q, np.repeat(chain_q(0.9)[:, None], 21, 1), atol=0.05)
     np.testing.assert_allclose(v, chain_q(0.9), atol=0.05)
     assert module.updates == trainer.global_step == 800
-    # the actor's learning rate follows CORL's cosine: the rate of update 800 after T = 1000
+    # the actor's learning rate follows CORL's cosine, T = 1000: stepped after each of the 800 actor
+    # steps, the optimiser holds the rate of update 801
     actor_optimizer = trainer.optimizers[module._optimizer_names.index("actor")]
-    assert actor_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 799 / 1000)))
+    assert actor_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 800 / 1000)))
     assert module._optimizer_names == ["critic", "actor", "value"]
 
 
-def test_actor_learning_rate_schedule():
-    module = IQL(obs_dim=2, act_dim=1, actor_lr=1e-3, actor_lr_cosine_steps=100)
-    assert [module.actor_lr_at(u) for u in (1, 51, 101, 500)] == pytest.approx([1e-3, 5e-4, 0.0, 0.0])
-    assert IQL(obs_dim=2, act_dim=1, actor_lr_cosine_steps=None).actor_lr_at(10**7) == 3e-4
+def cosine(lr, steps, update):
+    """CORL's rate in update ``update`` (1-based): ``lr (1 + cos(pi (update - 1) / T)) / 2``, 0 after T updates."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(update - 1, steps) / steps))
+
+
+def test_cosine_to_zero_is_the_closed_form_and_stays_at_zero():
+    params = [torch.zeros(1, requires_grad=True)]
+    optimizer = torch.optim.SGD(params, lr=2e-3)
+    schedule = CosineToZero(optimizer, T_max=1000)
+    rates = []
+    for _ in range(1500):  # torch's cosine would rise again after 1000 steps
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [cosine(2e-3, 1000, u) for u in range(1, 1501)]
+    assert rates == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert rates[1000:] == [0.0] * 500 and rates[500] == pytest.approx(1e-3)
+
+
+def test_the_actor_steps_at_the_cosine_rate_logs_it_and_resumes_it(chain_file, tmp_path):
+    """In every update the actor's optimiser steps at CORL's rate for that update (the
+    scheduler steps once per actor step), ``train/actor_lr`` logs it, and a fit resumed
+    from a checkpoint continues the schedule where it was."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    lr, steps = 1e-3, 4
+    used, logged = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            used.append(pl_module.optimizer("actor").param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            logged.append(float(trainer.callback_metrics["train/actor_lr"]))
+
+    def run(name, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        dm = OfflineDataModule(str(chain_file), batch_size=16, normalize_states=False, seed=0, steps_per_epoch=100)
+        module = IQL(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(8,), actor_hidden=(8,), actor_lr=lr,
+                     actor_lr_cosine_steps=steps, eval_every=0)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        fit(module, dm, 7, ckpt_path=ckpt_path, callbacks=[Record(), checkpoints], logger=CSVLogger(tmp_path / name),
+            log_every_n_steps=1, enable_checkpointing=True)
+
+    run("whole")
+    expected = [cosine(lr, steps, u) for u in range(1, 8)]
+    assert expected[1] < expected[0] and expected[steps:] == [0.0] * 3
+    assert used == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert logged == pytest.approx(used, rel=1e-6)  # logged in float32
+    used.clear()
+    run("resumed", ckpt_path=tmp_path / "whole" / "step=3.ckpt")
+    assert used == pytest.approx(expected[3:], rel=1e-9, abs=1e-15)
+    # a checkpoint written before the schedule was a scheduler: no scheduler state, and the actor's
+    # rate set by hand to that of its last update
+    ckpt = torch.load(tmp_path / "whole" / "step=3.ckpt", weights_only=True)
+    ckpt["lr_schedulers"] = []
+    group = ckpt["optimizer_states"][1]["param_groups"][0]  # critic, actor, value
+    del group["initial_lr"]
+    group["lr"] = cosine(lr, steps, 3)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    used.clear()
+    run("old", ckpt_path=tmp_path / "old.ckpt")
+    assert used == pytest.approx(expected[3:], rel=1e-9, abs=1e-15)
 
 
 def test_iql_networks_probe_protocol_and_defaults():

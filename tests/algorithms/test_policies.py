@@ -98,7 +98,7 @@ ALGORITHMS = {
     "CQL": lambda sized: CQL(**SMALL, **(SIZES if sized else {})),
     "IQL": lambda sized: IQL(**SMALL, **(SIZES if sized else {})),
     # epsilon_end = 0.5 after 100 environment steps
-    "DQN": lambda sized: DQN(hidden=(8,), epsilon_start=1.0, epsilon_end=0.5, epsilon_steps=100,
+    "DQN": lambda sized: DQN(critic_hidden=(8,), epsilon_start=1.0, epsilon_end=0.5, epsilon_steps=100,
                              **(dict(obs_shape=(OBS_DIM,), num_actions=NUM_ACTIONS) if sized else {})),
 }
 

@@ -97,7 +97,7 @@ def test_dimensions_are_read_from_the_datamodule_and_checkpoint_reloads(tiny_td3
 
 @pytest.fixture(scope="module")
 def hopper_file(tmp_path_factory):
-    from lit_qlearn.data import collect
+    from lit_qlearn.datasets import collect
 
     return collect("Hopper-v5", "random", steps=400, path=tmp_path_factory.mktemp("d") / "hopper.hdf5", seed=0)
 
@@ -160,8 +160,33 @@ def test_direct_steps_and_lightnings_step_wrappers_give_identical_updates(tiny_t
     t_direct = fit(direct, dm, 6)
     wrapped, dm = tiny_td3bc()
     t_wrapped = fit(wrapped, dm, 6, callbacks=[Listener()])
-    assert direct._direct_steps and not wrapped._direct_steps
+    assert direct.stepper.direct and not wrapped.stepper.direct
     assert len(calls) == 6 + 3  # every critic step and every second (actor) step
     assert t_direct.global_step == t_wrapped.global_step == 6
     for a, b in zip(direct.parameters(), wrapped.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_delayed_actor_is_logged_on_the_updates_it_steps(tiny_td3bc):
+    """Every update logs the critic's scalars; ``train/actor_loss`` comes with the updates
+    that step the actor (every ``policy_freq``), and on the others ``q/policy_mean`` is
+    measured at the log: the first critic at the actor's action, after the update."""
+    from tests.callbacks.test_crash import MemoryLogger
+
+    module, dm = tiny_td3bc(policy_freq=3)
+    measured = {}
+
+    class Measure(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                measured[pl_module.updates] = pl_module.q_value(batch.obs, pl_module.actor(batch.obs)).mean().item()
+
+    logger = MemoryLogger()
+    fit(module, dm, 6, logger=logger, log_every_n_steps=1, callbacks=[Measure()])
+    assert sorted(logger.series("train/actor_loss")) == [3, 6]
+    for name in ("train/critic_loss", "q/data_mean", "q/policy_mean", "params/critic_norm"):
+        assert sorted(logger.series(name)) == [1, 2, 3, 4, 5, 6]
+    policy = logger.series("q/policy_mean")
+    for update in (1, 2, 4, 5):
+        assert policy[update] == pytest.approx(measured[update], rel=1e-5)
+    assert policy[3] != pytest.approx(measured[3], rel=1e-3)  # the actor step's own: before it moved
