@@ -1,7 +1,8 @@
-"""One offline divergence run, shared by r2_seem_gamma, r3_norms and r8_adam: TD3 without
-target averaging (target = current network, ``EMATarget(tau=1, every=1)``), Adam 3e-4,
-batch 256, with ``SEEMMonitor`` and ``CrashPredictor(action="warn")`` measuring on the same
-fixed probe set every ``every`` updates, and the run's series kept in memory.
+"""One offline divergence run, shared by r2_seem_gamma, r3_norms, r3_layernorm_seem, r8_adam
+and demo_plasticity: TD3 without target averaging (target = current network,
+``EMATarget(tau=1, every=1)``), Adam 3e-4, batch 256, with ``SEEMMonitor`` and
+``CrashPredictor(action="warn")`` measuring on the same fixed probe set every ``every``
+updates, and the run's series kept in memory (``SeriesLogger``).
 
 A run *diverges* when the largest |Q| on the probe set (at its (s, a) and its bootstrap
 points) is beyond the Bellman bound max|r| / (1 - gamma) over the whole dataset
@@ -15,67 +16,60 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import numpy as np
+
+from harness import SeriesLogger, parse_args, quiet_trainer, save_figure
 
 STOP_RATIO = 10.0
 SERIES = ("seem/max_eig_normalized", "seem/participation", "seem/q_data_mean", "crash/q_bound_ratio",
           "crash/td_error_norm", "params/norm", "params/norm_slope", "params/adam_slope", "crash/loglog_slope")
 
 
-def quiet() -> None:
-    for message in (".*does not have many workers.*", ".*IterableDataset.*", ".*LeafSpec.*", ".*CrashPredictor.*",
-                    ".*TensorBoard support.*", ".*GPU available.*"):
-        warnings.filterwarnings("ignore", message=message)
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
-
 def td3_run(dataset: str, gamma: float, seed: int, updates: int, every: int, probe_size: int,
             critic: dict[str, Any] | None = None, stop_on_divergence: bool = True, accelerator: str = "cpu",
-            fraction: float = 1.0, callbacks: Any = ()) -> dict[str, Any]:
-    """One run; returns its settings, series (by measurement), whether and when it diverged.
-    ``callbacks`` run after the monitors (they see each measurement's scalars)."""
+            fraction: float = 1.0, callbacks: Sequence[L.Callback] = (), monitors: Sequence[L.Callback] = (),
+            series: Sequence[str] = ()) -> dict[str, Any]:
+    """One run; returns its settings, series (by measurement: ``SERIES`` and ``series``),
+    whether and when it diverged. ``monitors`` measure beside SEEMMonitor and the
+    CrashPredictor (e.g. a PlasticityMonitor); ``callbacks`` run after them all (they see
+    each measurement's scalars)."""
     from lit_qlearn.algorithms import TD3
     from lit_qlearn.callbacks import CrashPredictor, EMATarget, SEEMMonitor
     from lit_qlearn.data import OfflineDataModule
-    from lit_qlearn.demo import SeriesLogger
 
-    quiet()
     L.seed_everything(seed, verbose=False)
     dm = OfflineDataModule(dataset, seed=seed, fraction=fraction, steps_per_epoch=updates)
     model = TD3(gamma=gamma, eval_every=0, **(critic or {}))
-    series = SeriesLogger()
+    logged = SeriesLogger()
     crash = CrashPredictor(every_n_steps=every, probe_size=probe_size, action="warn")
 
     class StopWhenDiverged(L.Callback):
         """Ends the run once far beyond the bound (after this step's measurements)."""
 
         def on_train_batch_end(self, trainer, pl_module, *args):
-            ratio = series.rows.get(trainer.global_step, {}).get("crash/q_bound_ratio")
+            ratio = logged.rows.get(trainer.global_step, {}).get("crash/q_bound_ratio")
             if stop_on_divergence and ratio is not None and (not math.isfinite(ratio) or ratio > STOP_RATIO):
                 trainer.should_stop = True
 
     stop = StopWhenDiverged()
     # the monitors first, so that the stop callback reads this step's scalars
-    monitors = [EMATarget(tau=1.0, every=1), SEEMMonitor(every_n_steps=every, probe_size=probe_size), crash, stop]
-    trainer = L.Trainer(max_steps=updates, max_epochs=1, logger=series, callbacks=monitors + list(callbacks),
-                        log_every_n_steps=every,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator=accelerator, devices=1)
+    measuring = [EMATarget(tau=1.0, every=1), *monitors, SEEMMonitor(every_n_steps=every, probe_size=probe_size),
+                 crash, stop]
+    trainer = quiet_trainer(max_steps=updates, max_epochs=1, logger=logged, callbacks=measuring + list(callbacks),
+                            log_every_n_steps=every, accelerator=accelerator, devices=1)
     start = time.perf_counter()
     trainer.fit(model, dm)
     out: dict[str, Any] = {"dataset": dataset, "gamma": gamma, "seed": seed, "critic": critic or {},
                            "transitions": dm.num_transitions, "bound": crash.bound, "updates": trainer.global_step,
                            "seconds": time.perf_counter() - start}
-    steps, _ = series.series("seem/max_eig_normalized")
+    steps, _ = logged.series("seem/max_eig_normalized")
     out["steps"] = steps
-    for key in SERIES:
-        table = dict(zip(*series.series(key)))
+    for key in dict.fromkeys((*SERIES, *series)):
+        table = dict(zip(*logged.series(key)))
         out[key] = [table.get(t) for t in steps]
     beyond = [r is None or not math.isfinite(r) or r > 1 for r in out["crash/q_bound_ratio"]]
     within = [t for t, b in zip(steps, beyond) if not b]
@@ -132,8 +126,6 @@ SMOKE = {"updates": 10, "every": 5, "probe": 64, "seeds": 1, "workers": 1, "data
 
 def parse_run_arguments(parser: Any) -> Any:
     """Parse the options of :func:`add_run_arguments` (``--full``, ``--smoke``: their sizes)."""
-    from _claims import parse_args
-
     args = parse_args(parser, SMOKE, data=lambda a: a.datasets)
     if args.full:
         args.updates, args.probe = 100_000, 2560
@@ -167,8 +159,6 @@ def plot_runs(runs: list[dict[str, Any]], group: str, colors: dict[Any, str], pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from _claims import save_figure
 
     datasets = sorted({r["dataset"] for r in runs})
     fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)

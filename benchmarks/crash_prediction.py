@@ -1,4 +1,4 @@
-"""Crash-step prediction on the random-walk toy (DESIGN.md section 7, R1; section 5.4).
+"""Crash-step prediction on the random-walk toy (docs/design.md section 7, R1; section 5.4).
 
 Setting (R1): ``RandomWalkQ(lr=0.01, optimizer="sgd", hidden=(64,), gamma=0.99)`` on
 ``RandomWalkDataModule(num_transitions=64, step=0.1, noise=0.02, seed=seed)``, full-batch
@@ -69,12 +69,10 @@ the cost needs an idle machine, the accuracy does not.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import platform
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -82,10 +80,12 @@ import numpy as np
 import torch
 
 import lit_qlearn
-from _claims import argument_parser, parse_args
-from _common import TrainClock, git_info, interleaved, timed_hook
-from lit_qlearn.callbacks import CrashPredictor, PreQNLineSearch, predict_crash_step
-from lit_qlearn.data import OfflineDataModule, ensure_default_dataset
+from harness import TrainClock, argument_parser, claim, git_info, interleaved, parse_args, quiet, quiet_trainer, \
+    timed_hook, write_result
+from lit_qlearn.callbacks import CrashPredictor, PreQNLineSearch
+from lit_qlearn.data import OfflineDataModule
+from lit_qlearn.datasets import ensure_default_dataset
+from lit_qlearn.forecast import predict_crash_step
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
 
 FRACTIONS = (0.6, 0.7, 0.8, 0.9)
@@ -146,13 +146,10 @@ def train(config: dict, seed: int, max_steps: int, every_n_steps: int | None,
     callback = None if every_n_steps is None else \
         RecordingCrashPredictor(every_n_steps=every_n_steps, window=10**9, action="warn")
     user = RecordingCrashPredictor(**DEPLOYED, action="warn") if deployed else None
-    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[c for c in (callback, user) if c is not None], accelerator="cpu", devices=1)
+    trainer = quiet_trainer(max_steps=max_steps, callbacks=[c for c in (callback, user) if c is not None],
+                            accelerator="cpu", devices=1)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(CrashPredictor|does not have many workers).*")
-        trainer.fit(module, dm)
+    trainer.fit(module, dm)  # the predictors' warnings are the action="warn" runs' records, kept quiet
     return callback, module, time.perf_counter() - t0, user
 
 
@@ -350,11 +347,8 @@ def _fit_td3(dataset: str, updates: int, seed: int, callbacks: list, bc: bool = 
     dm = OfflineDataModule(dataset, seed=seed, steps_per_epoch=updates)
     model = TD3BC(eval_every=0) if bc else TD3(eval_every=0)
     clock = TrainClock()
-    trainer = L.Trainer(max_steps=updates, logger=False, callbacks=[clock, *callbacks], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(model, dm)
+    trainer = quiet_trainer(max_steps=updates, callbacks=[clock, *callbacks], accelerator="cpu", devices=1)
+    trainer.fit(model, dm)
     return clock.seconds, trainer
 
 
@@ -417,33 +411,31 @@ def claims(result: dict) -> list[dict]:
     out = []
     for p in PROTOCOLS:
         row = r1["table"][p]["0.8"]
-        out.append({
-            "claim": f"R1, lr 0.01: a linear fit of 1/||u|| over 10% of the run ending at 80% of it forecasts the "
-                     f"NaN step within 10% on every diverging seed ({p} window)",
-            "published": "a fit on steps 450-500 predicted step 605; NaN at step 605 (Yue et al. 2023, appendix C)",
-            "measured": f"{row['within_10pct']}/{row['seeds']} seeds within 10%, median |error| "
-                        f"{_fmt(row['median_abs_error_pct'], '.1f')}%, max {_fmt(row['max_abs_error_pct'], '.1f')}%",
-            "holds": row["seeds"] > 0 and row["within_10pct"] == row["seeds"]})
+        out.append(claim(
+            f"R1, lr 0.01: a linear fit of 1/||u|| over 10% of the run ending at 80% of it forecasts the NaN step "
+            f"within 10% on every diverging seed ({p} window)",
+            "a fit on steps 450-500 predicted step 605; NaN at step 605 (Yue et al. 2023, appendix C)",
+            f"{row['within_10pct']}/{row['seeds']} seeds within 10%, median |error| "
+            f"{_fmt(row['median_abs_error_pct'], '.1f')}%, max {_fmt(row['max_abs_error_pct'], '.1f')}%",
+            row["seeds"] > 0 and row["within_10pct"] == row["seeds"]))
     lead = r1["lead_time"]
-    out.append({
-        "claim": f"R1: the deployed CrashPredictor ({DEPLOYED}) gives a lead time of at least {LEAD_TARGET:.0%} of "
-                 "the run on every diverging seed (steps from the first forecast that stays within 10% of the NaN "
-                 "step to the NaN)",
-        "published": None,
-        "measured": f"min {_fmt(lead['min_fraction'], '.1%')}, median {_fmt(lead['median_fraction'], '.1%')}; per seed "
-                    + ", ".join(_fmt(v, ".1%") for v in lead["per_seed_fraction"]),
-        "holds": bool(lead["per_seed_fraction"]) and all(v is not None and v >= LEAD_TARGET
-                                                         for v in lead["per_seed_fraction"])})
-    out.append({
-        "claim": "zero false alarms of the deployed CrashPredictor on runs that do not diverge (R1 with gamma 0.9 "
-                 "or 0.95, or with a LayerNorm critic)",
-        "published": "gamma <= 0.95 converges with normalised SEEM near 0 (DESIGN.md R1); LayerNorm restrains "
-                     "divergence (Yue et al. 2023)",
-        "measured": f"{controls['false_alarms']} false alarms in {controls['converged']} converged runs ("
-                    + ", ".join(f"{k}: {v['false_alarms']} of {v['seeds'] - v['diverged']}"
-                                for k, v in controls["variants"].items()) + f"); {controls['runs'] - controls['converged']}"
-                    " of the runs diverged",
-        "holds": controls["false_alarms"] == 0 and controls["converged"] > 0})
+    out.append(claim(
+        f"R1: the deployed CrashPredictor ({DEPLOYED}) gives a lead time of at least {LEAD_TARGET:.0%} of the run on "
+        "every diverging seed (steps from the first forecast that stays within 10% of the NaN step to the NaN)",
+        None,
+        f"min {_fmt(lead['min_fraction'], '.1%')}, median {_fmt(lead['median_fraction'], '.1%')}; per seed "
+        + ", ".join(_fmt(v, ".1%") for v in lead["per_seed_fraction"]),
+        bool(lead["per_seed_fraction"]) and all(v is not None and v >= LEAD_TARGET for v in lead["per_seed_fraction"])))
+    out.append(claim(
+        "zero false alarms of the deployed CrashPredictor on runs that do not diverge (R1 with gamma 0.9 or 0.95, or "
+        "with a LayerNorm critic)",
+        "gamma <= 0.95 converges with normalised SEEM near 0 (docs/design.md R1); LayerNorm restrains divergence "
+        "(Yue et al. 2023)",
+        f"{controls['false_alarms']} false alarms in {controls['converged']} converged runs ("
+        + ", ".join(f"{k}: {v['false_alarms']} of {v['seeds'] - v['diverged']}"
+                    for k, v in controls["variants"].items())
+        + f"); {controls['runs'] - controls['converged']} of the runs diverged",
+        controls["false_alarms"] == 0 and controls["converged"] > 0))
     return out
 
 
@@ -547,7 +539,8 @@ def figure(r1: dict, controls: dict, path: Path, show_seeds: int = 3) -> None:
 
 
 def _git() -> dict:
-    return git_info({"crash_py": Path(lit_qlearn.callbacks.crash.__file__), "toys_py": Path(lit_qlearn.toys.__file__)})
+    return git_info({"crash_py": Path(lit_qlearn.callbacks.crash.__file__),
+                     "forecast_py": Path(lit_qlearn.forecast.__file__), "toys_py": Path(lit_qlearn.toys.__file__)})
 
 
 def _fmt(v, spec=".1f"):
@@ -590,8 +583,6 @@ def print_summary(result: dict) -> None:
     print(f"false alarms: {c['false_alarms']} in {c['converged']} converged runs of {c['runs']} ("
           + ", ".join(f"{k}: {v['false_alarms']} alarms, {v['diverged']} diverged" for k, v in c["variants"].items())
           + ")")
-    for claim in result["claims"]:
-        print(f"[{'holds' if claim['holds'] else 'FAILS'}] {claim['claim']}: {claim['measured']}")
     pr = result["printed_variant"]
     print(f"printed variant: {pr['diverged']}/{pr['seeds']} diverged; final ||u||: "
           + ", ".join(_fmt(r["final_td_error_norm"], ".3g") for r in pr["runs"]))
@@ -617,16 +608,15 @@ def main() -> None:
                       data=lambda a: [] if a.skip_overhead else [a.dataset or "default"])
     seeds = list(range(3 if args.quick else args.seeds))
     printed_steps = 1000 if args.quick else args.printed_steps
-    # the figure goes beside the JSON (.png)
-    out = args.out / ("crash_prediction_quick.json" if args.quick else "crash_prediction.json")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
-    warnings.filterwarnings("ignore", message=".*(IterableDataset|LeafSpec|does not have many workers).*")
+    name = "crash_prediction_quick" if args.quick else "crash_prediction"
+    out = args.out / f"{name}.json"  # the figure goes beside it (.png)
+    quiet()  # no per-run banners
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is fastest and deterministic in timing
 
     started = time.perf_counter()
     result = {
-        "benchmark": "crash-step prediction from a linear fit of 1/||u|| on the random-walk toy (DESIGN.md R1)",
+        "benchmark": "crash-step prediction from a linear fit of 1/||u|| on the random-walk toy (docs/design.md R1)",
         "quick": args.quick,
         "smoke": args.smoke,
         "definitions": {
@@ -664,13 +654,9 @@ def main() -> None:
         result["overhead_carried_from"] = {**carried, "note": "not re-measured in this run (--skip-overhead)"}
     result["targets"] = result["r1"]["targets"]
     result["claims"] = claims(result)
-    result["wall_time_s"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    png = out.with_suffix(".png")
-    figure(result["r1"], result["controls"], png)
+    figure(result["r1"], result["controls"], out.with_suffix(".png"))
     print_summary(result)
-    print(f"-> {out}, {png} ({result['wall_time_s']:.0f} s)")
+    write_result(name, result, started, args.out)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 The setting of ``lit-qlearn demo``: TD3 with target = current network on 5% of the
 default data (100k steps of the shipped medium Hopper-v5 policy), a plain ReLU critic against a LayerNorm critic,
-here without CrashPredictor so that the plain run goes on diverging. PlasticityMonitor
-(dormant fraction, srank of the penultimate features, weight norm) and SEEMMonitor
-measure both on the same probe set every ``--every`` updates.
+here with the CrashPredictor only warning, so that the plain run goes on diverging (the run
+of benchmarks/_divergence.py). PlasticityMonitor (dormant fraction, srank of the penultimate
+features, weight norm) and SEEMMonitor measure both on the same probe set every ``--every``
+updates.
 
 Writes benchmarks/results/demo_plasticity.json (+ .png), or into ``--out``; ``--smoke``: tiny sizes.
 """
@@ -13,49 +14,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT
+from _divergence import td3_run
+from harness import ROOT, argument_parser, claim, environment, parse_args, save_figure, write_result
 
 METRICS = ("plasticity/dormant_fraction", "plasticity/feature_rank", "plasticity/weight_norm",
            "seem/max_eig_normalized", "seem/q_data_mean")
 
 
-class Series(L.Callback):
-    """The monitors' scalars at each of their measurement steps."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self.rows: dict[str, list[tuple[int, float]]] = {name: [] for name in METRICS}
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        step = trainer.global_step
-        if step % self.every:
-            return
-        for name in METRICS:
-            value = trainer.callback_metrics.get(name)
-            if value is not None:
-                self.rows[name].append((step, float(value)))
-
-
 def run(norm: str | None, steps: int, every: int, probe: int, seed: int) -> dict[str, list]:
-    from lit_qlearn.algorithms import TD3
-    from lit_qlearn.callbacks import EMATarget, PlasticityMonitor, SEEMMonitor
-    from lit_qlearn.data import OfflineDataModule
+    """The divergence run (_divergence.td3_run, never stopped) on 5% of the default data with a
+    PlasticityMonitor beside its monitors: ``{metric: [(step, value), ...]}`` for METRICS."""
+    from lit_qlearn.callbacks import PlasticityMonitor
 
-    L.seed_everything(seed, verbose=False)
-    dm = OfflineDataModule("default", fraction=0.05, seed=seed, steps_per_epoch=steps)
-    module = TD3(critic_norm=norm, eval_every=0)
-    series = Series(every)
-    # PlasticityMonitor before Series: Series reads what the monitors published at this step
-    callbacks = [EMATarget(tau=1.0, every=1), PlasticityMonitor(every_n_steps=every, probe_size=probe),
-                 SEEMMonitor(every_n_steps=every, probe_size=probe), series]
-    L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=callbacks).fit(module, dm)
-    return {name: rows for name, rows in series.rows.items()}
+    measured = td3_run("default", 0.99, seed, steps, every, probe, critic={"critic_norm": norm},
+                       stop_on_divergence=False, fraction=0.05,
+                       monitors=[PlasticityMonitor(every_n_steps=every, probe_size=probe)], series=METRICS)
+    return {name: [(t, v) for t, v in zip(measured["steps"], measured[name]) if v is not None] for name in METRICS}
 
 
 def main() -> None:

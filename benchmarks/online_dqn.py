@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from _claims import argument_parser, baseline_available, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT, interleaved
+from harness import ROOT, EnvStepEvaluation, argument_parser, baseline_available, claim, environment, interleaved, \
+    parse_args, quiet_trainer, save_figure, write_result
 
 ENV = "CartPole-v1"
 SOLVED = 475.0
@@ -37,97 +36,39 @@ ZOO = dict(lr=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1000, 
 
 
 def run_lit_qlearn(seed: int, max_env_steps: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    """lit_qlearn's DQN at the zoo settings, evaluated at the end of a training phase (as SB3's
+    callback does) every ``eval_every`` environment steps, each evaluation from its own reset
+    seed; stops once solved or at ``max_env_steps``."""
     import lightning as L
 
     from lit_qlearn.algorithms import DQN
     from lit_qlearn.data import OnlineDataModule
-    from lit_qlearn.data.rollout import make_vector_env, run_episodes
 
     L.seed_everything(seed, verbose=False)
     z = ZOO
     dm = OnlineDataModule(ENV, capacity=z["buffer_size"], learning_starts=z["learning_starts"],
                           batch_size=z["batch_size"], train_freq=z["train_freq"], gradient_steps=z["gradient_steps"],
                           seed=seed)
-    module = DQN(gamma=z["gamma"], hidden=tuple(z["net_arch"]), lr=z["lr"], double=False, loss="huber",
+    module = DQN(gamma=z["gamma"], critic_hidden=tuple(z["net_arch"]), critic_lr=z["lr"], double=False, loss="huber",
                  max_grad_norm=10.0, target_tau=1.0, target_every=z["gradient_steps"],
                  epsilon_start=1.0, epsilon_end=z["exploration_final_eps"],
                  epsilon_steps=int(z["exploration_fraction"] * max_env_steps))
-    eval_env = make_vector_env(ENV)
-    curve: list[dict[str, float]] = []
 
-    class Evaluate(L.Callback):
-        """Greedy evaluation every ``eval_every`` environment steps, its time kept apart."""
+    def stop_when_done(trainer: L.Trainer, pl_module: L.LightningModule, result: dict[str, float]) -> None:
+        if result["return"] >= SOLVED or dm.rollout.env_steps >= max_env_steps:
+            trainer.should_stop = True
 
-        def on_train_start(self, trainer, pl_module):
-            self.start, self.eval_seconds, self.next_eval = time.perf_counter(), 0.0, eval_every
-
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            steps = dm.rollout.env_steps
-            if dm._since_phase != z["gradient_steps"] or steps < self.next_eval:
-                return  # evaluate at the end of a training phase, as SB3's callback does
-            t0 = time.perf_counter()
-            returns, _ = run_episodes(eval_env, pl_module.act, eval_episodes, seed=10_000 + len(curve))
-            self.eval_seconds += time.perf_counter() - t0
-            curve.append({"env_steps": steps, "return": float(np.mean(returns)),
-                          "train_seconds": time.perf_counter() - self.start - self.eval_seconds})
-            self.next_eval += eval_every
-            if curve[-1]["return"] >= SOLVED or steps >= max_env_steps:
-                trainer.should_stop = True
-
-    trainer = L.Trainer(max_steps=10 ** 9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", callbacks=[Evaluate()])
-    trainer.fit(module, dm)
-    eval_env.close()
-    return {"curve": curve, "updates": module.updates, "env_steps": dm.rollout.env_steps}
+    evaluation = EnvStepEvaluation(dm, every=eval_every, episodes=eval_episodes, vary_seed=True,
+                                   on_result=stop_when_done)
+    quiet_trainer(max_steps=10 ** 9, accelerator="cpu", callbacks=[evaluation]).fit(module, dm)
+    return {"curve": evaluation.curve, "updates": module.updates, "env_steps": dm.rollout.env_steps}
 
 
 def run_sb3(seed: int, max_env_steps: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    import gymnasium as gym
-    from stable_baselines3 import DQN
-    from stable_baselines3.common.callbacks import BaseCallback
+    """Stable-Baselines3's DQN at the same settings (baselines/sb3.py)."""
+    from baselines.sb3 import sb3_dqn
 
-    z = ZOO
-    env = gym.make(ENV)
-    model = DQN("MlpPolicy", env, learning_rate=z["lr"], batch_size=z["batch_size"], buffer_size=z["buffer_size"],
-                learning_starts=z["learning_starts"], gamma=z["gamma"], train_freq=z["train_freq"],
-                gradient_steps=z["gradient_steps"], target_update_interval=z["target_update_interval"],
-                exploration_fraction=z["exploration_fraction"], exploration_final_eps=z["exploration_final_eps"],
-                policy_kwargs={"net_arch": z["net_arch"]}, seed=seed, device="cpu", verbose=0)
-    eval_env = gym.make(ENV)
-    curve: list[dict[str, float]] = []
-
-    class Evaluate(BaseCallback):
-        """Greedy evaluation when a collection phase starts, i.e. right after SB3's train()."""
-
-        def _on_training_start(self) -> None:
-            self.start, self.eval_seconds, self.next_eval, self.solved = time.perf_counter(), 0.0, eval_every, False
-
-        def _on_step(self) -> bool:
-            return not self.solved  # False stops learn()
-
-        def _on_rollout_start(self) -> None:
-            steps = self.num_timesteps
-            if steps < self.next_eval:
-                return
-            t0 = time.perf_counter()
-            returns = []
-            for k in range(eval_episodes):
-                obs, _ = eval_env.reset(seed=10_000 * (len(curve) + 1) + k)
-                total, done = 0.0, False
-                while not done:
-                    action, _ = self.model.predict(obs, deterministic=True)
-                    obs, reward, terminated, truncated, _ = eval_env.step(action)
-                    total, done = total + float(reward), terminated or truncated
-                returns.append(total)
-            self.eval_seconds += time.perf_counter() - t0
-            curve.append({"env_steps": steps, "return": float(np.mean(returns)),
-                          "train_seconds": time.perf_counter() - self.start - self.eval_seconds})
-            self.next_eval += eval_every
-            self.solved = curve[-1]["return"] >= SOLVED
-
-    model.learn(total_timesteps=max_env_steps, callback=Evaluate())
-    eval_env.close()
-    return {"curve": curve, "env_steps": int(model.num_timesteps)}
+    return sb3_dqn(ENV, ZOO, seed, max_env_steps, eval_every, eval_episodes, SOLVED)
 
 
 def solved_at(curve: list[dict[str, float]]) -> dict[str, float] | None:

@@ -17,11 +17,13 @@ import time
 
 import torch
 
-from _claims import argument_parser, baseline_available, claim, environment, parse_args, write_result
-from _common import ROOT, interleaved
+from harness import ROOT, TrainClock, argument_parser, baseline_available, claim, environment, interleaved, \
+    parse_args, quiet_trainer, write_result
 
 
 def lit_qlearn_sac(steps: int, warmup: int, seed: int, compile: bool = False) -> float:
+    """lit_qlearn's SAC at its defaults: environment steps per second from its 50th update (after
+    allocation, warm caches, compilation) to the end of ``steps + 10`` updates."""
     import lightning as L
 
     from lit_qlearn.algorithms import SAC
@@ -30,36 +32,9 @@ def lit_qlearn_sac(steps: int, warmup: int, seed: int, compile: bool = False) ->
     L.seed_everything(seed, verbose=False)
     dm = OnlineDataModule("Hopper-v5", learning_starts=warmup, batch_size=256, capacity=1_000_000, seed=seed)
     module = SAC(eval_every=0, compile=compile)
-    clock: dict[str, float] = {}
-
-    class Clock(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            if pl_module.updates == 50:  # after the first updates (allocation, warm caches, compilation)
-                clock["start"], clock["steps"] = time.perf_counter(), dm.rollout.env_steps
-
-    L.Trainer(max_steps=steps + 10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[Clock()]).fit(module, dm)
-    return (dm.rollout.env_steps - clock["steps"]) / (time.perf_counter() - clock["start"])
-
-
-def sb3_sac(steps: int, warmup: int, seed: int) -> float:
-    import gymnasium as gym
-    from stable_baselines3 import SAC
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    model = SAC("MlpPolicy", gym.make("Hopper-v5"), learning_rate=3e-4, buffer_size=1_000_000,
-                learning_starts=warmup, batch_size=256, tau=0.005, gamma=0.99, train_freq=1, gradient_steps=1,
-                policy_kwargs={"net_arch": [256, 256]}, seed=seed, device="cpu", verbose=0)
-    clock: dict[str, float] = {}
-
-    class Clock(BaseCallback):
-        def _on_step(self) -> bool:
-            if self.num_timesteps == warmup + 10:
-                clock["start"] = time.perf_counter()
-            return True
-
-    model.learn(total_timesteps=warmup + 10 + steps, callback=Clock())
-    return steps / (time.perf_counter() - clock["start"])
+    clock = TrainClock(warmup=50, count=lambda: dm.rollout.env_steps)
+    quiet_trainer(max_steps=steps + 10, callbacks=[clock]).fit(module, dm)
+    return clock.rate
 
 
 def main() -> None:
@@ -75,7 +50,11 @@ def main() -> None:
     args = parse_args(parser, smoke={"steps": 60, "warmup": 256, "repeats": 1, "no_compile": True})
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    runners = {"lit_qlearn": lit_qlearn_sac} | ({"sb3": sb3_sac} if baseline_available("stable_baselines3") else {})
+    runners = {"lit_qlearn": lit_qlearn_sac}
+    if baseline_available("stable_baselines3"):
+        from baselines.sb3 import sb3_sac
+
+        runners["sb3"] = sb3_sac
     if not args.no_compile:
         runners["lit_qlearn_compile"] = lambda *a, **k: lit_qlearn_sac(*a, **k, compile=True)
     speeds: dict[str, list[float]] = {name: [] for name in runners}

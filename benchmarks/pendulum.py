@@ -19,37 +19,26 @@ import lightning as L
 import numpy as np
 import torch
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT
+from harness import ROOT, EnvStepEvaluation, argument_parser, claim, environment, parse_args, quiet_trainer, \
+    save_figure, write_result
 
 TARGET = -200.0
 ZOO = {"SAC": -157.0, "TD3": -152.0, "DDPG": -152.0}
 
 
 def run(name: str, seed: int, steps: int, eval_every: int, episodes: int) -> list[dict[str, float]]:
+    """One run of ``name`` at its defaults: the evaluation curve (lit_qlearn.evaluation.EnvStepEvaluation)."""
     import lit_qlearn.algorithms as algorithms
     from lit_qlearn.data import OnlineDataModule
-    from lit_qlearn.data.rollout import make_vector_env, run_episodes
 
     L.seed_everything(seed, verbose=False)
     learning_starts = 1000
     dm = OnlineDataModule("Pendulum-v1", learning_starts=learning_starts, batch_size=256, seed=seed,
                           save_buffer=False)
     module = getattr(algorithms, name)(eval_every=0)
-    env = make_vector_env("Pendulum-v1")
-    curve: list[dict[str, float]] = []
-    start = time.perf_counter()
-
-    class Evaluate(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            if dm.rollout.env_steps % eval_every == 0:
-                returns, _ = run_episodes(env, pl_module.act, episodes, seed=10_000)
-                curve.append({"env_steps": dm.rollout.env_steps, "return": float(np.mean(returns)),
-                              "seconds": time.perf_counter() - start})
-
-    L.Trainer(max_steps=steps - learning_starts, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[Evaluate()]).fit(module, dm)
-    return curve
+    evaluation = EnvStepEvaluation(dm, every=eval_every, episodes=episodes)
+    quiet_trainer(max_steps=steps - learning_starts, callbacks=[evaluation]).fit(module, dm)
+    return evaluation.curve
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ the default ``every_n_steps``.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -25,8 +24,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import lit_qlearn.callbacks.plasticity
 import lit_qlearn.plasticity
-from _claims import argument_parser, environment, parse_args
-from _common import TrainClock, timed_hook
+from harness import TrainClock, argument_parser, claim, environment, parse_args, quiet_trainer, timed_hook, \
+    write_result
 from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.callbacks import PlasticityMonitor
 from lit_qlearn.data import OfflineDataModule
@@ -42,9 +41,8 @@ def fit(updates: int, seed: int, logdir: str, every_n_steps: int | None = None
     model = TD3BC(eval_every=0)
     monitor = PlasticityMonitor() if every_n_steps is None else PlasticityMonitor(every_n_steps=every_n_steps)
     clock, monitor = TrainClock(), timed_hook(monitor)
-    trainer = L.Trainer(max_steps=updates, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
-                        callbacks=[clock, monitor], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = quiet_trainer(max_steps=updates, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
+                            callbacks=[clock, monitor], accelerator="cpu", devices=1)
     trainer.fit(model, dm)
     return clock.seconds, monitor, model, dm, trainer
 
@@ -77,6 +75,9 @@ def main() -> None:
     per_update = statistics.median((r["train_seconds"] - r["seconds_inside_monitor"]) / args.updates for r in runs)
     one = statistics.median(per_measure)
     result = {
+        "claims": [claim(f"PlasticityMonitor(every_n_steps={monitor.every_n_steps}) costs < {TARGET:.0%} of a TD3+BC "
+                         f"run (time inside it / the rest of the run, median of {args.repeats})",
+                         "lit_qlearn's target for the monitor", cost, cost < TARGET)],
         "benchmark": "PlasticityMonitor cost on TD3+BC",
         "smoke": args.smoke,
         "setting": f"TD3BC defaults (256x256, batch 256), OfflineDataModule('default'), {args.updates} updates, "
@@ -92,17 +93,14 @@ def main() -> None:
         "target": {"cost_below": TARGET, "meets": cost < TARGET},
         **environment({"plasticity_py": Path(lit_qlearn.plasticity.__file__),
                        "callback_py": Path(lit_qlearn.callbacks.plasticity.__file__)}),
-        "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    out = args.out / "plasticity_cost.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nPlasticityMonitor(every_n_steps={monitor.every_n_steps}, probe_size={monitor.probe_size}) on TD3+BC:")
     print(f"  cost in situ (median of {args.repeats}): {100 * cost:.3f}%  (target < {100 * TARGET:g}%: "
           f"{'met' if cost < TARGET else 'NOT met'})")
     print(f"  one measurement: {1e3 * one:.1f} ms; one update: {1e3 * per_update:.2f} ms")
     print("  implied cost by cadence: " + ", ".join(f"{n}: {100 * v:.2f}%"
                                                    for n, v in result["implied_cost_by_cadence"].items()))
-    print(f"-> {out}")
+    write_result("plasticity_cost", result, started, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""R2 (Yue et al. 2023, DESIGN.md 5.3 and 7): a positive normalised SEEM early in a run
+"""R2 (Yue et al. 2023, docs/design.md 5.3 and 7): a positive normalised SEEM early in a run
 predicts that the run diverges, across discount factors.
 
 TD3 without target averaging (target = current network), Adam 3e-4, batch 256, plain
@@ -26,8 +26,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from _claims import argument_parser, claim, environment, write_result
-from _common import ROOT
+from harness import ROOT, argument_parser, claim, environment, write_result
 from _divergence import add_run_arguments, early_max, first_above, parse_run_arguments, peak, plot_runs, \
     seem_before, sweep
 

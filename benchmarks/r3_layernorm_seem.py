@@ -29,8 +29,7 @@ import time
 import lightning as L
 import torch
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT
+from harness import ROOT, argument_parser, claim, environment, parse_args, save_figure, write_result
 from _divergence import td3_run
 
 

@@ -1,4 +1,4 @@
-"""R3 (Yue et al. 2023, DESIGN.md 5.6 and 7): which critic regularisers keep SEEM low and Q
+"""R3 (Yue et al. 2023, docs/design.md 5.6 and 7): which critic regularisers keep SEEM low and Q
 within the Bellman bound.
 
 The r2 setting at gamma = 0.99 (TD3 without target averaging, Adam 3e-4, batch 256) with
@@ -35,8 +35,7 @@ import time
 
 import numpy as np
 
-from _claims import argument_parser, claim, environment, write_result
-from _common import ROOT
+from harness import ROOT, argument_parser, claim, environment, write_result
 from _divergence import add_run_arguments, early_max, parse_run_arguments, peak, plot_runs, sweep
 
 CRITICS = {

@@ -1,4 +1,4 @@
-"""R4 (Yue et al. 2023, DESIGN.md 7): LayerNorm lifts offline algorithms on small fractions
+"""R4 (Yue et al. 2023, docs/design.md 7): LayerNorm lifts offline algorithms on small fractions
 of the data, with little change on all of it.
 
 TD3+BC, CQL and IQL at their defaults, each with the plain critic and with
@@ -36,8 +36,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT
+from harness import ROOT, argument_parser, claim, environment, parse_args, quiet_trainer, save_figure, write_result
 
 FRACTIONS = (0.01, 0.1, 1.0)
 TASKS = ("hopper", "halfcheetah", "walker2d")
@@ -57,20 +56,17 @@ def _run(job: tuple) -> dict:
     import lightning as L
     import torch
 
-    from _divergence import quiet
     from lit_qlearn.algorithms import CQL, IQL, TD3BC
     from lit_qlearn.data import OfflineDataModule
 
     torch.set_num_threads(1)
-    quiet()
     algo, task, fraction, layernorm, seed, updates, episodes, accelerator = job
     L.seed_everything(seed, verbose=False)
     dm = OfflineDataModule(f"{task}-medium-v5", fraction=fraction, seed=seed, steps_per_epoch=updates,
                            reward_transform=REWARD_TRANSFORM[algo])
     module = {"td3bc": TD3BC, "cql": CQL, "iql": IQL}[algo](critic_norm="layer" if layernorm else None, eval_every=0)
     start = time.perf_counter()
-    L.Trainer(max_steps=updates, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator=accelerator, devices=1).fit(module, dm)
+    quiet_trainer(max_steps=updates, max_epochs=1, accelerator=accelerator, devices=1).fit(module, dm)
     seconds = time.perf_counter() - start
     module.cpu()
     result = module.evaluate(episodes)
@@ -112,7 +108,7 @@ def main() -> None:
     if args.cql_seeds is None:
         args.cql_seeds = args.seeds
     started = time.perf_counter()
-    from lit_qlearn.data.generated import ensure_dataset
+    from lit_qlearn.datasets import ensure_dataset
 
     for task in args.tasks:  # made once, before the workers read them
         ensure_dataset(f"{task}-medium-v5")

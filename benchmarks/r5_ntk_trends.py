@@ -1,5 +1,5 @@
 """R5: NTK diagonal and row-ratio trends of Q-networks at initialisation (PreQN,
-Achiam, Knight & Abbeel 2019; DESIGN.md 5.5).
+Achiam, Knight & Abbeel 2019; docs/design.md 5.5).
 
 Inputs: 1000 states of Ant-v5 visited by a uniformly random policy (raw, 105-d,
 ``gymnasium.make("Ant-v5")``, reset seed 0, resets at episode ends), each
@@ -23,7 +23,7 @@ Claims (per init), with ``holds`` computed as stated:
 * ReLU has the largest / sin the lowest row ratio: of the per-activation row ratio
   averaged over every width and depth; the share of (width, depth) cells where it is
   so is reported too;
-* ReLU has the largest diagonal (DESIGN.md 5.5's reading of the paper): the same on the diagonal;
+* ReLU has the largest diagonal (docs/design.md 5.5's reading of the paper): the same on the diagonal;
 * the diagonal grows with width: the least-squares slope of log diag_mean against
   log width is > 0 for every (activation, depth);
 * the diagonal shrinks with depth: slope of log diag_mean against depth < 0 for every
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
+from harness import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram, row_ratio  # noqa: E402
 

@@ -1,5 +1,5 @@
 """R6: the NTK heat map of Yue et al. (2023): a ReLU MLP couples x0 to far-away inputs,
-LayerNorm keeps the kernel local (DESIGN.md 5.6).
+LayerNorm keeps the kernel local (docs/design.md 5.6).
 
 Networks: ``mlp(2, 1, hidden=(10000, 10000))`` — two hidden layers of width 10,000,
 ReLU — plain and with ``norm="layer"`` (Linear -> LayerNorm -> ReLU on both hidden
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
+from harness import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""R7: Lemma 1 of Yue et al. (2023) on a critic taken from a diverged run (DESIGN.md 5.4).
+"""R7: Lemma 1 of Yue et al. (2023) on a critic taken from a diverged run (docs/design.md 5.4).
 
 Scaling every parameter of a bias-free L-layer ReLU MLP by lambda scales its output
 by lambda^L, its parameter gradient by lambda^(L-1) and its NTK by lambda^(2(L-1));
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lit_qlearn.ntk  # noqa: E402
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
+from harness import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 from lit_qlearn.networks import mlp  # noqa: E402
 from lit_qlearn.ntk import ntk_gram  # noqa: E402
 from lit_qlearn.toys import compass_directions, random_walk  # noqa: E402

@@ -1,4 +1,4 @@
-"""R8 (Yue et al. 2023, DESIGN.md 5.4): under Adam a diverging critic's parameters grow
+"""R8 (Yue et al. 2023, docs/design.md 5.4): under Adam a diverging critic's parameters grow
 linearly, ||theta_t|| ~ eta sqrt(P) t, and its TD error polynomially, ||u_t|| = Theta(t^L)
 for an L-layer ReLU critic.
 
@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT
+from harness import ROOT, argument_parser, claim, environment, parse_args, save_figure, write_result
 from _divergence import td3_run
 
 

@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
+from harness import argument_parser, claim, environment, parse_args, save_figure, write_result  # noqa: E402
 
 GAMMA, ALPHA = 0.99, 0.01
 W0 = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 10.0, 1.0)

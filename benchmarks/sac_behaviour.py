@@ -3,7 +3,7 @@ medium and expert actors the generated D4RL-style datasets are rolled from, and 
 medium-replay dataset (the run's replay buffer up to the medium actor).
 
 The run is `lit-qlearn datasets train FAMILY --steps N --seed S` (the same function,
-lit_qlearn.data.generated.train_policy, with the same arguments), plus this JSON and PNG:
+lit_qlearn.datasets.train_policy, with the same arguments), plus this JSON and PNG:
 SAC's defaults (256x256, Adam 3e-4, tau 0.005, learned temperature towards -|A|), one
 update per environment step, batch 256, 10k random steps first, a greedy evaluation of 5
 episodes every 10k environment steps. The JSON is rewritten after every evaluation, so a
@@ -22,19 +22,18 @@ import time
 
 import torch
 
-from _claims import argument_parser, claim, environment, parse_args, save_figure, write_result
-from _common import ROOT
+from harness import ROOT, argument_parser, claim, environment, parse_args, save_figure, write_result
 
 # issue 12's learning target (Hopper only); the zoo's SAC reaches ~3000 / ~9500 / ~3900 at 1M steps
 TARGETS = {"hopper": 2500.0}
 
 
 def main() -> None:
-    from lit_qlearn.data import generated
-    from lit_qlearn.data.behaviour import medium_point
+    from lit_qlearn.data.names import ENV_IDS
+    from lit_qlearn.datasets import medium_point, train_policy
 
     parser = argument_parser(__doc__)
-    parser.add_argument("--family", choices=sorted(generated.ENV_IDS), help="the environment family (required)")
+    parser.add_argument("--family", choices=sorted(ENV_IDS), help="the environment family (required)")
     parser.add_argument("--steps", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
     for option in ("--learning-starts", "--eval-every", "--episodes", "--return-episodes"):
@@ -50,7 +49,7 @@ def main() -> None:
     options = {k: v for k in ("learning_starts", "eval_every", "episodes", "return_episodes")
                if (v := getattr(args, k)) is not None}
     started = time.perf_counter()
-    env_id = generated.ENV_IDS[args.family]
+    env_id = ENV_IDS[args.family]
     target = TARGETS.get(args.family)
 
     def report(curve: list[dict[str, float]], policy: dict | None = None) -> None:
@@ -72,10 +71,10 @@ def main() -> None:
             claims.append(claim("at least two evaluations", "-", len(curve), len(curve) >= 2))
         result = {"claims": claims, "settings": vars(args) | {
             "command": f"lit-qlearn datasets train {args.family} --steps {args.steps} --seed {args.seed}" if not options
-            else f"lit_qlearn.data.generated.train_policy({args.family!r}, {args.steps}, {args.seed}, **{options})"},
+            else f"lit_qlearn.datasets.train_policy({args.family!r}, {args.steps}, {args.seed}, **{options})"},
             "curve": curve, "medium": medium, "policy_file": policy,
             "environment": environment({"sac": ROOT / "lit_qlearn/algorithms/sac.py",
-                                        "behaviour": ROOT / "lit_qlearn/data/behaviour.py"})}
+                                        "behaviour": ROOT / "lit_qlearn/datasets/behaviour.py"})}
         plot(curve, medium, env_id, target, args.out)
         write_result(f"sac_{args.family}", result, started, args.out)
 
@@ -84,7 +83,7 @@ def main() -> None:
         print(f"{p['env_steps']} env steps: return {p['return']:.0f} ({p['seconds']:.0f} s)", flush=True)
         report(run.curve)
 
-    path = generated.train_policy(args.family, args.steps, args.seed, on_eval=on_eval, **options)
+    path = train_policy(args.family, args.steps, args.seed, on_eval=on_eval, **options)
     entry = torch.load(path, weights_only=True)
     report(entry["curve"], {"path": str(path), "random_return": entry["random_return"],
                             **{level: {k: entry[level][k] for k in ("env_steps", "return")}

@@ -1,9 +1,9 @@
-"""Benchmarks cannot rot: every script in benchmarks/ (the ``_`` helpers aside, found by glob,
-so a new script is tested the day it is added) runs end to end in its ``--smoke`` mode (tiny
-sizes, results into a temporary directory) and writes what its committed results hold: a
-JSON whose ``claims`` each carry ``claim``, ``published``, ``measured`` and a computed
-``holds`` (its truth does not matter at these sizes), beside the same figure / table files.
-A script without ``--smoke`` exits 2 (argparse) and fails here.
+"""Benchmarks cannot rot: every script in benchmarks/ (the harness and the ``_`` helpers
+aside, found by glob, so a new script is tested the day it is added) runs end to end in its
+``--smoke`` mode (tiny sizes, results into a temporary directory) and writes what its
+committed results hold: a JSON whose ``claims`` each carry ``claim``, ``published``,
+``measured`` and a computed ``holds`` (its truth does not matter at these sizes), beside the
+same figure / table files. A script without ``--smoke`` exits 2 (argparse) and fails here.
 
 Each script pays ~4 s of imports (torch, Lightning, matplotlib, MuJoCo) before any work;
 twenty of them would spend most of this file's time importing. So the scripts run as
@@ -26,10 +26,9 @@ import pytest
 ROOT = Path(__file__).parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
-SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
-#: benchmarks that report targets (``"target": {..., "meets"}``), not a claims list; every
-#: other script, and every new one, must write ``claims``
-NO_CLAIMS = {"ntk_speed", "plasticity_cost", "throughput"}
+#: what the scripts import, not scripts themselves
+HELPERS = {"harness"}
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_") and p.stem not in HELPERS)
 #: run in a fresh interpreter, as ``make bench`` runs it
 FRESH = {"throughput"}
 TIMEOUT_S = 120  # per script; a smoke run takes seconds, a script that ignores --smoke minutes
@@ -42,7 +41,8 @@ import atexit, importlib, json, os, runpy, signal, sys, traceback
 
 for name in ("numpy", "torch", "lightning", "matplotlib.pyplot", "gymnasium", "mujoco", "h5py",
              "torch.utils.tensorboard", "stable_baselines3", "lit_qlearn.algorithms", "lit_qlearn.callbacks",
-             "lit_qlearn.data", "lit_qlearn.demo", "lit_qlearn.ntk", "lit_qlearn.toys"):
+             "lit_qlearn.data", "lit_qlearn.datasets", "lit_qlearn.evaluation", "lit_qlearn.demo", "lit_qlearn.ntk",
+             "lit_qlearn.toys"):
     try:
         importlib.import_module(name)
     except ImportError:
@@ -121,7 +121,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 def test_the_glob_finds_the_benchmarks():
     # a renamed directory or pattern would otherwise make every check below vacuous
     assert len(SCRIPTS) >= 19 and {"throughput", "crash_prediction", "r2_seem_gamma"} <= set(SCRIPTS)
-    assert not NO_CLAIMS - set(SCRIPTS) and not FRESH - set(SCRIPTS)
+    assert not FRESH - set(SCRIPTS) and not HELPERS & set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -143,8 +143,6 @@ def test_benchmark_runs_in_smoke_mode(script, bench, tmp_path):
         # the files a full run commits beside this JSON (figure, markdown table), the smoke run writes too
         beside = {p.suffix for p in RESULTS.glob(f"{path.stem}.*")}
         assert beside <= {p.suffix for p in out.glob(f"{path.stem}.*")}, f"{path.name}: not all of {beside} written"
-        if script in NO_CLAIMS:
-            continue
         claims = result.get("claims")
         assert isinstance(claims, list) and claims, f"{path.name} has no claims list"
         for c in claims:
@@ -159,3 +157,101 @@ def test_smoke_refuses_to_write_into_the_committed_results(bench, tmp_path):
     status = run("r9_baird", ["--smoke", "--out", str(RESULTS)], tmp_path / "log.txt")
     assert status == 2 and "--smoke writes no results to" in (tmp_path / "log.txt").read_text()
     assert _snapshot(RESULTS) == committed
+
+
+# ----------------------------------------------------------------------------- the harness
+# benchmarks/harness.py is what every script imports: its writer, clock, quiet Trainer and
+# evaluation schedule are checked here directly, against numbers counted by hand.
+
+
+@pytest.fixture(scope="module")
+def harness():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import harness
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return harness
+
+
+def test_write_result_puts_the_claims_first_and_keeps_every_key(harness, tmp_path, capsys):
+    claims = [harness.claim("x >= 1", "paper: 2", 0.5, 0.5 >= 1), harness.claim("y", None, {"a": 1}, True)]
+    path = harness.write_result("demo", {"settings": {"out": tmp_path}, "claims": claims, "runs": [1, 2]},
+                                started=0.0, out=tmp_path)
+    written = json.loads(path.read_text())
+    assert path == tmp_path / "demo.json"
+    assert list(written) == ["benchmark", "claims", "settings", "runs", "wall_time_s"]
+    assert written["benchmark"] == "demo" and written["settings"]["out"] == str(tmp_path)
+    assert [c["holds"] for c in written["claims"]] == [False, True]
+    assert "1/2 claims hold" in capsys.readouterr().out
+    # a result that names itself keeps its own description
+    described = harness.write_result("named", {"benchmark": "a description", "claims": claims[:1]}, 0.0, tmp_path)
+    assert json.loads(described.read_text())["benchmark"] == "a description"
+
+
+@pytest.mark.parametrize("claims", [None, [], [{"claim": "c", "published": None, "measured": 1, "holds": 1}],
+                                    [{"claim": "c", "measured": 1, "holds": True}]])
+def test_write_result_refuses_a_result_without_proper_claims(harness, tmp_path, claims):
+    with pytest.raises(ValueError, match="write_result\\('bad'\\)"):
+        harness.write_result("bad", {"claims": claims}, 0.0, tmp_path)
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_quiet_trainer_writes_nothing_unless_told(harness, tmp_path):
+    trainer = harness.quiet_trainer(max_steps=1)
+    assert trainer.loggers == [] and trainer.checkpoint_callback is None and trainer.progress_bar_callback is None
+    series = harness.SeriesLogger()
+    assert harness.quiet_trainer(max_steps=1, logger=series).loggers == [series]
+
+
+def test_train_clock_times_the_updates_after_its_warmup(harness):
+    import lightning as L
+
+    from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+
+    L.seed_everything(0, verbose=False)
+    counted = []  # an independent counter of the batches: what `count` reads
+
+    class Tick(L.Callback):
+        def on_train_batch_end(self, *args):
+            counted.append(1)
+
+    tick = Tick()
+    clock = harness.TrainClock(warmup=3)
+    steps = harness.TrainClock(warmup=3, count=lambda: 10 * len(counted))
+    harness.quiet_trainer(max_steps=8, callbacks=[tick, clock, steps]).fit(RandomWalkQ(),
+                                                                           RandomWalkDataModule(num_transitions=8))
+    assert clock.counted == 8 - 3 and steps.counted == 10 * (8 - 3)
+    assert 0 < clock.seconds and clock.rate == pytest.approx(5 / clock.seconds)
+    late = harness.TrainClock(warmup=20)
+    with pytest.raises(RuntimeError, match="before the end of its warm-up"):
+        harness.quiet_trainer(max_steps=4, callbacks=[late]).fit(RandomWalkQ(), RandomWalkDataModule(num_transitions=8))
+
+
+def test_env_step_evaluation_runs_at_phase_ends_past_each_multiple(harness):
+    """8 random steps, then phases of 4 environment steps and 2 updates: after updates 2, 4,
+    ..., 10 the environment steps are 12, 16, 20, 24, 28; every 10 steps means the first
+    phase end at or past 10 and 20: 12 and 20 (updates 2 and 6), with seeds 100 and 101."""
+    import lightning as L
+
+    from lit_qlearn.algorithms import DQN
+    from lit_qlearn.data import OnlineDataModule
+    from lit_qlearn.evaluation import evaluate_module
+
+    L.seed_everything(0, verbose=False)
+    dm = OnlineDataModule("CartPole-v1", capacity=64, learning_starts=8, batch_size=8, train_freq=4,
+                          gradient_steps=2, seed=0)
+    module = DQN(critic_hidden=(8,), eval_every=0)
+    returns = []  # each evaluation again, from outside, with the seed it should have used
+    seeds = iter((100, 101))
+
+    def again(trainer, pl_module, entry):
+        returns.append(evaluate_module(pl_module, "CartPole-v1", 2, seed=next(seeds))["return"])
+
+    evaluation = harness.EnvStepEvaluation(dm, every=10, episodes=2, seed=100, vary_seed=True, on_result=again)
+    harness.quiet_trainer(max_steps=10, callbacks=[evaluation]).fit(module, dm)
+    assert [p["env_steps"] for p in evaluation.curve] == [12, 20]
+    # at the phase's last update (2 and 6), not at its first (1 and 5), where the steps were taken
+    assert [h["step"] for h in evaluation.history] == [2, 6] and evaluation.seed == 101
+    assert [p["return"] for p in evaluation.curve] == returns
+    assert all(0 < p["train_seconds"] < p["seconds"] for p in evaluation.curve)
