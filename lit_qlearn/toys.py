@@ -1,5 +1,5 @@
 """The random-walk toy of Yue et al. (2023) on which Q-value divergence and its
-crash step are studied (DESIGN.md section 7, R1).
+crash step are studied (docs/design.md section 7, R1).
 
 A trajectory of planar states: ``s_0`` uniform in ``[0, 1)^2``, each move ``step``
 along one of the 8 compass directions (chosen uniformly) plus uniform noise in
@@ -9,7 +9,7 @@ is ``gamma * max`` over the 8 directions of the *current* network at ``s'``,
 without gradient and without a target network. Full-batch SGD on the mean
 squared TD error with ``gamma = 0.99`` diverges: NaN after a few hundred steps
 at ``lr = 0.01``, with ``1/||u||`` falling on a line that reaches zero at the NaN
-step (section 5.4).
+step (docs/design.md section 5.4; measured: benchmarks/results/crash_prediction.json).
 
 :class:`RandomWalkQ` implements the probe protocol, so every callback of the
 package attaches to it; :class:`RandomWalkDataModule` serves the whole
@@ -107,12 +107,12 @@ class RandomWalkQ(QLearningModule):
     error against ``r + gamma (1 - terminated) max_d Q(s', d)`` of the current network.
 
     Args:
-        gamma: discount factor (0.99 diverges; 0.95 and below converge).
+        gamma: discount factor (0.99 diverges; 0.95 and below converge: benchmarks/results/crash_prediction.json).
         hidden: hidden widths of the ReLU MLP (``(64,)``: the 2-layer network of the paper).
         activation: activation of the MLP, one of relu, tanh, sin, elu, mish.
         norm: None or "layer" (the LayerNorm remedy) or "batch".
         lr: learning rate.
-        optimizer: ``"sgd"`` (finite crash step) or ``"adam"`` (polynomial growth, section 5.4).
+        optimizer: ``"sgd"`` (finite crash step) or ``"adam"`` (polynomial growth, docs/design.md section 5.4).
     """
 
     def __init__(self, gamma: float = 0.99, hidden: Sequence[int] = (64,), activation: str = "relu",

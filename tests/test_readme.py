@@ -6,13 +6,15 @@ What the tests change around the text, never in it:
   100,000 updates, or no limit, would take hours) and records itself, so that a test can
   check the run really trained;
 * ``$LIT_QLEARN_DATA_DIR`` is a temporary directory holding the ``"default"`` dataset at
-  5,000 steps (the real one is 100k, made on first use; an existing file is reused
-  whatever its size, so the block's ``OfflineDataModule("default")`` finds this one);
+  5,000 steps (the real one is 100k, made by ``lit-qlearn datasets make default``; an
+  existing file is reused whatever its size, so the quick start's ``ensure_default_dataset()``
+  and ``OfflineDataModule("default")`` find this one);
 * the working directory is a temporary one (``lightning_logs`` goes there).
 """
 import builtins
 import re
 import symtable
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +47,17 @@ def free_names(code: str) -> set[str]:
     return used - defined - set(dir(builtins))
 
 
+def block(marker: str) -> int:
+    """The index of the one block that contains ``marker``."""
+    found = [i for i, code in enumerate(BLOCKS) if marker in code]
+    assert len(found) == 1, f"README.md: {len(found)} python blocks contain {marker!r}, expected 1"
+    return found[0]
+
+
+QUICK_START, CRASH, MY_ALGORITHM, ONLINE = (block(m) for m in (
+    "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\""))
+
+
 def block_id(code: str) -> str:
     return next(line for line in code.splitlines() if line.strip() and not line.startswith(("import", "from")))[:40]
 
@@ -52,7 +65,7 @@ def block_id(code: str) -> str:
 @pytest.fixture(scope="module")
 def readme_env(tmp_path_factory):
     """The temporary data directory with a small "default" dataset, made once."""
-    from lit_qlearn.data import ensure_default_dataset
+    from lit_qlearn.datasets import ensure_default_dataset
 
     data_dir = tmp_path_factory.mktemp("readme_data")
     mp = pytest.MonkeyPatch()
@@ -89,18 +102,26 @@ def run_block(index: int, namespaces: dict[int, dict]) -> dict:
         allowed = [names for marker, names in CONTINUATIONS.items() if marker in code]
         assert allowed and free <= allowed[0], f"README block {index} ({block_id(code)!r}) uses {free} undefined"
         namespace = dict(namespaces.get(index - 1) or run_block(index - 1, namespaces))
-    exec(compile(code, f"README.md block {index}", "exec"), namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        warnings.simplefilter("always", DeprecationWarning)
+        exec(compile(code, f"README.md block {index}", "exec"), namespace)
+    # a renamed argument warns at its caller: the README teaches the current names only
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                  and str(w.filename).startswith("README.md")]
+    assert not deprecated, f"README block {index} ({block_id(code)!r}) uses deprecated names: {deprecated}"
     namespaces[index] = namespace
     return namespace
 
 
 def test_the_readme_has_the_blocks_these_tests_expect():
-    assert len(BLOCKS) == 4
-    assert [free_names(code) for code in BLOCKS] == [set(), {"L", "model", "dm"}, set(), set()]
+    assert len(BLOCKS) == 4 and CRASH == QUICK_START + 1  # the crash block continues the quick start
+    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE)] == [
+        set(), {"L", "model", "dm"}, set(), set()]
 
 
 def test_usage_trains_on_the_default_data(trainers, readme_env):
-    ns = run_block(0, {})
+    ns = run_block(QUICK_START, {})
     (trainer,) = trainers
     assert trainer.global_step == STEPS and ns["model"].updates == STEPS
     # the file the block's "default" read: fraction=0.1 of its transitions (read here with h5py)
@@ -111,17 +132,19 @@ def test_usage_trains_on_the_default_data(trainers, readme_env):
     transitions = int((~timeouts[:-1]).sum())  # qlearning_dataset: no final row, no timeout rows
     assert transitions > DEFAULT_STEPS * 0.9
     assert ns["dm"].num_transitions == round(0.1 * transitions)
+    # the monitors the block names are attached and got their probe sets from the data
+    assert all(m in trainer.callbacks and m.probe is not None for m in ns["monitors"])
 
 
 def test_crash_predictor_continues_the_usage_example(trainers):
-    ns = run_block(1, {})
+    ns = run_block(CRASH, {})
     first, second = trainers
     assert second.global_step == STEPS and ns["crash"] in second.callbacks
     assert ns["crash"].checkpoint_path is None  # nothing unhealthy in 3 updates of a LayerNorm critic
 
 
 def test_online_dqn_trains(trainers):
-    ns = run_block(2, {})
+    ns = run_block(ONLINE, {})
     (trainer,) = trainers
     dm = ns["dm"]
     assert trainer.global_step == STEPS and ns["model"].updates == STEPS
@@ -131,7 +154,7 @@ def test_online_dqn_trains(trainers):
 
 
 def test_the_write_your_own_algorithm_example_trains(trainers):
-    ns = run_block(3, {})
+    ns = run_block(MY_ALGORITHM, {})
     from lit_qlearn.data import OnlineDataModule
 
     torch.manual_seed(0)
@@ -149,3 +172,14 @@ def test_the_write_your_own_algorithm_example_trains(trainers):
     assert module.updates == trainer.global_step == 100
     # the hard copy fires after update 100 only, inside the update; in between the target stays put
     assert seen == [False] * 99 + [True]
+
+
+def test_the_public_names_of_the_design_document_import():
+    """docs/design.md section 3 lists the stable imports: every one of them exists."""
+    design = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
+    section = design.split("## 3. Public names")[1].split("\n## ")[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert block.count("from lit_qlearn.") >= 10
+    namespace: dict = {}
+    exec(compile(block, "docs/design.md section 3", "exec"), namespace)
+    assert namespace["CrashPredictor"].__module__ == "lit_qlearn.callbacks.crash"

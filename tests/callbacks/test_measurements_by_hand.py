@@ -236,7 +236,7 @@ def test_probe_from_batches_is_the_first_rows_seen(chain_file):
 
 
 # ------------------------------------------------------------ CrashPredictor
-# The laws' bookkeeping is driven through _record / _fit with hand-made ||u|| series; no
+# The laws' bookkeeping is driven through _record (which fits lit_qlearn.forecast.forecast) with hand-made ||u|| series; no
 # Trainer is needed for them (law and L given, so nothing is resolved at fit start).
 
 

@@ -202,7 +202,7 @@ def test_prioritised_batches_are_weighted_with_the_annealed_beta(beta_steps):
     L.seed_everything(0, verbose=False)
     L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu", callbacks=[Check()]).fit(
-        TestSetsPriorities(gamma=0.9, hidden=(8,)), dm)
+        TestSetsPriorities(gamma=0.9, critic_hidden=(8,)), dm)
     assert [t for t, _, _ in checked] == list(range(1, steps + 1))
     # beta moved from 0.2 towards 1 (reaching it with beta_steps=8), and the weights are far
     # from 1, so a batch weighted with the initial beta would fail above
