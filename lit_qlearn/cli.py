@@ -58,14 +58,11 @@ def fit_main(args: Sequence[str]) -> None:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
                 super().parse_arguments(parser, args)
-
-        def _parse_ckpt_path(self) -> None:
-            # LightningCLI fills --model from the checkpoint's hyper-parameters, whose
+            # Next, LightningCLI fills --model from --ckpt_path's hyper-parameters, whose
             # `_class_path` jsonargparse would import (running that module): the file is
-            # checked first, as data, and may name only the package's own algorithms or
-            # the class the user gave
+            # checked here first, as data, and may name only the package's own algorithms
+            # or the class the user gave
             _check_ckpt_path(self.config[self.config.subcommand])
-            super()._parse_ckpt_path()
 
     CLI(
         QLearningModule,

@@ -53,7 +53,7 @@ class TargetUpdate:
         return update_index % self.every == 0
 
     def _tensors(self, online: nn.Module, target: nn.Module) -> tuple[list, list, list, list]:
-        # Listing parameters walks the module tree (~70 us for a twin critic), so the
+        # Listing parameters walks the module tree (a cost paid on every update), so the
         # lists are kept per pair. Parameters keep their identity under load_state_dict,
         # .to() and torch.compile; a module whose parameters are replaced (e.g. a
         # parametrisation added later) needs clear_cache().
