@@ -310,6 +310,7 @@ def write_result(name: str, result: dict[str, Any], started: float, out: Path) -
     ``result`` in its order, and ``wall_time_s`` since ``started`` (``time.perf_counter()``).
     ``out`` is ``args.out`` of :func:`parse_args`, never implicit, so that a smoke run
     cannot write into benchmarks/results/."""
+    result = dict(result)  # the caller's dict is left as it was
     claims = result.pop("claims", None)
     if not isinstance(claims, list) or not claims:
         raise ValueError(f"write_result({name!r}): result['claims'] must be a non-empty list of claim(...), "

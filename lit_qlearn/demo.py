@@ -77,11 +77,13 @@ class CriticRun:
 def ensure_data(dataset: str) -> None:
     """Make ``dataset`` first if it is ``"default"`` or a generated name (``hopper-medium-v5``)
     whose file is absent, with a progress bar: the demo makes what it reads (an
-    OfflineDataModule never does)."""
+    OfflineDataModule never does), except a ``medium-replay`` dataset (a training run)."""
     if dataset == "default":
         ensure_default_dataset()
-    elif parse_name(dataset) is not None:
+    elif parse_name(dataset) is not None and parse_name(dataset)[1] != "medium-replay":
         ensure_dataset(dataset)
+    # medium-replay is a SAC run's own buffer: remaking it is a long rerun the demo never
+    # starts; the DataModule's one-line error names the command when it is absent
 
 
 # ------------------------------------------------------------------- the divergence demo

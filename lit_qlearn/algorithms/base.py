@@ -10,6 +10,7 @@ and evaluation (:mod:`lit_qlearn.evaluation`).
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,7 @@ from lit_qlearn.algorithms.checkpointing import (explain_broken_checkpoints, qui
                                                  remove_warning_filter, rng_state, set_rng_state)
 from lit_qlearn.algorithms.optim import Stepper
 from lit_qlearn.data.checkpoint import check_before_loading
+from lit_qlearn.data.names import normalized_score
 from lit_qlearn.data.rollout import make_vector_env
 from lit_qlearn.data.types import DataSpec, Transitions, data_spec
 from lit_qlearn.evaluation import Evaluation, evaluate_module
@@ -33,6 +35,35 @@ from lit_qlearn.targets import TargetUpdate, make_target
 from lit_qlearn.td import td_target
 
 __all__ = ["QLearningModule"]
+
+#: ``target_update`` before the constructor set it (None is a rule of its own: no targets move).
+_UNSET: Any = object()
+
+
+def constructor_arguments(cls: type) -> set[str]:
+    """The argument names ``cls(...)`` takes: its ``__init__``'s, and its parents' as far
+    as each level passes ``**kwargs`` on."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+#: Hooks of earlier releases, and what replaced them: a subclass defining one is told at
+#: class creation instead of having its method silently never called.
+REPLACED_HOOKS = {
+    "add_targets": "build_targets() (ActorCritic) or build(spec) with add_target",
+    "critic_update": "critic_loss(batch, y), which returns the loss; update() steps it",
+    "actor_update": "actor_step(batch) (DDPG's shape) or the actor lines of update()",
+    "build_now": "nothing: the base builds once every constructor has run",
+    "log_evaluation": "the lit_qlearn.evaluation.Evaluation callback (eval_every)",
+    "actor_lr_at": "build_schedulers(optimizers) and scheduler(name)",
+}
 
 
 class _BuildsAfterInit(type):
@@ -47,6 +78,12 @@ class _BuildsAfterInit(type):
         module = super().__call__(*args, **kwargs)
         module.finish_init()
         return module
+
+    def __init__(cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(name, bases, namespace, **kwargs)
+        for hook in REPLACED_HOOKS.keys() & namespace.keys():
+            raise TypeError(f"{name}.{hook}: QLearningModule no longer calls {hook}(); use "
+                            f"{REPLACED_HOOKS[hook]} (docs/design.md section 8)")
 
     @property
     def __signature__(cls) -> inspect.Signature:
@@ -125,9 +162,12 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
         self.spec: DataSpec | None = None
         #: The spec given to the constructor (sizes): built by :meth:`finish_init`.
         self.given_spec: DataSpec | None = None
-        self.target_update: TargetUpdate | None = None
+        #: The rule that moves the targets after each update (None: none). Unless the
+        #: constructor sets it (None included), :meth:`default_target_update` gives it.
+        self.target_update: TargetUpdate | None = _UNSET  # type: ignore[assignment]
         self._target_pairs: list[tuple[nn.Module, nn.Module]] = []
         self._optimizer_names: list[str] = []
+        self._scheduler_names: list[str] = []
         #: How this fit's optimiser steps run (made at fit start).
         self.stepper: Stepper | None = None
         self._eval_env: Any = None
@@ -144,9 +184,9 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
         the default target rule unless the constructor set one, then the networks if
         the constructor gave the sizes (:attr:`given_spec`) and did not build them.
         (The hyper-parameters stay Lightning's: every constructor level's arguments, which
-        a subclass may read; ``load_from_checkpoint`` passes back only those the class
-        takes.)"""
-        if self.target_update is None:
+        a subclass may read; a checkpoint keeps only those the class takes, see
+        :meth:`on_save_checkpoint`.)"""
+        if self.target_update is _UNSET:
             self.target_update = self.default_target_update()
         if self.given_spec is not None and self.spec is None:
             self.build_for(self.given_spec)
@@ -320,6 +360,8 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
         ``max_grad_norm`` (if given), step. ``count_step=False`` keeps the step out of
         Lightning's ``global_step`` (:meth:`step` passes it for every optimiser but the
         counted one)."""
+        if self.stepper is None:  # made at fit start; here for a subclass whose on_fit_start skips super()
+            self.stepper = Stepper(self)
         self.stepper.step(optimizer, loss, count=count_step, max_grad_norm=max_grad_norm)
 
     @staticmethod
@@ -338,7 +380,10 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
         """The module's own callbacks, merged by Lightning into the Trainer's: an
         :class:`~lit_qlearn.evaluation.Evaluation` every ``eval_every`` updates (none on
         data without an environment id). An ``Evaluation`` given to the Trainer wins: the
-        module then adds none."""
+        module then adds none. Lightning runs a module's callbacks after the Trainer's, so
+        a Trainer callback's ``on_train_batch_end`` at an evaluation's update sees the
+        previous ``eval/*`` in ``callback_metrics``; one that needs this update's goes after
+        an ``Evaluation`` of its own in the Trainer's list."""
         if not self.eval_every:
             return []
         if any(isinstance(callback, Evaluation) for callback in self.trainer.callbacks):
@@ -387,6 +432,7 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
 
     def teardown(self, stage: str) -> None:
         remove_warning_filter(self.__dict__.pop("_checkpoint_warning_filter", None))
+        self.stepper = None  # it holds this fit's strategy and DDP wrapper
         if self._eval_env is not None:
             self._eval_env.close()
             self._eval_env = None
@@ -444,6 +490,14 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
                                             strict=strict, weights_only=weights_only, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict):
+            # Only the arguments this class takes: `load_from_checkpoint` and `lit-qlearn fit
+            # --ckpt_path` pass them back to it, and a parent's option the class fixes (PreQN's
+            # num_q = 1, its absent critic_lr) is not one of them. ("_" keys are Lightning's.)
+            accepted = constructor_arguments(type(self))
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {
+                key: value for key, value in hparams.items() if key.startswith("_") or key in accepted}
         checkpoint["lit_qlearn_updates"] = self.updates
         # Lets `load_from_checkpoint` and `lit_qlearn.datasets.collect` rebuild the module alone.
         checkpoint["lit_qlearn_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
@@ -497,3 +551,9 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
             self._eval_env = make_vector_env(self.env_id, 1, self.spec.env_wrapper if self.spec else None)
         return evaluate_module(self, self._eval_env, self.eval_episodes if episodes is None else episodes,
                                seed=seed, ref_scores=self.ref_scores)
+
+    def normalized_score(self, ret: float) -> float:
+        """D4RL's ``100 * (return - ref_min) / (ref_max - ref_min)`` with the data's reference
+        scores (:func:`lit_qlearn.data.names.normalized_score`); NaN without them."""
+        return math.nan if self.ref_scores is None else float(normalized_score(ret, self.ref_scores))
+

@@ -96,7 +96,7 @@ def default_dataset_path() -> pathlib.Path:
 # ------------------------------------------------------------ the generated datasets
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
-ENV_IDS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+ENV_IDS = {family: D4RL_ENV_IDS[family] for family in ("hopper", "halfcheetah", "walker2d")}
 _NAME = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<level>random|medium-expert|medium-replay|medium|expert)-v5$")
 
 

@@ -390,3 +390,45 @@ def test_a_subclass_fixing_a_parents_option_keeps_lightnings_hparams_and_loads(t
     module.configure_optimizers()
     loaded = _round_trip(module, tmp_path)
     assert loaded.critic.num_q == 1 and loaded.critic.members[0][0].out_features == 4
+
+
+def test_a_checkpoint_keeps_only_the_arguments_the_class_takes(tmp_path):
+    """PreQN fixes ActorCritic's num_q and has no critic optimiser or target rule: its
+    checkpoint's hyper-parameters are its own arguments (what `lit-qlearn fit --ckpt_path`
+    and load_from_checkpoint pass back), while the live hparams stay Lightning's."""
+    import inspect
+
+    module = PreQN(obs_dim=3, act_dim=1, critic_hidden=(8,), actor_hidden=(8,))
+    assert {"num_q", "critic_lr", "target_tau"} <= set(module.hparams)  # every constructor level's
+    _round_trip(module, tmp_path)
+    saved = torch.load(tmp_path / "m.ckpt", weights_only=True)["hyper_parameters"]
+    assert set(saved) == set(inspect.signature(PreQN).parameters)
+    PreQN(**saved)
+
+
+def test_a_hook_of_an_earlier_release_is_an_error_at_class_creation():
+    with pytest.raises(TypeError, match=r"Old\.add_targets: .*build_targets"):
+        class Old(TD3):
+            def add_targets(self):
+                pass
+
+
+def test_a_constructor_may_set_no_target_rule_on_purpose():
+    class NoRule(TD3):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.target_update = None  # e.g. an EMATarget callback always moves the targets
+
+    assert NoRule(obs_dim=3, act_dim=1).target_update is None
+    assert TD3(obs_dim=3, act_dim=1, policy_freq=3).target_update.every == 3
+
+
+def test_optimize_works_when_a_subclass_on_fit_start_skips_super(tiny_td3bc):
+    class Forgets(TD3BC):
+        def on_fit_start(self):
+            pass
+
+    _, dm = tiny_td3bc()
+    forgets = Forgets(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(16,), actor_hidden=(16,), eval_every=0)
+    trainer = fit(forgets, dm, 2)
+    assert trainer.global_step == 2 and forgets.stepper is None  # cleared at teardown
