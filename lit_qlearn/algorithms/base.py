@@ -521,6 +521,9 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
             # obs_mean / obs_std come back with the state dict; whether act() / explore() apply
             # them is the trained data's, also for a module built with sizes (whose spec has none)
             self._normalizes = spec.obs_mean is not None
+            # where it is evaluated: a loaded module's evaluate() needs no DataModule either
+            self.env_id = self.env_id or spec.env_id
+            self.ref_scores = self.ref_scores or spec.ref_scores
         states = checkpoint.get("lit_qlearn_rng")
         # Only a resumed fit takes the random state back; loading weights leaves it alone.
         if states and self._trainer is not None and self.trainer.state.fn == "fit":

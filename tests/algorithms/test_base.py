@@ -82,6 +82,9 @@ def test_checkpoint_rebuilds_any_algorithm_without_sizes(tmp_path):
     assert loaded.spec == module.spec and loaded.updates == 3
     obs = np.eye(5, dtype=np.float32)
     np.testing.assert_array_equal(loaded.act(obs), module.act(obs))
+    # where it was trained is known too: evaluate() needs no DataModule
+    assert loaded.env_id == module.env_id == "lit_qlearn.toys:Chain-v0"
+    assert loaded.evaluate(2) == module.evaluate(2)
 
 
 # --------------------------------------------------------------- update and step counting
