@@ -432,7 +432,6 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
 
     def teardown(self, stage: str) -> None:
         remove_warning_filter(self.__dict__.pop("_checkpoint_warning_filter", None))
-        self.stepper = None  # it holds this fit's strategy and DDP wrapper
         if self._eval_env is not None:
             self._eval_env.close()
             self._eval_env = None

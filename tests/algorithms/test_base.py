@@ -434,4 +434,4 @@ def test_optimize_works_when_a_subclass_on_fit_start_skips_super(tiny_td3bc):
     _, dm = tiny_td3bc()
     forgets = Forgets(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(16,), actor_hidden=(16,), eval_every=0)
     trainer = fit(forgets, dm, 2)
-    assert trainer.global_step == 2 and forgets.stepper is None  # cleared at teardown
+    assert trainer.global_step == 2 and forgets.stepper is not None  # made at its first step
