@@ -2,10 +2,13 @@
 
 :func:`evaluate_policy` rolls a batched policy for a number of episodes in an
 environment (:func:`lit_qlearn.data.rollout.run_episodes`) and returns the mean return,
-length and D4RL normalised score. :class:`Evaluation` does that for a fitting module's
-``act`` on a schedule (every ``every`` updates, or whenever its :meth:`Evaluation.due`
-says), on rank zero, shares the result with every rank and publishes ``eval/return``,
-``eval/length`` and ``eval/normalized_score`` at the update count. A
+length and D4RL normalised score, and given a start-state value and a discount, the
+overestimation gap of Fujimoto et al. (2018). :class:`Evaluation` does that for a
+fitting module's ``act`` on a schedule (every ``every`` updates, or whenever its
+:meth:`Evaluation.due` says), on rank zero, shares the result with every rank and
+publishes ``eval/return``, ``eval/length``, ``eval/normalized_score`` and, for a module
+with the probe protocol, ``eval/q_overestimation``, ``eval/q_start_mean`` and
+``eval/discounted_return_mean`` at the update count. A
 :class:`~lit_qlearn.algorithms.base.QLearningModule` with ``eval_every > 0`` attaches
 one itself; benchmarks and behaviour-policy training attach their own.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -30,11 +34,24 @@ __all__ = ["evaluate_policy", "evaluate_module", "Evaluation", "EnvStepEvaluatio
 
 Policy = Callable[[np.ndarray], np.ndarray]
 
+#: The module members the overestimation gap reads (the probe protocol's, and the discount).
+PROBE_MEMBERS = ("q_value", "greedy_action", "gamma")
+#: The overestimation gap's result keys, published as ``eval/<key>``.
+OVERESTIMATION = ("q_overestimation", "q_start_mean", "discounted_return_mean")
+
 
 def evaluate_policy(act: Policy, env_id: str | gym.vector.VectorEnv, episodes: int, seed: int = 10_000,
-                    env_wrapper: str | None = None,
-                    ref_scores: tuple[float, float] | None = None) -> dict[str, float]:
+                    env_wrapper: str | None = None, ref_scores: tuple[float, float] | None = None,
+                    start_value: Callable[[np.ndarray], np.ndarray] | None = None,
+                    gamma: float | None = None) -> dict[str, float]:
     """Mean ``return``, ``length`` and ``normalized_score`` of ``episodes`` episodes of ``act``.
+
+    With ``start_value`` and ``gamma``, also the overestimation gap of Fujimoto et al.
+    (2018): ``q_start_mean`` (the mean of ``start_value`` over the episodes' first
+    observations), ``discounted_return_mean`` (of ``sum_t gamma^t r_t``) and
+    ``q_overestimation``, the mean over episodes of the first minus the second. An
+    episode cut by a time limit counts its return up to the cut only, so on short limits
+    the gap of a value that looks past them is biased up.
 
     Args:
         act: batched policy, observations ``(E, *obs_shape) -> actions (E, ...)``.
@@ -45,18 +62,35 @@ def evaluate_policy(act: Policy, env_id: str | gym.vector.VectorEnv, episodes: i
         env_wrapper: the wrapper :func:`~lit_qlearn.data.rollout.make_env` applies (e.g. ``"atari"``).
         ref_scores: ``(ref_min, ref_max)`` of D4RL's ``100 (return - ref_min) / (ref_max - ref_min)``;
             None gives a NaN score (:func:`lit_qlearn.data.reference_scores` looks them up by name).
+        start_value: the value estimate at raw first observations, ``(K, *obs_shape) -> (K,)``
+            (a module's ``Q(s_0, greedy(s_0))``); needs ``gamma``.
+        gamma: the discount of the Monte-Carlo return ``start_value`` is compared with, in [0, 1].
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"evaluate_policy: episodes must be an integer >= 1, got {episodes!r}")
+    if (start_value is None) != (gamma is None):
+        raise ValueError("evaluate_policy: start_value and gamma go together (the overestimation gap needs both), "
+                         f"got start_value={start_value!r} and gamma={gamma!r}")
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"evaluate_policy: gamma must be in [0, 1], got {gamma!r}")
     env = make_vector_env(env_id, 1, env_wrapper) if isinstance(env_id, str) else env_id
     try:
-        returns, lengths = run_episodes(env, act, episodes, seed=seed)
+        if gamma is None:
+            returns, lengths = run_episodes(env, act, episodes, seed=seed)
+        else:
+            returns, lengths, starts, discounted = run_episodes(env, act, episodes, seed=seed, gamma=gamma)
     finally:
         if env is not env_id:
             env.close()
     mean_return = float(np.mean(returns))
     score = math.nan if ref_scores is None else float(normalized_score(mean_return, ref_scores))
-    return {"return": mean_return, "length": float(np.mean(lengths)), "normalized_score": score}
+    result = {"return": mean_return, "length": float(np.mean(lengths)), "normalized_score": score}
+    if gamma is not None:
+        q_start = np.asarray(start_value(starts), dtype=np.float64).reshape(-1)
+        mc = np.asarray(discounted, dtype=np.float64)
+        result.update(q_start_mean=float(q_start.mean()), discounted_return_mean=float(mc.mean()),
+                      q_overestimation=float((q_start - mc).mean()))
+    return result
 
 
 @torch.no_grad()
@@ -64,13 +98,27 @@ def evaluate_module(module: torch.nn.Module, env: str | gym.vector.VectorEnv, ep
                     env_wrapper: str | None = None,
                     ref_scores: tuple[float, float] | None = None) -> dict[str, float]:
     """:func:`evaluate_policy` of ``module.act`` in eval mode (dropout off, normalisation
-    statistics frozen) without gradients; the module's train / eval mode is restored."""
+    statistics frozen) without gradients; the module's train / eval mode is restored.
+    A module with the probe protocol and a discount (:data:`PROBE_MEMBERS`) also gets the
+    overestimation gap, its start value ``q_value(s_0, greedy_action(s_0))`` on the states
+    as ``act`` sees them (``module.normalize``, where it has one)."""
     was_training = module.training
     module.eval()
+    start_value, gamma = None, None
+    if all(hasattr(module, name) for name in PROBE_MEMBERS):
+        start_value, gamma = partial(_start_value, module), float(module.gamma)
     try:
-        return evaluate_policy(module.act, env, episodes, seed=seed, env_wrapper=env_wrapper, ref_scores=ref_scores)
+        return evaluate_policy(module.act, env, episodes, seed=seed, env_wrapper=env_wrapper, ref_scores=ref_scores,
+                               start_value=start_value, gamma=gamma)
     finally:
         module.train(was_training)
+
+
+def _start_value(module: torch.nn.Module, obs: np.ndarray) -> np.ndarray:
+    """``Q(s, greedy(s))`` ``(K,)`` of raw observations ``(K, *obs_shape)``, normalised as ``act`` does."""
+    normalize = getattr(module, "normalize", None)
+    x = normalize(obs) if normalize is not None else torch.as_tensor(obs, dtype=torch.float32)
+    return module.q_value(x, module.greedy_action(x)).float().cpu().numpy()
 
 
 class Evaluation(Callback):
@@ -78,7 +126,9 @@ class Evaluation(Callback):
 
     Rank zero runs the episodes; the result is broadcast, so every rank publishes the
     same ``eval/return``, ``eval/length`` and ``eval/normalized_score`` (NaN scores are
-    not written) at ``trainer.global_step`` (for lit_qlearn's modules the update count)
+    not written), and for a module with the probe protocol the overestimation gap
+    (:func:`evaluate_module`: ``eval/q_overestimation``, ``eval/q_start_mean``,
+    ``eval/discounted_return_mean``), at ``trainer.global_step`` (for lit_qlearn's modules the update count)
     to the loggers and ``trainer.callback_metrics``: a ``ModelCheckpoint`` or
     ``EarlyStopping`` monitoring ``eval/return`` agrees across ranks.
 
@@ -102,7 +152,8 @@ class Evaluation(Callback):
 
     Attributes:
         history: one entry per evaluation: ``step``, ``return``, ``length``,
-            ``normalized_score`` and the evaluation's wall time ``seconds``.
+            ``normalized_score``, the gap's keys (:data:`OVERESTIMATION`) for a module with
+            the probe protocol, and the evaluation's wall time ``seconds``.
     """
 
     def __init__(self, every: int = 0, episodes: int = 10, seed: int = 10_000, env_id: str | None = None,
@@ -162,8 +213,10 @@ class Evaluation(Callback):
             result["seconds"] = time.perf_counter() - start
         result = trainer.strategy.broadcast(result, src=0)
         entry = self.make_entry(trainer, {"step": trainer.global_step, **result})
-        publish(trainer, {"eval/return": entry["return"], "eval/length": entry["length"],
-                          "eval/normalized_score": entry["normalized_score"]}, trainer.global_step)
+        metrics = {"eval/return": entry["return"], "eval/length": entry["length"],
+                   "eval/normalized_score": entry["normalized_score"]}
+        metrics.update({f"eval/{k}": entry[k] for k in OVERESTIMATION if k in entry})
+        publish(trainer, metrics, trainer.global_step)
         self.history.append(entry)
         if self.on_result is not None:
             self.on_result(trainer, pl_module, entry)

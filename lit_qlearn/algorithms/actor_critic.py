@@ -154,12 +154,19 @@ class ActorCritic(QLearningModule):
         td = td_loss(q, y, batch.weight)
         return CriticLoss(td.loss, q.detach(), td.td_abs, {"train/critic_loss": td.loss.detach()})
 
-    def log_update(self, batch: Transitions, q_data: Tensor, scalars: dict[str, Tensor | float]) -> None:
+    def log_update(self, batch: Transitions, q_data: Tensor, scalars: dict[str, Tensor | float],
+                   y: Tensor | None = None, critic_grad_norm: Tensor | None = None) -> None:
         """Log one update's scalars (call on logging steps only): ``q/data_mean`` (of
         ``q_data``, the first critic on the data's actions before its step, ``(B,)``),
+        ``q/target_mean`` (of the TD target ``y`` ``(B,)``, if given),
+        ``train/critic_grad_norm`` (the critic's gradient norm before any clip, if given),
         ``scalars``, ``q/policy_mean`` (measured now unless ``scalars`` has it) and
         ``params/critic_norm``."""
         metrics: dict[str, Tensor | float] = {"q/data_mean": q_data.mean(), **scalars}
+        if y is not None:
+            metrics["q/target_mean"] = y.mean()
+        if critic_grad_norm is not None:
+            metrics["train/critic_grad_norm"] = critic_grad_norm
         with torch.no_grad():
             if "q/policy_mean" not in metrics:
                 metrics["q/policy_mean"] = self.q_value(batch.obs, self.greedy_action(batch.obs)).mean()

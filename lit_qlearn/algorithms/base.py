@@ -348,21 +348,24 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
         except ValueError:
             raise KeyError(f"{type(self).__name__} has optimisers {self._optimizer_names}, not {name!r}") from None
 
-    def step(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
+    def step(self, name: str, loss: Tensor, max_grad_norm: float | None = None,
+             measure_norm: bool = False) -> Tensor | None:
         """One step of the optimiser ``name`` on ``loss`` (see :meth:`optimize`)."""
-        self.optimize(self.optimizer(name), loss, count_step=name == self.counted_optimizer,
-                      max_grad_norm=max_grad_norm)
+        return self.optimize(self.optimizer(name), loss, count_step=name == self.counted_optimizer,
+                             max_grad_norm=max_grad_norm, measure_norm=measure_norm)
 
     def optimize(self, optimizer: Any, loss: Tensor, count_step: bool = True,
-                 max_grad_norm: float | None = None) -> None:
+                 max_grad_norm: float | None = None, measure_norm: bool = False) -> Tensor | None:
         """One optimiser step on ``loss`` (:meth:`lit_qlearn.algorithms.optim.Stepper.step`):
         zero grads, backward, average across ranks, clip the global gradient norm to
         ``max_grad_norm`` (if given), step. ``count_step=False`` keeps the step out of
         Lightning's ``global_step`` (:meth:`step` passes it for every optimiser but the
-        counted one)."""
+        counted one). Returns the gradients' global norm before the clip ``()`` when
+        clipping or ``measure_norm`` (pass it on logging steps only), else None."""
         if self.stepper is None:  # made at fit start; here for a subclass whose on_fit_start skips super()
             self.stepper = Stepper(self)
-        self.stepper.step(optimizer, loss, count=count_step, max_grad_norm=max_grad_norm)
+        return self.stepper.step(optimizer, loss, count=count_step, max_grad_norm=max_grad_norm,
+                                 measure_norm=measure_norm)
 
     @staticmethod
     def adam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Adam:
@@ -543,7 +546,8 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
     def evaluate(self, episodes: int | None = None, seed: int = 10_000) -> dict[str, float]:
         """Run ``episodes`` (default ``eval_episodes``) episodes of :meth:`act` in the data's
         environment (:func:`lit_qlearn.evaluation.evaluate_policy`); return the mean
-        ``return``, ``length`` and ``normalized_score`` (NaN without reference scores)."""
+        ``return``, ``length`` and ``normalized_score`` (NaN without reference scores), and
+        with the probe protocol the overestimation gap (:func:`lit_qlearn.evaluation.evaluate_module`)."""
         if self.env_id is None:
             raise RuntimeError(
                 f"{type(self).__name__}.evaluate: no environment id; the DataModule has no env_id "

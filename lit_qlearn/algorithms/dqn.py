@@ -214,14 +214,17 @@ class DQN(QLearningModule):
         return target_q.max(dim=1).values
 
     def update(self, batch: Transitions) -> Tensor:
+        logging = self.logging_now()
         y = self.td_target(batch)
         q = self.q_value(batch.obs, batch.act)
         critic = td_loss(q, y, batch.weight, kind=self.loss)
-        self.step("critic", critic.loss, max_grad_norm=self.max_grad_norm)
-        if self.logging_now():
+        # the gradient norm before the clip (free when clipping, measured on logging steps otherwise)
+        grad_norm = self.step("critic", critic.loss, max_grad_norm=self.max_grad_norm, measure_norm=logging)
+        if logging:
             with torch.no_grad():
                 self.log_scalars({"train/critic_loss": critic.loss.detach(), "q/data_mean": q.detach().mean(),
-                                  "train/td_abs_mean": critic.td_abs.mean(),
+                                  "q/target_mean": y.mean(), "train/td_abs_mean": critic.td_abs.mean(),
+                                  "train/critic_grad_norm": grad_norm,
                                   "params/critic_norm": parameter_norm(self.q_net.parameters())})
         return critic.td_abs
 

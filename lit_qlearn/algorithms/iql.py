@@ -147,13 +147,14 @@ class IQL(ActorCritic):
     def update(self, batch: Transitions) -> Tensor:
         # targets: y = r + discount (1 - d) V(s') (V before its step, as in CORL) for the critics, and
         # min_i Q'_i(s, a_data) for V; the three steps below each read only what is computed here
+        logging = self.logging_now()
         y = self.td_target(batch)
         with torch.no_grad():
             q_target = self.critic_target(batch.obs, batch.act).min(dim=0).values
         advantage = q_target - self.state_value(batch.obs)  # A = min_i Q'_i(s, a) - V(s), with V's gradient
         # critic
         critic = self.critic_loss(batch, y)
-        self.step("critic", critic.loss)
+        grad_norm = self.step("critic", critic.loss, measure_norm=logging)
         # actor: advantage-weighted regression onto the data's actions, at the schedule's rate
         weights = torch.exp(self.beta * advantage.detach()).clamp(max=self.max_weight)
         actor_loss = -(weights * self.actor.log_prob(batch.obs, batch.act)).mean()
@@ -164,13 +165,14 @@ class IQL(ActorCritic):
         # value: expectile regression of V(s) onto min_i Q'_i(s, a_data)
         value_loss = expectile_loss(advantage, self.expectile)
         self.step("value", value_loss)
-        if self.logging_now():
+        if logging:
             self.log_update(batch, critic.q[0], {**critic.scalars, "train/value_loss": value_loss.detach(),
                                                  "train/actor_loss": actor_loss.detach(),
                                                  "train/advantage_mean": advantage.detach().mean(),
                                                  "train/weight_mean": weights.mean(),
                                                  "v/data_mean": (q_target - advantage.detach()).mean(),
-                                                 "train/actor_lr": actor_lr})
+                                                 "train/actor_lr": actor_lr},
+                            y=y, critic_grad_norm=grad_norm)
         return critic.td_abs
 
 

@@ -72,6 +72,14 @@ def nothing_listens_to_steps(module: LightningModule) -> bool:
     return not any(is_overridden(h, cb, Callback) for cb in trainer.callbacks for h in STEP_HOOKS)
 
 
+def _global_norm(grads: list[Tensor]) -> Tensor:
+    """``||concat(grads)||_2`` ``()``: the norm ``clip_grad_norm_`` clips (its own helper,
+    ``nn.utils.get_total_norm``, needs torch >= 2.6)."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def _no_closure() -> None:
     return None
 
@@ -86,10 +94,15 @@ class Stepper:
         self.direct = nothing_listens_to_steps(module)
 
     def step(self, optimizer: LightningOptimizer | torch.optim.Optimizer, loss: Tensor, count: bool = True,
-             max_grad_norm: float | None = None) -> None:
+             max_grad_norm: float | None = None, measure_norm: bool = False) -> Tensor | None:
         """Zero grads, backward ``loss``, average the gradients across ranks, clip their
         global norm to ``max_grad_norm`` (if given), step; ``count=False`` keeps the step
-        out of ``global_step``. A bare ``torch.optim.Optimizer`` steps uncounted."""
+        out of ``global_step``. A bare ``torch.optim.Optimizer`` steps uncounted.
+
+        Returns the global L2 norm ``()`` of the gradients after averaging and before the
+        clip when it is known for free (``max_grad_norm`` given: the clip computes it) or
+        asked for (``measure_norm``: one more pass over the gradients, so ask on logging
+        steps only); else None."""
         lightning = isinstance(optimizer, LightningOptimizer)
         raw = optimizer.optimizer if lightning else optimizer
         raw.zero_grad(set_to_none=True)
@@ -97,14 +110,18 @@ class Stepper:
         params = [p for group in raw.param_groups for p in group["params"]]
         if self.ddp is not None:
             average_gradients(params, dist.get_world_size())
+        norm = None
         if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, max_grad_norm)
+            norm = nn.utils.clip_grad_norm_(params, max_grad_norm)  # the norm before the clip
+        elif measure_norm:
+            norm = _global_norm([p.grad for p in params if p.grad is not None])
         if lightning and count:
             optimizer.step()
         elif not lightning or self.direct:
             raw.step()
         else:  # what LightningOptimizer.step runs, without counting the step
             self.module.trainer.strategy.optimizer_step(raw, _no_closure)
+        return norm
 
     def _backward(self, loss: Tensor) -> None:
         if self.direct:

@@ -114,8 +114,9 @@ class PreQN(DeterministicActorCritic):
         step = preconditioned_step(self.q_network(), (obs, act), y - q, **self.preqn)
         # actor: DDPG's -Q(s, mu(s)) against the stepped critic
         actor = self.actor_step(batch)
-        if self.logging_now():
+        if self.logging_now():  # no train/critic_grad_norm: the critic takes no gradient step
             self.log_update(batch, q, {"train/critic_loss": (q - y).pow(2).mean(), **actor,
                                        "preqn/cos": step.cos, "preqn/shrink_steps": float(step.shrink_steps),
-                                       "preqn/step_norm": step.step_norm, "preqn/accepted": float(step.accepted)})
+                                       "preqn/step_norm": step.step_norm, "preqn/accepted": float(step.accepted)},
+                            y=y)
         return None  # no |TD error| for a prioritised buffer (supports_weights is False)

@@ -87,9 +87,11 @@ class SAC(ActorCritic):
         return -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
 
     def update(self, batch: Transitions) -> Tensor:
+        logging = self.logging_now()
         # critic: the twin TD loss against the soft y = r + discount (1 - d) V(s') (next_value)
-        critic = self.critic_loss(batch, self.td_target(batch))
-        self.step("critic", critic.loss)
+        y = self.td_target(batch)
+        critic = self.critic_loss(batch, y)
+        grad_norm = self.step("critic", critic.loss, measure_norm=logging)
         # actor: alpha log pi(a|s) - min_i Q_i(s, a), a ~ pi(s) reparameterised; the critic gets no gradient
         with frozen(self.critic):
             pi, logp = self.actor.sample(batch.obs)
@@ -99,10 +101,11 @@ class SAC(ActorCritic):
         # the other optimisers: the temperature's (and a variant's, see extra_losses)
         for name, loss in self.extra_losses(critic, logp).items():
             self.step(name, loss)
-        if self.logging_now():
+        if logging:
             self.log_update(batch, critic.q[0], {**critic.scalars, "train/actor_loss": actor_loss.detach(),
                                                  "q/policy_mean": q_pi.detach().mean(), "train/alpha": self.alpha,
-                                                 "train/entropy": -logp.detach().mean()})
+                                                 "train/entropy": -logp.detach().mean()},
+                            y=y, critic_grad_norm=grad_norm)
         return critic.td_abs
 
     def extra_losses(self, critic: CriticLoss, logp: Tensor) -> dict[str, Tensor]:

@@ -20,8 +20,8 @@ class DeterministicActorCritic(ActorCritic):
     """DDPG's shape, shared by :class:`TD3` (and its variants) and
     :class:`~lit_qlearn.algorithms.PreQN`: a deterministic actor ``mu(s)`` (an
     :class:`~lit_qlearn.networks.Actor`, tanh-bounded to the action box), Gaussian
-    exploration around it, and actor steps on ``-Q_1(s, mu(s))``
-    (:meth:`actor_loss`, which a variant overrides). The other arguments are
+    exploration around it, and actor steps on ``-Q_1(s, mu(s))`` (the sum of
+    :meth:`actor_loss_terms`, which a variant overrides). The other arguments are
     :class:`ActorCritic`'s.
 
     Args:
@@ -43,19 +43,31 @@ class DeterministicActorCritic(ActorCritic):
         a = a + torch.randn_like(a) * self.exploration_noise * actor.action_scale
         return torch.clamp(a, actor.action_low, actor.action_high).cpu().numpy()
 
+    def actor_loss_terms(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> dict[str, Tensor]:
+        """The actor loss's terms ``()`` (with gradient) by the name each is logged under,
+        from ``pi = mu(s)`` ``(B, da)`` and ``q_pi = Q_1(s, pi)`` ``(B,)``; the loss is their
+        sum. DDPG's: ``train/actor_q_term = -Q_1(s, mu(s))``."""
+        return {"train/actor_q_term": -q_pi.mean()}
+
     def actor_loss(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> Tensor:
-        """DDPG's ``-Q_1(s, mu(s))`` from ``pi = mu(s)`` ``(B, da)`` and ``q_pi = Q_1(s, pi)`` ``(B,)``."""
-        return -q_pi.mean()
+        """The sum of :meth:`actor_loss_terms` (DDPG's ``-Q_1(s, mu(s))``)."""
+        return sum(self.actor_loss_terms(batch, pi, q_pi).values())
 
     def actor_step(self, batch: Transitions) -> dict[str, Tensor]:
-        """One actor step on :meth:`actor_loss`, the critic frozen (it gets no gradient);
-        returns the step's ``train/actor_loss`` and ``q/policy_mean`` to log."""
+        """One actor step on the sum of :meth:`actor_loss_terms` (or on :meth:`actor_loss`
+        where a subclass overrides that instead), the critic frozen (it gets no gradient);
+        returns the step's ``train/actor_loss``, its terms and ``q/policy_mean`` to log."""
         with frozen(self.critic):
             pi = self.actor(batch.obs)
             q_pi = self.q_value(batch.obs, pi)
-            loss = self.actor_loss(batch, pi, q_pi)
+            if type(self).actor_loss is DeterministicActorCritic.actor_loss:
+                terms = self.actor_loss_terms(batch, pi, q_pi)
+                loss = sum(terms.values())
+            else:  # a loss written before the terms existed: stepped as written, no terms to log
+                terms, loss = {}, self.actor_loss(batch, pi, q_pi)
             self.step("actor", loss)
-        return {"train/actor_loss": loss.detach(), "q/policy_mean": q_pi.detach().mean()}
+        return {"train/actor_loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                "q/policy_mean": q_pi.detach().mean()}
 
 
 class TD3(DeterministicActorCritic):
@@ -99,22 +111,26 @@ class TD3(DeterministicActorCritic):
             next_act = torch.clamp(next_act + noise * actor.action_scale, actor.action_low, actor.action_high)
         return self.critic_target(batch.next_obs, next_act).min(dim=0).values
 
-    def actor_loss(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> Tensor:
-        """``-Q(s, pi(s))``, plus TD3+BC's normalised BC term when ``bc_alpha`` is set."""
+    def actor_loss_terms(self, batch: Transitions, pi: Tensor, q_pi: Tensor) -> dict[str, Tensor]:
+        """``train/actor_q_term = -Q(s, pi(s))``; with ``bc_alpha``, TD3+BC's
+        ``train/actor_q_term = -lambda Q(s, pi(s))`` (``lambda = alpha / mean|Q|``, detached)
+        and ``train/bc_loss = mean (pi(s) - a)^2``."""
         if self.bc_alpha is None:
-            return super().actor_loss(batch, pi, q_pi)
+            return super().actor_loss_terms(batch, pi, q_pi)
         lmbda = self.bc_alpha / q_pi.abs().mean().detach()
-        return -lmbda * q_pi.mean() + F.mse_loss(pi, batch.act)
+        return {"train/actor_q_term": -lmbda * q_pi.mean(), "train/bc_loss": F.mse_loss(pi, batch.act)}
 
     def update(self, batch: Transitions) -> Tensor:
+        logging = self.logging_now()
         # critic: the twin TD loss against y = r + discount (1 - d) min_i Q'_i(s', smoothed mu'(s'))
-        critic = self.critic_loss(batch, self.td_target(batch))
-        self.step("critic", critic.loss)
+        y = self.td_target(batch)
+        critic = self.critic_loss(batch, y)
+        grad_norm = self.step("critic", critic.loss, measure_norm=logging)
         # actor, every policy_freq updates (the targets move with it after the update, by the base's
         # rule); on the other updates no actor_loss is logged and q/policy_mean is measured at the log
         actor = self.actor_step(batch) if self.updates % self.policy_freq == 0 else {}
-        if self.logging_now():
-            self.log_update(batch, critic.q[0], {**critic.scalars, **actor})
+        if logging:
+            self.log_update(batch, critic.q[0], {**critic.scalars, **actor}, y=y, critic_grad_norm=grad_norm)
         return critic.td_abs
 
 

@@ -157,12 +157,35 @@ def _clip(actions: np.ndarray, space: gym.Space) -> np.ndarray:
     return actions
 
 
-def run_episodes(env: gym.vector.VectorEnv, policy: BatchPolicy, episodes: int, seed: int = 0) -> tuple[list, list]:
+def run_episodes(env: gym.vector.VectorEnv, policy: BatchPolicy, episodes: int, seed: int = 0,
+                 gamma: float | None = None) -> tuple:
     """Roll ``policy`` until ``episodes`` episodes have finished (the first ones to finish
-    over the sub-environments, from a reset seeded with ``seed``); ``(returns, lengths)``."""
+    over the sub-environments, from a reset seeded with ``seed``); ``(returns, lengths)``.
+
+    With ``gamma``, also each episode's first observation and discounted return
+    ``sum_t gamma^t r_t``: ``(returns, lengths, starts (episodes, *obs_shape), discounted)``."""
     rollout = Rollout(env, seed=seed)
-    rollout.reset()
+    obs = rollout.reset()
+    if gamma is None:
+        while len(rollout.episodes) < episodes:
+            rollout.step(policy)
+        done = rollout.episodes[:episodes]
+        return [r for r, _ in done], [n for _, n in done]
+    first = np.array(obs, copy=True)  # each sub-environment's current episode's first observation
+    discounted, power = np.zeros(rollout.num_envs), np.ones(rollout.num_envs)
+    starts, totals = [], []
     while len(rollout.episodes) < episodes:
-        rollout.step(policy)
+        step = rollout.step(policy)
+        discounted += np.where(step.valid, power * step.rew, 0.0)
+        power = np.where(step.valid, power * gamma, power)
+        ended = (step.terminated | step.truncated) & step.valid
+        for i in np.flatnonzero(ended):  # the order in which Rollout records them
+            starts.append(first[i].copy())
+            totals.append(float(discounted[i]))
+        discounted[ended], power[ended] = 0.0, 1.0
+        # the next episode's first observation: after this step (SAME_STEP), or after the
+        # reset-only step that follows (NEXT_STEP, an invalid row)
+        restarted = ended if rollout.same_step else ~step.valid
+        first[restarted] = rollout.obs[restarted]
     done = rollout.episodes[:episodes]
-    return [r for r, _ in done], [n for _, n in done]
+    return [r for r, _ in done], [n for _, n in done], np.stack(starts[:episodes]), totals[:episodes]

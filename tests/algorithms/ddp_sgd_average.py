@@ -7,14 +7,15 @@ batch sizes, the mean of the ranks' gradients is the gradient of the mean loss o
 union of their batches: the test compares with a one-process run on the concatenated
 batches.
 
-Usage: python ddp_sgd_average.py OUTDIR [direct|lightning]. Each rank saves its final parameters
-and whether its steps took the direct path.
+Usage: python ddp_sgd_average.py OUTDIR [direct|lightning]. Each rank saves its final parameters,
+whether its steps took the direct path, and the critic gradient norms it logged (every update).
 """
 import sys
 import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from lit_qlearn.algorithms import DQN
@@ -60,15 +61,35 @@ class StepListener(L.Callback):
         pass
 
 
+class NormLogger(Logger):
+    """Keeps ``train/critic_grad_norm`` by step, on every rank."""
+
+    name, version = "norms", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms: dict[int, float] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if "train/critic_grad_norm" in metrics:
+            self.norms[step] = float(metrics["train/critic_grad_norm"])
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
 def main(outdir: str, path: str = "direct") -> None:
     warnings.filterwarnings("ignore")
     module = make_module()
-    trainer = L.Trainer(max_steps=STEPS, strategy="ddp", accelerator="cpu", devices=2, logger=False,
+    logger = NormLogger()
+    trainer = L.Trainer(max_steps=STEPS, strategy="ddp", accelerator="cpu", devices=2, logger=logger,
+                        log_every_n_steps=1,
                         use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[StepListener()] if path == "lightning" else [])
     trainer.fit(module)
     torch.save({"params": torch.nn.utils.parameters_to_vector(module.q_net.parameters()).detach(),
-                "updates": module.updates, "direct": module.stepper.direct}, f"{outdir}/rank{trainer.global_rank}.pt")
+                "updates": module.updates, "direct": module.stepper.direct, "norms": logger.norms},
+               f"{outdir}/rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
