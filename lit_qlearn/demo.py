@@ -20,7 +20,6 @@ import argparse
 import logging
 import math
 import os
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +34,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_qlearn.algorithms import TD3, TD3BC
 from lit_qlearn.callbacks import CrashPredictor, EMATarget, NTKGramCallback, SEEMMonitor
+from lit_qlearn.callbacks.report import SEEM_POSITIVE, forecast_text
+from lit_qlearn.callbacks.report import carried_by as _carried_by
 from lit_qlearn.data import OfflineDataModule
 from lit_qlearn.data.names import parse_name
 from lit_qlearn.datasets import ensure_dataset, ensure_default_dataset
@@ -207,22 +208,14 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 
 
 def _forecast(run: CriticRun) -> str:
-    def when(step: float) -> str:  # a far extrapolation is only an order of magnitude
-        return f"{step:.0f}" if step < 1e7 else f"~{step:.1g}"
-
-    f = run.forecast
-    if "crash/predicted_step" in f:
-        return f"crash at update {when(f['crash/predicted_step'])}"
-    if "crash/threshold_step" in f:
-        return f"||u|| > 1e6 at update {when(f['crash/threshold_step'])}"
-    return "none"
+    return forecast_text(run.forecast)  # the demo's predictors keep the default threshold
 
 
-def carried_by(run: CriticRun, threshold: float = 0.05) -> float | None:
+def carried_by(run: CriticRun, threshold: float = SEEM_POSITIVE) -> float | None:
     """Median participation of SEEM's top eigenvector (``seem/participation``) over the
-    measurements with SEEM above ``threshold``; None when there is none."""
-    values = [p for s, p in zip(run.seem, run.participation) if s > threshold]
-    return statistics.median(values) if values else None
+    measurements with SEEM above ``threshold``; None when there is none (the rule of
+    :class:`~lit_qlearn.callbacks.HealthReport`)."""
+    return _carried_by(run.seem, run.participation, threshold)
 
 
 def table(runs: dict[str, CriticRun]) -> str:

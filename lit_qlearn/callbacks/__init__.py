@@ -10,6 +10,9 @@ from lit_qlearn.callbacks.healthy import HealthyCheckpoint
 from lit_qlearn.callbacks.monitors import NTKGramCallback, ProbeCallback, SEEMMonitor
 from lit_qlearn.callbacks.plasticity import PlasticityMonitor
 from lit_qlearn.callbacks.preqn import PreQNLineSearch
+from lit_qlearn.callbacks.remedies import Compose, PreQNStep, Remedy, ScaleLearningRate, ShrinkAndPerturb, SlowTargets
+from lit_qlearn.callbacks.report import HealthReport
 
-__all__ = ["CrashPredictor", "EMATarget", "HealthyCheckpoint", "NTKGramCallback", "PlasticityMonitor",
-           "PreQNLineSearch", "ProbeCallback", "SEEMMonitor"]
+__all__ = ["Compose", "CrashPredictor", "EMATarget", "HealthReport", "HealthyCheckpoint", "NTKGramCallback",
+           "PlasticityMonitor", "PreQNLineSearch", "PreQNStep", "ProbeCallback", "Remedy", "SEEMMonitor",
+           "ScaleLearningRate", "ShrinkAndPerturb", "SlowTargets"]

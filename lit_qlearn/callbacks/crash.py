@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from lit_qlearn.callbacks.healthy import HealthyCheckpoint, all_finite
 from lit_qlearn.callbacks.monitors import ProbeCallback
+from lit_qlearn.callbacks.remedies import as_remedy, remedy_name
 from lit_qlearn.forecast import Forecast, adam_slope, bellman_bound
 from lit_qlearn.forecast import forecast as fit_laws
 from lit_qlearn.ntk import check_choice, parameter_norm
-from lit_qlearn.probe import bootstrap_target, critic_members
+from lit_qlearn.probe import bootstrap_target, critic_members, publish
 
 if TYPE_CHECKING:
     from lit_qlearn.data.types import Transitions
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["CrashPredictor"]
 
 
-ACTIONS = ("warn", "stop", "checkpoint_and_stop")
+ACTIONS = ("warn", "stop", "checkpoint_and_stop", "rollback")
 LAWS = ("auto", "sgd", "adam")
 
 
@@ -101,9 +102,43 @@ class CrashPredictor(ProbeCallback):
       does not see) is not kept: the file is then that of the last healthy measurement
       before it whose state was finite. Nothing is written when no measurement was
       healthy with a finite state.
+    * ``"rollback"``: the run goes back to the last healthy state, in place, applies
+      ``remedy`` and trains on (see below); after ``max_rollbacks`` rollbacks, or when no
+      healthy state is held yet, it acts as ``"checkpoint_and_stop"``.
 
-    A NaN between measurements is seen at the next one; with ``guard=True`` it stops
-    the run at once (``"stop"`` / ``"checkpoint_and_stop"``): the critic's parameters
+    **Rolling back.** At the end of the unhealthy step's batch, after every other
+    callback saw the step (as a ``ModelCheckpoint`` would), the kept healthy checkpoint
+    is loaded back: the module's weights (target networks and buffers included), the
+    optimisers' states and the learning-rate schedulers' states
+    (:meth:`HealthyCheckpoint.restore`); then ``remedy`` (:mod:`lit_qlearn.callbacks.remedies`,
+    a list is composed) changes that state, and the result is held as the checkpoint of
+    the current step, so that a further rollback starts from it and applies the remedy
+    again (the remedies compound: a learning rate halved twice is a quarter). What is
+    *not* rolled back, and why:
+
+    * the step axis: ``global_step`` and the module's update count keep counting (loggers
+      need a monotonic step; the updates after the healthy step were spent). At the
+      rollback's step ``crash/rollbacks`` (the count so far) and ``crash/rollback_to``
+      (the step whose state was restored: a healthy measurement's, or an earlier
+      rollback's remedied state) are published;
+    * the random streams: they go on, so the run after the rollback draws fresh
+      minibatches and exploration noise instead of replaying the ones that led to the
+      divergence (the remedies draw from their own seeded generators);
+    * the data: an online DataModule's replay buffer keeps the transitions gathered
+      since the healthy step (they are valid experience, and the buffer is not in the
+      module's state);
+    * the other callbacks' states (an ``EMATarget``'s count, a monitor's history).
+
+    This predictor's own window restarts: the measurements before the rollback
+    describe a trajectory that was undone, and the remedied run follows laws of its own
+    (another learning rate, another target rule). Each rollback is a warning and an entry
+    ``{"step", "restored_to", "remedy"}`` (the remedy's description) in
+    :attr:`rollbacks`, kept in the callback's checkpointed state. Under DDP every rank
+    rolls back at the same step (the decision is reduced) from the one file rank zero
+    wrote, and the remedies are deterministic, so the ranks stay identical.
+
+    A NaN between measurements is seen at the next one; with ``guard=True`` the action
+    happens at once (``"stop"``, ``"checkpoint_and_stop"``, ``"rollback"``): the critic's parameters
     (those of ``q_networks()``, else ``q_network()``: where a divergence starts) are
     then checked after every step with one fused norm (non-finite, or so large that
     the norm overflows). The kept checkpoint does not need it (its own finiteness check
@@ -133,7 +168,7 @@ class CrashPredictor(ProbeCallback):
         min_r2: fits with a lower R^2 make no forecast.
         threshold: the ``||u||`` that counts as diverged for the threshold forecast
             (1e6, the paper's divergence threshold).
-        action: ``"warn"``, ``"stop"`` or ``"checkpoint_and_stop"``.
+        action: ``"warn"``, ``"stop"``, ``"checkpoint_and_stop"`` or ``"rollback"``.
         horizon: act when the forecast is at most this many steps away
             (default ``10 * every_n_steps``).
         restart_on_action_change: restart the window when the greedy actions move.
@@ -143,6 +178,11 @@ class CrashPredictor(ProbeCallback):
         guard: also check the critic's parameters for finiteness after every step.
         q_bound: the largest ``|Q|`` that is possible (default: ``max|r| / (1 - gamma)``,
             see above); ``math.inf`` disables the bound.
+        remedy: with ``action="rollback"``: what changes the restored state (an object
+            with ``apply(trainer, pl_module) -> str``, a list of them, or None: a plain
+            rollback), see :mod:`lit_qlearn.callbacks.remedies`.
+        max_rollbacks: with ``action="rollback"``: rollbacks before acting as
+            ``"checkpoint_and_stop"`` (>= 0).
     """
 
     def __init__(self, every_n_steps: int = 100, probe_size: int = 2560, probe_seed: int = 0,
@@ -150,7 +190,8 @@ class CrashPredictor(ProbeCallback):
                  num_layers: int | None = None, min_r2: float = 0.9, threshold: float = 1e6,
                  action: str = "warn", horizon: int | None = None, restart_on_action_change: bool = True,
                  action_rtol: float = 1e-2, dirpath: str | os.PathLike | None = None, law: str = "auto",
-                 guard: bool = False, q_bound: float | None = None) -> None:
+                 guard: bool = False, q_bound: float | None = None, remedy: Any = None,
+                 max_rollbacks: int = 3) -> None:
         super().__init__(every_n_steps, probe_size, probe_seed, probe_source)
         check_choice("CrashPredictor", "action", action, ACTIONS)
         check_choice("CrashPredictor", "law", law, LAWS)
@@ -167,6 +208,16 @@ class CrashPredictor(ProbeCallback):
             raise ValueError(f"CrashPredictor: horizon must be >= 0 or None, got {horizon!r}")
         if q_bound is not None and not q_bound > 0:
             raise ValueError(f"CrashPredictor: q_bound must be > 0 (math.inf disables it) or None, got {q_bound!r}")
+        if isinstance(max_rollbacks, bool) or not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+            raise ValueError(f"CrashPredictor: max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+        if remedy is not None and action != "rollback":
+            raise ValueError(f"CrashPredictor: remedy is applied after a rollback, it needs action='rollback', got "
+                             f"action={action!r}")
+        try:
+            self.remedy = as_remedy(remedy)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"CrashPredictor: {err}") from None
+        self.max_rollbacks = max_rollbacks
         self.window = window
         self.min_points = min_points
         self.num_layers = num_layers
@@ -191,6 +242,8 @@ class CrashPredictor(ProbeCallback):
         self.checkpoint_path: str | None = None
         self.healthy_step: int | None = None
         self.stopped_step: int | None = None
+        #: The rollbacks done: ``{"step", "restored_to", "remedy"}`` each (action "rollback").
+        self.rollbacks: list[dict[str, Any]] = []
         # Resolved at the first measurement (None: no bound); the keeper of the last
         # healthy state, made at each fit's setup (not checkpointed: it is its own file).
         self.bound: float | None = None
@@ -206,12 +259,15 @@ class CrashPredictor(ProbeCallback):
                 "action": self.action, "horizon": self.horizon,
                 "restart_on_action_change": self.restart_on_action_change, "action_rtol": self.action_rtol,
                 "dirpath": None if self.dirpath is None else os.fspath(self.dirpath), "law": self.law,
-                "guard": self.guard, "q_bound": self.q_bound}
+                "guard": self.guard, "q_bound": self.q_bound,
+                # Only with rollbacks, so that the other actions' keys are those of older checkpoints.
+                **({"remedy": remedy_name(self.remedy), "max_rollbacks": self.max_rollbacks}
+                   if self.action == "rollback" else {})}
 
     # --------------------------------------------------------------- set-up
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.action == "checkpoint_and_stop":
+        if stage == "fit" and self.action in ("checkpoint_and_stop", "rollback"):
             if self.healthy is not None:  # one left attached by a fit that raised (no teardown then)
                 self.healthy.detach(trainer)
             # Placed after every other callback and before the checkpoint callbacks, the very
@@ -233,6 +289,9 @@ class CrashPredictor(ProbeCallback):
         self._guarded = [p for net in critic_members(pl_module) for p in net.parameters()]
         if self.law == "auto":
             self._law = "sgd" if self._adam_slope is None else "adam"
+        check = getattr(self.remedy, "setup", None)
+        if callable(check):  # here: the module is built and the optimisers exist
+            check(trainer, pl_module)
         self._bound_resolved = False
 
     @staticmethod
@@ -259,6 +318,9 @@ class CrashPredictor(ProbeCallback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
+        undo = getattr(self.remedy, "teardown", None)
+        if callable(undo):  # a remedy that attached something to the Trainer (PreQNStep)
+            undo(trainer)
         if self.healthy is not None:  # no detection (else kept already): nothing left behind
             self.healthy.detach(trainer)
         super().teardown(trainer, pl_module, stage)
@@ -336,17 +398,37 @@ class CrashPredictor(ProbeCallback):
             self._act(trainer, pl_module, step, reasons)
 
     def _act(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
-        self.fired = True
-        self.stopped_step = step
         why = "; ".join(reasons) or "another rank saw the critic diverge"
         message = f"CrashPredictor at step {step}: {why}"
+        if self.action == "rollback":
+            held = self.healthy is not None and self.healthy.path is not None  # the same on every rank
+            if held and len(self.rollbacks) < self.max_rollbacks:
+                # Done by the keeper at the end of this batch, after every other callback saw the step.
+                self.healthy.roll_back(lambda t, m, restored: self._roll_back(t, m, step, restored, message))
+                return
+            message += (f"; {len(self.rollbacks)} rollback(s) done, max_rollbacks={self.max_rollbacks}" if held
+                        else "; no healthy state is held to roll back to")
+        self.fired = True
+        self.stopped_step = step
         if self.action == "warn":
             rank_zero_warn(message)
             return
-        if self.action == "checkpoint_and_stop":
+        if self.action in ("checkpoint_and_stop", "rollback"):
             message += "; " + self._write_healthy(trainer)
         rank_zero_warn(message + "; training stops")
         trainer.should_stop = True
+
+    def _roll_back(self, trainer: Trainer, pl_module: LightningModule, step: int, restored: int,
+                   message: str) -> None:
+        """Called by :attr:`healthy` once it restored the state of step ``restored``: apply
+        the remedy, restart the window, record and publish."""
+        done = "no remedy" if self.remedy is None else str(self.remedy.apply(trainer, pl_module))
+        self.rollbacks.append({"step": step, "restored_to": restored, "remedy": done})
+        # The laws' window restarts: its measurements describe the trajectory undone.
+        self.history, self.previous_actions, self.forecast, self._outlook = [], None, {}, None
+        publish(trainer, {"crash/rollbacks": len(self.rollbacks), "crash/rollback_to": restored}, step)
+        rank_zero_warn(f"{message}; rolled back to the state of step {restored} ({done}); rollback "
+                       f"{len(self.rollbacks)} of at most {self.max_rollbacks}, training goes on")
 
     def _write_healthy(self, trainer: Trainer) -> str:
         """Keep the last healthy checkpoint as ``last-healthy-step=<step>.ckpt``; return what
@@ -361,7 +443,8 @@ class CrashPredictor(ProbeCallback):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": list(self.history), "previous_actions": self.previous_actions,
                 "forecast": dict(self.forecast), "fired": self.fired, "checkpoint_path": self.checkpoint_path,
-                "healthy_step": self.healthy_step, "stopped_step": self.stopped_step}
+                "healthy_step": self.healthy_step, "stopped_step": self.stopped_step,
+                "rollbacks": [dict(r) for r in self.rollbacks]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -372,6 +455,7 @@ class CrashPredictor(ProbeCallback):
         self.checkpoint_path = state_dict.get("checkpoint_path")
         self.healthy_step = state_dict.get("healthy_step")
         self.stopped_step = state_dict.get("stopped_step")
+        self.rollbacks = [dict(r) for r in state_dict.get("rollbacks", [])]
 
 
 def _any_rank(trainer: Trainer, flag: bool) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ class HealthyCheckpoint(Callback):
     :meth:`keep` renames that file ``last-healthy-step=<step>.ckpt``; :meth:`discard`
     removes it (at the end of a run without detection, or one that raises; a killed
     process leaves it: an ordinary checkpoint of that step). :meth:`restore` loads it
-    back into the running module and optimisers.
+    back into the running module, optimisers and schedulers; :meth:`roll_back` does so at
+    the end of the batch, lets the owner change the state (a remedy), and holds the result
+    as the current step's checkpoint.
 
     Placement: the checkpoint holds every callback's state of the step, so the component
     must run after every other callback's ``on_train_batch_end`` and before the checkpoint
@@ -71,6 +73,7 @@ class HealthyCheckpoint(Callback):
         self.path: Path | None = None
         self.kept = False
         self._marked: int | None = None
+        self._rollback: Callable[[Trainer, LightningModule, int], None] | None = None
         self._directory: Path | None = None
 
     @property
@@ -97,7 +100,18 @@ class HealthyCheckpoint(Callback):
         """Take the checkpoint of ``step`` (the current ``global_step``) at the end of its batch."""
         self._marked = step
 
+    def roll_back(self, then: Callable[[Trainer, LightningModule, int], None]) -> None:
+        """At the end of this batch, after every other callback: :meth:`restore` the held
+        checkpoint, call ``then(trainer, pl_module, restored_step)`` (the owner's remedy),
+        and hold the resulting state as the checkpoint of the current step (so a second
+        rollback starts from the first one's remedied state)."""
+        self._rollback = then
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._rollback is not None and not self.kept:
+            then, self._rollback = self._rollback, None
+            then(trainer, pl_module, self.restore(trainer, pl_module))
+            self._marked = trainer.global_step
         if self._marked is None or self._marked != trainer.global_step or self.kept:
             return
         step, self._marked = self._marked, None
@@ -143,11 +157,12 @@ class HealthyCheckpoint(Callback):
                 _remove(path)
         if not self.kept:
             self.step = self.path = None
-        self._marked = None
+        self._marked = self._rollback = None
 
     def restore(self, trainer: Trainer, pl_module: LightningModule) -> int:
-        """Load the held checkpoint's weights (target networks and buffers included) and
-        optimiser states into the running ``pl_module`` and ``trainer.optimizers``; return
+        """Load the held checkpoint's weights (target networks and buffers included),
+        optimiser states and learning-rate schedulers' states into the running
+        ``pl_module``, ``trainer.optimizers`` and ``trainer.lr_scheduler_configs``; return
         its step. Counters, random states and callbacks' states are left as they are (the
         run goes on counting); ``trainer.fit(ckpt_path=path)`` resumes from all of them.
 
@@ -162,6 +177,8 @@ class HealthyCheckpoint(Callback):
         checkpoint = trainer.strategy.load_checkpoint(self.path, weights_only=True)
         trainer.strategy.load_model_state_dict(checkpoint)
         trainer.strategy.load_optimizer_state_dict(checkpoint)
+        for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
+            config.scheduler.load_state_dict(state)
         return int(checkpoint["global_step"])
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
