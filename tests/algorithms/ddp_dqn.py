@@ -10,6 +10,7 @@ import torch
 from lit_qlearn.algorithms import DQN
 from lit_qlearn.callbacks import SEEMMonitor
 from lit_qlearn.data import OnlineDataModule
+from tests.ddp_exit import shut_down
 
 
 def main(outdir: str) -> None:
@@ -31,3 +32,4 @@ def main(outdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    shut_down()

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.data import OfflineDataModule
+from tests.ddp_exit import shut_down
 
 
 def main(dataset: str, outdir: str) -> None:
@@ -29,3 +30,4 @@ def main(dataset: str, outdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    shut_down()

@@ -9,6 +9,7 @@ import torch
 from lit_qlearn.algorithms import TD3, PreQN
 from lit_qlearn.callbacks import PreQNLineSearch
 from lit_qlearn.data import OfflineDataModule
+from tests.ddp_exit import shut_down
 
 
 class FirstBatch(L.Callback):
@@ -41,3 +42,4 @@ def main(dataset: str, outdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    shut_down()

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lit_qlearn.algorithms import DQN
 from lit_qlearn.data import Transitions
+from tests.ddp_exit import shut_down
 
 STEPS, BATCH, OBS_DIM, ACTIONS = 3, 16, 4, 3
 
@@ -94,3 +95,4 @@ def main(outdir: str, path: str = "direct") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    shut_down()

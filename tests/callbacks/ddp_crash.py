@@ -15,6 +15,7 @@ import torch
 
 from lit_qlearn.callbacks import CrashPredictor
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+from tests.ddp_exit import shut_down
 
 
 def main(outdir: str, mode: str = "forecast", q_bound: str = "inf") -> None:
@@ -37,3 +38,4 @@ def main(outdir: str, mode: str = "forecast", q_bound: str = "inf") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    shut_down()

@@ -11,6 +11,7 @@ import torch
 from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.callbacks import NTKGramCallback, SEEMMonitor
 from lit_qlearn.data import OfflineDataModule
+from tests.ddp_exit import shut_down
 
 
 def main(dataset: str, outdir: str) -> None:
@@ -38,3 +39,4 @@ def main(dataset: str, outdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    shut_down()

@@ -12,6 +12,7 @@ from lit_qlearn.algorithms import TD3BC
 from lit_qlearn.callbacks import PlasticityMonitor
 from lit_qlearn.data import OfflineDataModule
 from lit_qlearn.plasticity import plasticity_metrics
+from tests.ddp_exit import shut_down
 
 
 def main(dataset: str, outdir: str) -> None:
@@ -34,3 +35,4 @@ def main(dataset: str, outdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    shut_down()

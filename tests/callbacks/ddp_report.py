@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lit_qlearn.callbacks import CrashPredictor, HealthReport, SEEMMonitor
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+from tests.ddp_exit import shut_down
 
 
 def main(outdir: str) -> None:
@@ -30,3 +31,4 @@ def main(outdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    shut_down()

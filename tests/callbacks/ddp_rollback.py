@@ -11,6 +11,7 @@ import torch
 
 from lit_qlearn.callbacks import CrashPredictor, ShrinkAndPerturb
 from lit_qlearn.toys import RandomWalkDataModule, RandomWalkQ
+from tests.ddp_exit import shut_down
 
 
 def main(outdir: str, q_bound: str) -> None:
@@ -29,3 +30,4 @@ def main(outdir: str, q_bound: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    shut_down()
