@@ -327,12 +327,7 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
 
     def scheduler(self, name: str) -> Any:
         """The learning-rate scheduler of the optimiser called ``name`` (:meth:`build_schedulers`)."""
-        schedulers = self.lr_schedulers()
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        try:
-            return schedulers[self._scheduler_names.index(name)]
-        except ValueError:
-            raise KeyError(f"{type(self).__name__} has schedulers for {self._scheduler_names}, not {name!r}") from None
+        return self._by_name(self.lr_schedulers(), self._scheduler_names, name, "schedulers for")
 
     @property
     def counted_optimizer(self) -> str:
@@ -341,12 +336,16 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
 
     def optimizer(self, name: str) -> Any:
         """The (Lightning-wrapped) optimiser called ``name``."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        return self._by_name(self.optimizers(), self._optimizer_names, name, "optimisers")
+
+    def _by_name(self, items: Any, names: list[str], name: str, what: str) -> Any:
+        """``items[names.index(name)]`` of what Lightning returns (one item or a list); a
+        KeyError naming the ones there are otherwise."""
+        items = items if isinstance(items, list) else [items]
         try:
-            return optimizers[self._optimizer_names.index(name)]
+            return items[names.index(name)]
         except ValueError:
-            raise KeyError(f"{type(self).__name__} has optimisers {self._optimizer_names}, not {name!r}") from None
+            raise KeyError(f"{type(self).__name__} has {what} {names}, not {name!r}") from None
 
     def step(self, name: str, loss: Tensor, max_grad_norm: float | None = None,
              measure_norm: bool = False) -> Tensor | None:
