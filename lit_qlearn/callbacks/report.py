@@ -107,6 +107,7 @@ class HealthReport(Callback):
         self.summary: dict[str, Any] | None = None  # the last report written
         self.written: Path | None = None
         self._seen: dict[str, Any] = {}  # the last published tensor of each name (identity marks a new one)
+        self._shown: dict[str, tuple[Any, float]] = {}  # name -> (tensor last shown, its value)
         self._monitors: dict[str, Any] = {}
         self._target: Path | None = None
 
@@ -154,12 +155,13 @@ class HealthReport(Callback):
 
     def _show(self, trainer: Trainer) -> None:
         metrics = trainer.callback_metrics
-        shown: dict[str, float] = {}
-        q_name = next((name for name in BAR_Q if name in metrics), None)
-        if q_name is not None:
-            shown[q_name] = float(metrics[q_name])
-        if "crash" in self._monitors and BAR_RATIO in metrics:
-            shown[BAR_RATIO] = float(metrics[BAR_RATIO])
+        names = [name for name in (next((n for n in BAR_Q if n in metrics), None),
+                                   BAR_RATIO if "crash" in self._monitors else None) if name in metrics]
+        # float() of a device tensor waits for the device: only a newly published value is read
+        for name in names:
+            if name not in self._shown or metrics[name] is not self._shown[name][0]:
+                self._shown[name] = (metrics[name], float(metrics[name]))
+        shown = {name: self._shown[name][1] for name in names}
         # The bar shows trainer.progress_bar_metrics (TQDMProgressBar.get_metrics); the dict it
         # returns is the one the bar reads. Written directly, not with pl_module.log(prog_bar=True):
         # a logged name is copied back into callback_metrics at every read, which would put the
@@ -191,7 +193,7 @@ class HealthReport(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # no references to this fit's callbacks and tensors outlive it
-            self._seen, self._monitors, self._target = {}, {}, None
+            self._seen, self._shown, self._monitors, self._target = {}, {}, {}, None
 
     def _report(self, trainer: Trainer, ended: str) -> None:
         self.summary = self.summarize(trainer, ended)
