@@ -3,13 +3,17 @@
 The default demo trains :class:`~lit_qlearn.algorithms.TD3` offline with target =
 current network (``EMATarget(tau=1.0, every=1)``: no target averaging, the setting in
 which Yue et al. 2023 study divergence) on a small slice of the default Hopper-v5 data (100k steps
-of the shipped medium SAC policy), twice: with a plain ReLU critic and with a LayerNorm critic. Both runs
-carry :class:`~lit_qlearn.callbacks.SEEMMonitor`, :class:`~lit_qlearn.callbacks.NTKGramCallback`
-and :class:`~lit_qlearn.callbacks.CrashPredictor` ``(action="checkpoint_and_stop")``.
+of the shipped medium SAC policy), three times: a plain ReLU critic and a LayerNorm critic, each
+with :class:`~lit_qlearn.callbacks.CrashPredictor` ``(action="checkpoint_and_stop")``, and the
+plain critic again with ``CrashPredictor(action="rollback", remedy=SlowTargets())``. Every run
+carries :class:`~lit_qlearn.callbacks.SEEMMonitor` and :class:`~lit_qlearn.callbacks.NTKGramCallback`.
 The plain critic's Q leaves the Bellman bound ``max|r| / (1 - gamma)`` within a few
 hundred updates, with a positive normalised SEEM from the start; the predictor stops
 it and keeps the last healthy state. The LayerNorm critic stays within the bound with
-SEEM near zero. A table, a figure and TensorBoard logs show it.
+SEEM near zero. The rolled-back critic goes back to its last healthy state, turns on
+Polyak averaging of its target (the remedy, :class:`~lit_qlearn.callbacks.SlowTargets`)
+and trains on within the bound (benchmarks/results/rescue.json compares the remedies). A
+table, a figure and TensorBoard logs show it.
 
 ``--algo td3bc`` runs the earlier demo instead: TD3+BC on the data, then evaluation
 episodes in the environment.
@@ -33,7 +37,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_qlearn.algorithms import TD3, TD3BC
-from lit_qlearn.callbacks import CrashPredictor, EMATarget, NTKGramCallback, SEEMMonitor
+from lit_qlearn.callbacks import CrashPredictor, EMATarget, NTKGramCallback, SEEMMonitor, SlowTargets
 from lit_qlearn.callbacks.report import SEEM_POSITIVE, forecast_text
 from lit_qlearn.callbacks.report import carried_by as _carried_by
 from lit_qlearn.data import OfflineDataModule
@@ -43,8 +47,9 @@ from lit_qlearn.loggers import SeriesLogger
 
 __all__ = ["CriticRun", "divergence_demo", "td3bc_demo", "main", "parser"]
 
-CRITICS = {"plain": None, "layernorm": "layer"}  # run name -> TD3(critic_norm=...)
-LABELS = {"plain": "plain critic", "layernorm": "LayerNorm critic"}
+CRITICS = {"plain": None, "layernorm": "layer", "rollback": None}  # run name -> TD3(critic_norm=...)
+LABELS = {"plain": "plain critic", "layernorm": "LayerNorm critic", "rollback": "plain + rollback"}
+COLORS = {"plain": "tab:red", "layernorm": "tab:blue", "rollback": "tab:green"}
 
 
 @dataclass
@@ -69,6 +74,7 @@ class CriticRun:
     checkpoint_step: int | None = None
     checkpoint_q_mean: float | None = None
     checkpoint_q_max: float | None = None
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # CrashPredictor.rollbacks
     log_dir: str = ""
 
 
@@ -131,7 +137,10 @@ def _critic_run(name: str, dm: Any, root: Path, steps: int, every: int, probe_si
     tensorboard = TensorBoardLogger(root, name="", version=name, default_hp_metric=False)
     # Measurements every `every` updates on a probe of `probe_size`: enough points to
     # see the trend in a short run, each measurement a fraction of a second.
-    crash = CrashPredictor(every_n_steps=every, probe_size=probe_size, action="checkpoint_and_stop")
+    if name == "rollback":  # back to the last healthy state, then Polyak averaging of the target
+        crash = CrashPredictor(every_n_steps=every, probe_size=probe_size, action="rollback", remedy=SlowTargets())
+    else:
+        crash = CrashPredictor(every_n_steps=every, probe_size=probe_size, action="checkpoint_and_stop")
     callbacks = [EMATarget(tau=1.0, every=1), SEEMMonitor(every_n_steps=every, probe_size=probe_size),
                  NTKGramCallback(every_n_steps=every, probe_size=probe_size), crash]
     if progress:
@@ -149,7 +158,8 @@ def _critic_run(name: str, dm: Any, root: Path, steps: int, every: int, probe_si
                     q_data_max=q_max, steps=measured, q_probe_mean=q_probe,
                     seem=seem, participation=[series.rows[s].get("seem/participation", math.nan) for s in seem_steps],
                     q_bound_ratio=series.series("crash/q_bound_ratio")[1], stopped_step=crash.stopped_step,
-                    forecast=dict(crash.forecast), log_dir=str(tensorboard.log_dir))
+                    forecast=dict(crash.forecast), rollbacks=[dict(r) for r in crash.rollbacks],
+                    log_dir=str(tensorboard.log_dir))
     if crash.stopped_step is not None:
         ratio = series.rows.get(crash.stopped_step, {}).get("crash/q_bound_ratio")
         run.stop_reason = "Q beyond the bound" if ratio is not None and ratio > 1 else "crash forecast"
@@ -166,8 +176,9 @@ def divergence_demo(dataset: str = "default", fraction: float = 0.05, steps: int
                     probe_size: int = 512, hidden: Sequence[int] = (256, 256), logdir: str | os.PathLike = "lightning_logs",
                     seed: int = 0, progress: bool = True, figure: bool = True,
                     out: Callable[[str], None] = print) -> dict[str, CriticRun]:
-    """Train the plain and the LayerNorm critic (see the module docstring), print the table,
-    draw the figure; return the two runs by name (``"plain"``, ``"layernorm"``).
+    """Train the plain critic, the LayerNorm critic and the plain critic with rollback (see
+    the module docstring), print the table, draw the figure; return the three runs by name
+    (``"plain"``, ``"layernorm"``, ``"rollback"``).
 
     Args:
         dataset: the OfflineDataModule dataset (default: 100k generated hopper-medium-v5 steps).
@@ -238,6 +249,8 @@ def table(runs: dict[str, CriticRun]) -> str:
         ("forecast at the end", _forecast),
         ("stopped by CrashPredictor", lambda r: "no" if r.stopped_step is None
          else f"update {r.stopped_step} ({r.stop_reason})"),
+        ("rolled back: update -> state of", lambda r: ", ".join(f"{b['step']} -> {b['restored_to']}"
+                                                                  for b in r.rollbacks) or "-"),
         ("checkpoint kept: update", lambda r: _fmt(r.checkpoint_step, "d")),
         ("  its Q on the data: mean", lambda r: _fmt(r.checkpoint_q_mean)),
         ("  its Q on the data: max |Q|", lambda r: _fmt(r.checkpoint_q_max)),
@@ -250,19 +263,21 @@ def table(runs: dict[str, CriticRun]) -> str:
     lines += [label.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(row, col))
               for (label, _), row in zip(rows, cells)]
     lines += [f"checkpoint ({LABELS[n]}): {runs[n].checkpoint_path}" for n in names if runs[n].checkpoint_path]
+    lines += [f"remedy ({LABELS[n]}, update {b['step']}): {b['remedy']}" for n in names for b in runs[n].rollbacks]
     return "\n".join(lines)
 
 
 def draw(runs: dict[str, CriticRun], path: Path) -> Path:
-    """Mean Q on the probe set and normalised SEEM against the update, both critics; the
-    bound, the stop and the kept checkpoint marked."""
+    """Mean Q on the probe set and normalised SEEM against the update, every run; the
+    bound, the stops, the kept checkpoints and the rollbacks marked."""
     import matplotlib  # here, not at the top: an optional dependency (the bench extra), for the figure only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_q, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (name, run), color in zip(runs.items(), ("tab:red", "tab:blue")):
+    for name, run in runs.items():
+        color = COLORS.get(name, "tab:gray")
         ax_q.plot(run.steps, run.q_probe_mean, "o-", ms=3, color=color, label=f"{LABELS[name]}: mean Q")
         if run.bound is not None and len(run.q_bound_ratio) == len(run.steps):
             # max |Q| is what the bound is compared with (CrashPredictor's crash/q_bound_ratio)
@@ -274,6 +289,13 @@ def draw(runs: dict[str, CriticRun], path: Path) -> Path:
                 ax.axvline(run.stopped_step, color=color, ls=":", lw=1.2)
             ax_q.annotate(f"stopped at {run.stopped_step}", (run.stopped_step, run.q_probe_mean[-1]),
                           xytext=(5, 0), textcoords="offset points", color=color, fontsize=8)
+        for i, b in enumerate(run.rollbacks):
+            if b["step"] in run.steps:
+                k = run.steps.index(b["step"])
+                ax_q.plot([b["step"]], [run.q_probe_mean[k]], "x", ms=10, mew=2, color=color,
+                          label=f"{LABELS[name]}: rolled back" if i == 0 else None)
+                ax_q.annotate(f"-> {b['restored_to']}", (b["step"], run.q_probe_mean[k]), xytext=(5, 5),
+                              textcoords="offset points", color=color, fontsize=8)
         if run.checkpoint_step in run.steps:
             k = run.steps.index(run.checkpoint_step)
             ax_q.plot([run.checkpoint_step], [run.q_probe_mean[k]], "*", ms=14, color=color,

@@ -32,7 +32,7 @@ def demo_run(tmp_path_factory):
 
 
 def table_row(text, label):
-    """The two cells (plain, LayerNorm) of a table row."""
+    """The three cells (plain, LayerNorm, plain + rollback) of a table row."""
     (line,) = [ln for ln in text.splitlines() if ln.startswith(label)]
     return re.split(r"\s{2,}", line[len(label):].strip())
 
@@ -56,9 +56,45 @@ def test_plain_critic_leaves_the_bound_and_layernorm_stays_within(demo_run):
     positive = [p for s, p in zip(plain.seem, plain.participation) if s > 0.05]
     assert table_row(text, "positive SEEM carried by (median)")[0] == f"{statistics.median(positive):.0f} transitions"
     assert statistics.median(positive) > 5
-    assert table_row(text, "stopped by CrashPredictor") == [f"update {plain.stopped_step} (Q beyond the bound)", "no"]
+    assert table_row(text, "stopped by CrashPredictor") == [f"update {plain.stopped_step} (Q beyond the bound)", "no",
+                                                            "no"]
     cells = table_row(text, "Q on the data: max |Q|")
-    assert [float(c) for c in cells] == pytest.approx([plain.q_data_max, layer.q_data_max], rel=1e-3)
+    assert [float(c) for c in cells] == pytest.approx([plain.q_data_max, layer.q_data_max, runs["rollback"].q_data_max],
+                                                      rel=1e-3)
+
+
+def test_the_rolled_back_critic_diverges_like_the_plain_one_then_trains_on_within_the_bound(demo_run):
+    runs, text, root, _ = demo_run
+    plain, rolled = runs["plain"], runs["rollback"]
+    # The same seed, networks and minibatches as the plain run up to its stop: the same first unhealthy step.
+    assert rolled.rollbacks and rolled.rollbacks[0]["step"] == plain.stopped_step
+    # ... and goes back to the newest of the last 8 healthy measurements whose max|Q|/bound is at most
+    # half the last healthy one's (CrashPredictor's rollback_ratio=0.5, keep=8), read off the plain run
+    ratios = dict(zip(plain.steps, plain.q_bound_ratio))
+    held = [t for t in plain.steps if t < plain.stopped_step][-8:]
+    assert held[-1] == plain.checkpoint_step
+    expected = next(t for t in reversed(held) if ratios[t] <= 0.5 * ratios[held[-1]])
+    assert rolled.rollbacks[0]["restored_to"] == expected < plain.checkpoint_step
+    assert rolled.steps[:len(plain.steps)] == plain.steps
+    assert rolled.q_bound_ratio[:len(plain.steps)] == pytest.approx(plain.q_bound_ratio)
+    # The remedy turned on Polyak averaging (SlowTargets' default tau), and the run trained to the end within the bound.
+    assert rolled.rollbacks[0]["remedy"] == "target rule TargetUpdate(tau=1.0, every=1) -> TargetUpdate(tau=0.005, every=1)"
+    assert rolled.stopped_step is None and rolled.updates == 400 and len(rolled.rollbacks) <= 3
+    # Each rollback took effect (the next measurement is below the one that triggered it), and the
+    # remedied critic ends within the bound, on the probe and on the whole data.
+    for b in rolled.rollbacks:
+        at = rolled.steps.index(b["step"])
+        if at + 1 < len(rolled.steps):
+            assert rolled.q_bound_ratio[at + 1] < rolled.q_bound_ratio[at]
+    assert rolled.q_bound_ratio[-1] <= 1 and rolled.q_data_max < rolled.bound
+    assert table_row(text, "rolled back: update -> state of") == [
+        "-", "-", ", ".join(f"{b['step']} -> {b['restored_to']}" for b in rolled.rollbacks)]
+    assert f"remedy (plain + rollback, update {rolled.rollbacks[0]['step']}): {rolled.rollbacks[0]['remedy']}" in text
+    # TensorBoard shows the rollback at its step.
+    events = EventAccumulator(rolled.log_dir)
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("crash/rollbacks")] == [
+        (b["step"], i + 1) for i, b in enumerate(rolled.rollbacks)]
 
 
 def test_the_kept_checkpoint_is_healthy_and_the_logs_agree(demo_run):

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lit_qlearn.callbacks.healthy import HealthyCheckpoint, all_finite
+from lit_qlearn.callbacks.healthy import Held, HealthyCheckpoint, all_finite
 from lit_qlearn.callbacks.monitors import ProbeCallback
 from lit_qlearn.callbacks.remedies import as_remedy, remedy_name
 from lit_qlearn.forecast import Forecast, adam_slope, bellman_bound
@@ -102,19 +102,26 @@ class CrashPredictor(ProbeCallback):
       does not see) is not kept: the file is then that of the last healthy measurement
       before it whose state was finite. Nothing is written when no measurement was
       healthy with a finite state.
-    * ``"rollback"``: the run goes back to the last healthy state, in place, applies
+    * ``"rollback"``: the run goes back to a healthy state, in place, applies
       ``remedy`` and trains on (see below); after ``max_rollbacks`` rollbacks, or when no
       healthy state is held yet, it acts as ``"checkpoint_and_stop"``.
 
-    **Rolling back.** At the end of the unhealthy step's batch, after every other
-    callback saw the step (as a ``ModelCheckpoint`` would), the kept healthy checkpoint
-    is loaded back: the module's weights (target networks and buffers included), the
-    optimisers' states and the learning-rate schedulers' states
-    (:meth:`HealthyCheckpoint.restore`); then ``remedy`` (:mod:`lit_qlearn.callbacks.remedies`,
-    a list is composed) changes that state, and the result is held as the checkpoint of
-    the current step, so that a further rollback starts from it and applies the remedy
-    again (the remedies compound: a learning rate halved twice is a quarter). What is
-    *not* rolled back, and why:
+    **Rolling back.** With ``action="rollback"`` the checkpoints of the last ``keep``
+    healthy measurements are held (``keep`` files), each with its ``max|Q| / bound``. At
+    the end of the unhealthy step's batch, after every other callback saw the step (as a
+    ``ModelCheckpoint`` would), one of them is loaded back: the module's weights (target
+    networks and buffers included), the optimisers' states and the learning-rate
+    schedulers' states (:meth:`HealthyCheckpoint.restore`). Which one
+    (:meth:`rollback_point`): the newest whose ratio is at most ``rollback_ratio`` times
+    the last healthy measurement's, else the oldest held. Why not simply the last healthy
+    state: a diverging critic's Q grows geometrically, so the last healthy state sits one
+    measurement from the bound, where a remedy that slows the growth has almost no room
+    (benchmarks/results/rescue.json measures both); ``rollback_ratio=1`` restores the last
+    healthy state. Then ``remedy`` (:mod:`lit_qlearn.callbacks.remedies`, a list is
+    composed) changes that state, and the result is held, alone, as the checkpoint of the
+    current step, so that a further rollback starts from it and applies the remedy again
+    (the remedies compound: a learning rate halved twice is a quarter) and never goes back
+    past it. What is *not* rolled back, and why:
 
     * the step axis: ``global_step`` and the module's update count keep counting (loggers
       need a monotonic step; the updates after the healthy step were spent). At the
@@ -183,6 +190,10 @@ class CrashPredictor(ProbeCallback):
             rollback), see :mod:`lit_qlearn.callbacks.remedies`.
         max_rollbacks: with ``action="rollback"``: rollbacks before acting as
             ``"checkpoint_and_stop"`` (>= 0).
+        rollback_ratio: with ``action="rollback"``: how far back a rollback goes, in (0, 1]
+            (see above; 1: the last healthy state).
+        keep: with ``action="rollback"``: how many healthy measurements' checkpoints are
+            held (>= 1); the others keep one.
     """
 
     def __init__(self, every_n_steps: int = 100, probe_size: int = 2560, probe_seed: int = 0,
@@ -191,7 +202,7 @@ class CrashPredictor(ProbeCallback):
                  action: str = "warn", horizon: int | None = None, restart_on_action_change: bool = True,
                  action_rtol: float = 1e-2, dirpath: str | os.PathLike | None = None, law: str = "auto",
                  guard: bool = False, q_bound: float | None = None, remedy: Any = None,
-                 max_rollbacks: int = 3) -> None:
+                 max_rollbacks: int = 3, rollback_ratio: float = 0.5, keep: int = 8) -> None:
         super().__init__(every_n_steps, probe_size, probe_seed, probe_source)
         check_choice("CrashPredictor", "action", action, ACTIONS)
         check_choice("CrashPredictor", "law", law, LAWS)
@@ -218,6 +229,13 @@ class CrashPredictor(ProbeCallback):
         except (TypeError, ValueError) as err:
             raise ValueError(f"CrashPredictor: {err}") from None
         self.max_rollbacks = max_rollbacks
+        if isinstance(rollback_ratio, bool) or not isinstance(rollback_ratio, (int, float)) \
+                or not 0 < rollback_ratio <= 1:
+            raise ValueError(f"CrashPredictor: rollback_ratio must be a number in (0, 1], got {rollback_ratio!r}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"CrashPredictor: keep must be an integer >= 1, got {keep!r}")
+        self.rollback_ratio = float(rollback_ratio)
+        self.keep = keep
         self.window = window
         self.min_points = min_points
         self.num_layers = num_layers
@@ -252,6 +270,7 @@ class CrashPredictor(ProbeCallback):
         self._outlook: Forecast | None = None  # the laws' forecast at the latest measurement
         self._adam_slope: float | None = None
         self._guarded: list[Tensor] = []
+        self._ratio: float | None = None  # max|Q| / bound at the latest measurement
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "window": self.window, "min_points": self.min_points,
@@ -261,7 +280,8 @@ class CrashPredictor(ProbeCallback):
                 "dirpath": None if self.dirpath is None else os.fspath(self.dirpath), "law": self.law,
                 "guard": self.guard, "q_bound": self.q_bound,
                 # Only with rollbacks, so that the other actions' keys are those of older checkpoints.
-                **({"remedy": remedy_name(self.remedy), "max_rollbacks": self.max_rollbacks}
+                **({"remedy": remedy_name(self.remedy), "max_rollbacks": self.max_rollbacks,
+                    "rollback_ratio": self.rollback_ratio, "keep": self.keep}
                    if self.action == "rollback" else {})}
 
     # --------------------------------------------------------------- set-up
@@ -272,7 +292,9 @@ class CrashPredictor(ProbeCallback):
                 self.healthy.detach(trainer)
             # Placed after every other callback and before the checkpoint callbacks, the very
             # point where a ModelCheckpoint of that step dumps its state.
-            self.healthy = HealthyCheckpoint(self.state_key, self.dirpath)
+            # Rolling back may go further back than the last healthy step: keep that many.
+            self.healthy = HealthyCheckpoint(self.state_key, self.dirpath,
+                                             keep=self.keep if self.action == "rollback" else 1)
             self.healthy.attach(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -349,6 +371,7 @@ class CrashPredictor(ProbeCallback):
             p_norm = parameter_norm(params, torch.float64).item()
         metrics: dict[str, float] = {}
         reasons: list[str] = []
+        self._ratio = None
         if math.isfinite(u_norm) and math.isfinite(p_norm) and math.isfinite(q_max):
             metrics = self._record(step, u_norm, p_norm, next_act.detach().cpu())
             if self._outlook is not None and self._outlook.within(self.horizon):
@@ -356,7 +379,7 @@ class CrashPredictor(ProbeCallback):
                 reasons.append(f"the critic is forecast to diverge at step {step + left:.0f} "
                                f"({left:.0f} steps from now; ||u|| = {u_norm:.3g})")
             if self.bound is not None:
-                metrics["crash/q_bound_ratio"] = q_max / self.bound
+                metrics["crash/q_bound_ratio"] = self._ratio = q_max / self.bound
                 if q_max > self.bound:
                     source = "q_bound" if self.q_bound is not None else "the Bellman bound max|r|/(1-gamma)"
                     reasons.append(f"max |Q| on the probe set is {q_max:.4g}, beyond {source} = {self.bound:.4g}")
@@ -393,7 +416,9 @@ class CrashPredictor(ProbeCallback):
         fires ``action`` once; healthy, the step's checkpoint is kept (``checkpoint_and_stop``)."""
         if not _any_rank(trainer, bool(reasons)):
             if self.healthy is not None and not self.fired:
-                self.healthy.mark(step)  # taken at the end of the batch, once every other callback saw it
+                # taken at the end of the batch, once every other callback saw it; with its ratio
+                # (the same on every rank: one probe, one set of parameters), which a rollback reads
+                self.healthy.mark(step, self._ratio)
         elif not self.fired:
             self._act(trainer, pl_module, step, reasons)
 
@@ -404,7 +429,8 @@ class CrashPredictor(ProbeCallback):
             held = self.healthy is not None and self.healthy.path is not None  # the same on every rank
             if held and len(self.rollbacks) < self.max_rollbacks:
                 # Done by the keeper at the end of this batch, after every other callback saw the step.
-                self.healthy.roll_back(lambda t, m, restored: self._roll_back(t, m, step, restored, message))
+                self.healthy.roll_back(lambda t, m, restored: self._roll_back(t, m, step, restored, message),
+                                       self.rollback_point)
                 return
             message += (f"; {len(self.rollbacks)} rollback(s) done, max_rollbacks={self.max_rollbacks}" if held
                         else "; no healthy state is held to roll back to")
@@ -417,6 +443,18 @@ class CrashPredictor(ProbeCallback):
             message += "; " + self._write_healthy(trainer)
         rank_zero_warn(message + "; training stops")
         trainer.should_stop = True
+
+    def rollback_point(self, held: list[Held]) -> int:
+        """Which held healthy state a rollback restores (an index into ``held``, oldest
+        first): the newest whose ``max|Q| / bound`` is at most ``rollback_ratio`` times the
+        newest one's, else the oldest held. A state without a ratio (the remedied state of
+        an earlier rollback, or a run without a bound) qualifies: a rollback never goes
+        past an earlier remedy."""
+        reference = held[-1].value
+        if reference is None:
+            return len(held) - 1
+        return next((i for i in range(len(held) - 1, -1, -1)
+                     if held[i].value is None or held[i].value <= self.rollback_ratio * reference), 0)
 
     def _roll_back(self, trainer: Trainer, pl_module: LightningModule, step: int, restored: int,
                    message: str) -> None:

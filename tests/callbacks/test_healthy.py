@@ -88,6 +88,38 @@ def test_keep_names_the_file_of_the_last_finite_marked_step(tiny_td3bc, tmp_path
     assert torch.load(owner.path, weights_only=True)["global_step"] == 10  # tensors and plain values only
 
 
+def test_it_holds_the_last_keep_marked_steps_with_their_values_and_restores_any(tiny_td3bc, tmp_path):
+    """keep=3, steps 5..20 marked with value step/100: held are 10, 15, 20 (three files, the
+    older removed), and restore(index=0) at step 22 brings back step 10's weights; keep()
+    leaves only the newest, named."""
+    healthy = HealthyCheckpoint("owner", dirpath=tmp_path / "healthy", keep=3)
+    files = {}
+
+    class Ring(Owner):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            step = trainer.global_step
+            files[step] = sorted(p.name for p in (tmp_path / "healthy").glob(".last-healthy-*"))
+            if step == 22:
+                self.held = list(self.healthy.held)
+                self.restored = self.healthy.restore(trainer, pl_module, 0)
+            elif step % 5 == 0 and step <= 20:
+                self.healthy.mark(step, step / 100)
+
+        def on_train_end(self, trainer, pl_module):
+            self.path = self.healthy.keep(trainer)
+
+    owner, spy = Ring(healthy), StateSpy()
+    quiet_fit(*tiny_td3bc(), 24, [owner, spy])
+    assert [(h.step, h.value) for h in owner.held] == [(10, 0.1), (15, 0.15), (20, 0.2)]
+    assert [len(files[t]) for t in (6, 11, 16, 21)] == [1, 2, 3, 3]  # (seen before the step's own capture)
+    assert owner.restored == 10
+    for name, value in spy.module[10].items():
+        assert torch.equal(spy.module[22][name], value), name
+    assert sorted(p.name for p in (tmp_path / "healthy").iterdir()) == ["last-healthy-step=20.ckpt"]
+    with pytest.raises(ValueError, match="keep must be an integer >= 1, got 0"):
+        HealthyCheckpoint("owner", keep=0)
+
+
 def test_attach_goes_before_the_checkpoint_callbacks_and_detach_leaves(tmp_path):
     first, ordinary = L.Callback(), ModelCheckpoint(dirpath=tmp_path)
     trainer = L.Trainer(callbacks=[first, ordinary], logger=False, enable_progress_bar=False,

@@ -104,7 +104,8 @@ def test_report_holds_the_monitors_numbers(tmp_path, capsys):
 def test_rollbacks_and_the_peak_before_them(tmp_path):
     """After a rollback max|Q|/bound falls back: the peak is the excursion's, not the last value,
     and the rollbacks are the predictor's own record."""
-    crash, *rest = attached = monitors(bound=5.0, action="rollback", remedy=ScaleLearningRate(0.1), max_rollbacks=2)
+    crash, *rest = attached = monitors(bound=5.0, action="rollback", remedy=ScaleLearningRate(0.1), max_rollbacks=2,
+                                       rollback_ratio=1.0)
     report = HealthReport(verbose=False)
     _, trainer, series = walk_fit([report, *attached], tmp_path=tmp_path)  # the report first, as above
     got = json.loads((Path(trainer.log_dir) / "health.json").read_text())["crash"]

@@ -48,6 +48,9 @@ class StateSpy(L.Callback):
 
 
 def rollback_r1(remedy=None, max_rollbacks=1, max_steps=120, tmp_path=None, extra=(), **kwargs):
+    """R1 rolled back; by default to the last healthy state (``rollback_ratio=1``), whose
+    mechanics these tests check; how far back the default goes: its own test."""
+    kwargs.setdefault("rollback_ratio", 1.0)
     callback = CrashPredictor(every_n_steps=EVERY, action="rollback", remedy=remedy, max_rollbacks=max_rollbacks,
                               min_r2=1.1, threshold=math.inf, q_bound=Q_BOUND, dirpath=tmp_path, **kwargs)
     spy = StateSpy()
@@ -88,6 +91,46 @@ def test_rollback_restores_the_healthy_state_and_scales_the_learning_rate(tmp_pa
     assert n <= callback.healthy_step < callback.stopped_step
 
 
+@pytest.mark.parametrize("ratio, keep", [(0.5, 8), (0.5, 3), (0.25, 20)])
+def test_the_rollback_goes_back_to_the_newest_state_at_most_rollback_ratio_of_the_last_healthy(tmp_path, ratio, keep):
+    """Held: the last `keep` healthy measurements. Restored: the newest whose logged max|Q| /
+    bound is <= ratio x the last healthy one's (else the oldest held), found here from the
+    logged series; its weights are the ones training goes on from, and only `keep` files were
+    ever on disk at once (none is left after the run)."""
+    seen = []
+
+    class Files(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(len(list(tmp_path.glob(".last-healthy-*.step=*.ckpt"))))
+
+    callback, spy, module, trainer, logger = rollback_r1(max_steps=90, tmp_path=tmp_path, rollback_ratio=ratio,
+                                                         keep=keep, extra=[Files()])
+    (first,) = callback.rollbacks
+    n = first["step"]
+    series = logger.series("crash/q_bound_ratio")
+    every_healthy = [t for t in sorted(series) if t < n and series[t] <= 1]
+    healthy = every_healthy[-keep:]
+    assert healthy[-1] == n - EVERY and series[n] > 1
+    expected = next((t for t in reversed(healthy) if series[t] <= ratio * series[healthy[-1]]), healthy[0])
+    assert first["restored_to"] == expected < n - EVERY
+    assert_same(spy.start[n][0], spy.end[expected][0])
+    assert max(seen) == min(keep, len(every_healthy)) and not list(tmp_path.glob(".last-healthy-*"))
+    assert logger.series("crash/rollback_to") == {n: float(expected)}
+
+
+def test_rollback_point_never_goes_past_a_remedied_state():
+    """The choice on its own: a state without a ratio (an earlier rollback's remedied state)
+    stops the search; without a reference ratio, the newest is restored."""
+    from lit_qlearn.callbacks.healthy import Held
+
+    crash = CrashPredictor(action="rollback", rollback_ratio=0.5)
+    held = [Held(t, Path(f"{t}"), v) for t, v in ((10, None), (15, 0.3), (20, 0.5), (25, 0.9))]
+    assert crash.rollback_point(held) == 1  # 0.3 <= 0.45: step 15
+    assert crash.rollback_point(held[:1] + held[2:]) == 0  # 0.5 > 0.45: back to the remedied state, not past it
+    assert crash.rollback_point([Held(5, Path("5"), 0.8), Held(10, Path("10"), 0.9)]) == 0  # none: the oldest
+    assert crash.rollback_point([Held(5, Path("5"), 0.1), Held(10, Path("10"), None)]) == 1
+
+
 def test_after_max_rollbacks_it_stops_with_the_healthy_checkpoint_and_the_record_survives(tmp_path):
     """A plain rollback (no remedy) diverges again the same way: with max_rollbacks=2 the
     third detection stops the run and keeps the healthy checkpoint, whose predictor state
@@ -107,7 +150,7 @@ def test_after_max_rollbacks_it_stops_with_the_healthy_checkpoint_and_the_record
     stored = kept["callbacks"][callback.state_key]
     assert stored["rollbacks"] == callback.rollbacks
     fresh = CrashPredictor(every_n_steps=EVERY, action="rollback", max_rollbacks=2, min_r2=1.1,
-                           threshold=math.inf, q_bound=Q_BOUND, dirpath=tmp_path)
+                           threshold=math.inf, q_bound=Q_BOUND, dirpath=tmp_path, rollback_ratio=1.0)
     assert fresh.state_key == callback.state_key
     fresh.load_state_dict(torch.load(callback.checkpoint_path, weights_only=True)["callbacks"][fresh.state_key])
     assert fresh.rollbacks == callback.rollbacks
@@ -249,7 +292,8 @@ def test_rollback_restores_the_scheduler_and_the_remedy_moves_its_base(tmp_path)
     ScaleLearningRate halves its base: the lr after the rollback is 0.01 / (1 + K / 1000),
     and the next update's 0.01 / (1 + (K + 1) / 1000)."""
     callback = CrashPredictor(every_n_steps=EVERY, action="rollback", remedy=ScaleLearningRate(0.5),
-                              max_rollbacks=1, min_r2=1.1, threshold=math.inf, q_bound=Q_BOUND, dirpath=tmp_path)
+                              max_rollbacks=1, min_r2=1.1, threshold=math.inf, q_bound=Q_BOUND, dirpath=tmp_path,
+                              rollback_ratio=1.0)
     spy = StateSpy()
     L.seed_everything(0, verbose=False)
     module = ScheduledWalk(lr=0.02)
@@ -327,10 +371,11 @@ def test_ddp_ranks_roll_back_identically(tmp_path):
     """Two CPU processes: both ranks roll back at the same steps to the same steps and end
     with the same weights, those of the single-device run."""
     single, _, module, *_ = rollback_r1(ShrinkAndPerturb(seed=3), max_rollbacks=2, max_steps=120,
-                                        tmp_path=tmp_path / "s")
+                                        tmp_path=tmp_path / "s", rollback_ratio=0.5)  # the default, as the script
     run_ddp_script(Path(__file__).with_name("ddp_rollback.py"), tmp_path, Q_BOUND)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == single.rollbacks and single.rollbacks
+    assert single.rollbacks[0]["restored_to"] < single.rollbacks[0]["step"] - 5  # further back than the last healthy
     assert_same(ranks[0]["state_dict"], ranks[1]["state_dict"])
     for name, value in module.state_dict().items():
         torch.testing.assert_close(ranks[0]["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
