@@ -3,7 +3,8 @@ down. The imports are read with ``ast`` (at module level and inside functions), 
 executed, so a cycle that only a function-level import hides is found too.
 
 Layers, bottom to top: the shared types (``data.types``); the maths (td, targets,
-networks, ntk, plasticity, forecast), then the probe protocol and the loggers; data
+networks, ntk, plasticity, forecast), then the probe protocol and the loggers; the
+measuring core (``monitoring``: meters that know nothing of a Trainer); data
 (reads and serves); evaluation; algorithms; callbacks; datasets (makes data); demo, cli and toys (small problems
 for tests and demos, built on the algorithms).
 
@@ -31,21 +32,25 @@ LAYERS = [
     (0, "types", (f"{PACKAGE}.data.types",)),
     (1, "maths", tuple(f"{PACKAGE}.{m}" for m in MATHS)),
     (2, "probe", (f"{PACKAGE}.probe", f"{PACKAGE}.loggers")),
-    (3, "data", (f"{PACKAGE}.data",)),
-    (4, "evaluation", (f"{PACKAGE}.evaluation",)),
-    (5, "algorithms", (f"{PACKAGE}.algorithms",)),
-    (6, "callbacks", (f"{PACKAGE}.callbacks",)),
-    (7, "datasets", (f"{PACKAGE}.datasets",)),
+    # monitoring: the measuring core (probe set, meters, their state and the crash verdict) on the
+    # probe protocol and the maths, without Lightning, so that the callbacks and plain loops share it
+    (3, "monitoring", (f"{PACKAGE}.monitoring",)),
+    (4, "data", (f"{PACKAGE}.data",)),
+    (5, "evaluation", (f"{PACKAGE}.evaluation",)),
+    (6, "algorithms", (f"{PACKAGE}.algorithms",)),
+    (7, "callbacks", (f"{PACKAGE}.callbacks",)),
+    (8, "datasets", (f"{PACKAGE}.datasets",)),
     # toys: small problems built on the algorithms (a QLearningModule, a DataModule, an env) for tests and demos
-    (8, "top", (f"{PACKAGE}.demo", f"{PACKAGE}.cli", f"{PACKAGE}.toys")),
+    (9, "top", (f"{PACKAGE}.demo", f"{PACKAGE}.cli", f"{PACKAGE}.toys")),
 ]
 # (b) what data may never import: the layers that use it
 DATA_FORBIDDEN = tuple(f"{PACKAGE}.{m}" for m in ("algorithms", "datasets", "evaluation", "callbacks", "demo", "cli"))
 # (c) all that callbacks may import from lit_qlearn (besides each other); data.types is
 # the batch type a callback reads (the probe protocol's own type, see LAYERS); targets is
-# the one target-update rule, which EMATarget installs
+# the one target-update rule, which EMATarget installs; monitoring is the measuring core
+# the monitors adapt to a Trainer
 CALLBACK_DEPS = tuple(f"{PACKAGE}.{m}" for m in ("ntk", "plasticity", "probe", "forecast", "targets", "callbacks",
-                                               "data.types"))
+                                               "data.types", "monitoring"))
 LIGHTNING = ("lightning", "pytorch_lightning")
 
 
@@ -256,6 +261,12 @@ def test_the_maths_never_imports_lightning():
     maths = tuple(f"{PACKAGE}.{m}" for m in MATHS)
     bad = [e for e in _LIGHTNING if e.source in maths]
     assert not bad, "maths modules importing Lightning:\n" + "\n".join(map(str, bad))
+
+
+def test_the_measuring_core_never_imports_lightning():
+    bad = [e for e in _LIGHTNING if _within(e.source, (f"{PACKAGE}.monitoring",))]
+    assert not bad, "lit_qlearn.monitoring imports Lightning (plain loops must not need it):\n" + "\n".join(
+        map(str, bad))
 
 
 if __name__ == "__main__":
