@@ -5,7 +5,8 @@ executed, so a cycle that only a function-level import hides is found too.
 Layers, bottom to top: the shared types (``data.types``); the maths (td, targets,
 networks, ntk, plasticity, forecast), then the probe protocol and the loggers; the
 measuring core (``monitoring``: meters that know nothing of a Trainer); data
-(reads and serves); evaluation; algorithms; callbacks; datasets (makes data); demo, cli and toys (small problems
+(reads and serves); evaluation; algorithms; callbacks and, beside them, integrations (the
+meters in other RL libraries); datasets (makes data); demo, cli and toys (small problems
 for tests and demos, built on the algorithms).
 
 Run as a script for the import map (modules and their lines, cycles, upward arrows),
@@ -39,6 +40,9 @@ LAYERS = [
     (5, "evaluation", (f"{PACKAGE}.evaluation",)),
     (6, "algorithms", (f"{PACKAGE}.algorithms",)),
     (7, "callbacks", (f"{PACKAGE}.callbacks",)),
+    # integrations: the meters adapted to other libraries (Stable-Baselines3), beside the callbacks
+    # (Lightning's adapters) at their rank; what they may import is INTEGRATION_DEPS
+    (7, "integrations", (f"{PACKAGE}.integrations",)),
     (8, "datasets", (f"{PACKAGE}.datasets",)),
     # toys: small problems built on the algorithms (a QLearningModule, a DataModule, an env) for tests and demos
     (9, "top", (f"{PACKAGE}.demo", f"{PACKAGE}.cli", f"{PACKAGE}.toys")),
@@ -51,6 +55,9 @@ DATA_FORBIDDEN = tuple(f"{PACKAGE}.{m}" for m in ("algorithms", "datasets", "eva
 # the monitors adapt to a Trainer
 CALLBACK_DEPS = tuple(f"{PACKAGE}.{m}" for m in ("ntk", "plasticity", "probe", "forecast", "targets", "callbacks",
                                                "data.types", "monitoring"))
+# (e) all that integrations may import from lit_qlearn: the measuring core and what it is
+# made of (never an algorithm, a callback or Lightning: a user of SB3 needs none of them)
+INTEGRATION_DEPS = tuple(f"{PACKAGE}.{m}" for m in ("monitoring", "probe", "ntk", "data.types", "integrations"))
 LIGHTNING = ("lightning", "pytorch_lightning")
 
 
@@ -267,6 +274,13 @@ def test_the_measuring_core_never_imports_lightning():
     bad = [e for e in _LIGHTNING if _within(e.source, (f"{PACKAGE}.monitoring",))]
     assert not bad, "lit_qlearn.monitoring imports Lightning (plain loops must not need it):\n" + "\n".join(
         map(str, bad))
+
+
+def test_integrations_depend_on_the_measuring_core_only_and_never_on_lightning():
+    bad = [e for e in _EDGES if _within(e.source, (f"{PACKAGE}.integrations",))
+           and not _within(e.target, INTEGRATION_DEPS)]
+    bad += [e for e in _LIGHTNING if _within(e.source, (f"{PACKAGE}.integrations",))]
+    assert not bad, "integrations import beyond monitoring / probe / ntk / data.types:\n" + "\n".join(map(str, bad))
 
 
 if __name__ == "__main__":

@@ -54,9 +54,9 @@ def block(marker: str) -> int:
     return found[0]
 
 
-QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP = (block(m) for m in (
+QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3 = (block(m) for m in (
     "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\"",
-    "monitor = Monitor("))
+    "monitor = Monitor(", "MonitorCallback("))
 
 
 def block_id(code: str) -> str:
@@ -116,9 +116,9 @@ def run_block(index: int, namespaces: dict[int, dict]) -> dict:
 
 
 def test_the_readme_has_the_blocks_these_tests_expect():
-    assert len(BLOCKS) == 5 and CRASH == QUICK_START + 1  # the crash block continues the quick start
-    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP)] == [
-        set(), {"L", "model", "dm"}, set(), set(), set()]
+    assert len(BLOCKS) == 6 and CRASH == QUICK_START + 1  # the crash block continues the quick start
+    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3)] == [
+        set(), {"L", "model", "dm"}, set(), set(), set(), set()]
 
 
 def test_usage_trains_on_the_default_data(trainers, readme_env):
@@ -196,6 +196,26 @@ def test_the_plain_loop_writes_the_monitors_scalars_to_tensorboard(monkeypatch, 
     ref = seem(qf1, (probe.obs, probe.act), (probe.next_obs, next_act), 0.99, scale_by_params=True, solver="dense")
     assert events["seem/max_eig_normalized"][-1][1] == pytest.approx(ref.normalized, rel=1e-5, abs=1e-7)
     assert ns["monitor"].reasons == []
+
+
+def test_the_stable_baselines3_example_attaches_and_draws_its_probe(monkeypatch, tmp_path):
+    """The SB3 block runs as written, ``learn`` capped at 50 updates past ``learning_starts``
+    (the README's 100,000 steps would take an hour): the callback drew its probe set from the
+    replay buffer when learning started, and nothing was unhealthy."""
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+    learn = OffPolicyAlgorithm.learn
+
+    def capped(self, total_timesteps, *args, **kwargs):
+        return learn(self, min(total_timesteps, self.learning_starts + 50), *args, **kwargs)
+
+    monkeypatch.setattr(OffPolicyAlgorithm, "learn", capped)
+    monkeypatch.chdir(tmp_path)
+    ns = run_block(SB3, {})
+    monitor, model = ns["monitor"], ns["model"]
+    assert model.num_timesteps == 1050 and monitor.monitor is not None
+    assert len(monitor.monitor.meters[0].probe.obs) == 512 and monitor.checkpoint_path is None
 
 
 def test_the_public_names_of_the_design_document_import():
