@@ -184,6 +184,36 @@ def test_checkpoint_and_stop_keeps_the_last_healthy_model(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(weights[600], weights[800]))  # it trained in between
 
 
+def test_a_forced_divergence_is_stopped_with_a_finite_saved_model(tmp_path):
+    """TD3 made to diverge (tau = 1: the target is the critic itself; lr 3e-2, gamma 0.999,
+    10 updates per step on a 500-transition buffer): max|Q| on the probe set leaves the Bellman
+    bound within 40 steps of learning; training stops there and the kept model, the last
+    healthy measurement's, is finite and within the bound on the probe set."""
+    torch.manual_seed(0)
+    model = TD3("MlpPolicy", "Pendulum-v1", learning_starts=500, buffer_size=500, gradient_steps=10,
+                learning_rate=3e-2, tau=1.0, gamma=0.999, batch_size=64, seed=0, device="cpu",
+                policy_kwargs=dict(net_arch=[32, 32]))
+    crash, stored = CrashMeter(), []
+
+    class Watch(MonitorCallback):
+        def _draw_probe(self):
+            stored.append(self.model.replay_buffer.rewards.copy())  # full: 500 rewards at learning_starts
+            super()._draw_probe()
+
+    callback = Watch(meters=[crash], every_n_steps=20, probe_size=64, action="checkpoint_and_stop", dirpath=tmp_path)
+    with pytest.warns(UserWarning, match="beyond the Bellman bound"):
+        model.learn(2000, callback=callback)
+    assert callback.stopped_step == model.num_timesteps < 700 and callback.scalars["crash/q_bound_ratio"] > 2
+    bound = np.abs(stored[0]).max() / (1 - 0.999)  # every reward stored when the probe was drawn
+    assert crash.bound == pytest.approx(bound, rel=1e-6)
+    kept = TD3.load(callback.checkpoint_path, device="cpu")
+    assert all(torch.isfinite(p).all() for p in kept.policy.parameters())
+    probe = callback.monitor.meters[0].probe
+    with torch.no_grad():
+        q = kept.critic.q_networks[0](torch.cat([probe.obs, probe.act], 1))
+    assert q.abs().max().item() <= bound
+
+
 def test_misuse_is_named_and_lit_qlearn_does_not_import_sb3():
     with pytest.raises(ValueError, match="MonitorCallback: action"):
         MonitorCallback(action="rollback")

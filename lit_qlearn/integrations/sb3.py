@@ -143,7 +143,8 @@ class MonitorCallback(BaseCallback):
     """The meters of :mod:`lit_qlearn.monitoring` on an SB3 off-policy model.
 
     When learning starts (``num_timesteps > learning_starts``) the probe set is drawn once from
-    the replay buffer (:func:`probe_from_buffer`); from then on the meters measure at each
+    the replay buffer (:func:`probe_from_buffer`), and :class:`~lit_qlearn.monitoring.CrashMeter`'s
+    Bellman bound is ``max|r| / (1 - gamma)`` over the rewards the buffer holds then; from then on the meters measure at each
     multiple of ``every_n_steps`` that ``num_timesteps`` reaches or passes, and the scalars
     are recorded through SB3's logger and dumped at ``num_timesteps``, as SB3's ``EvalCallback``
     writes its own. An unhealthy measurement (the meters' :attr:`~lit_qlearn.monitoring.Monitor.reasons`)
@@ -208,10 +209,13 @@ class MonitorCallback(BaseCallback):
                                  "directory: no tensorboard_log and no configured logger)")
             self._directory = Path(where)
             self._directory.mkdir(parents=True, exist_ok=True)
+        self._setup_crash()  # here, so that a critic the crash law cannot read is an error before training
+        self.cadence.start(self.model.num_timesteps)
+
+    def _setup_crash(self, rewards: Tensor | None = None) -> None:
         for meter in self.meters:
             if isinstance(meter, CrashMeter):  # the critic's optimiser says the law (Adam or SGD)
-                meter.setup(self.agent, _critic_optimizers(self.model))
-        self.cadence.start(self.model.num_timesteps)
+                meter.setup(self.agent, _critic_optimizers(self.model), rewards=rewards)
 
     def _on_step(self) -> bool:
         step = self.model.num_timesteps
@@ -243,6 +247,9 @@ class MonitorCallback(BaseCallback):
                           f"buffer holds {len(probe.obs)} when learning starts; the probe set is cut to "
                           f"{len(probe.obs)} (raise learning_starts or lower probe_size)", UserWarning, stacklevel=2)
         self.monitor = Monitor(self.meters, probe)
+        buffer = self.model.replay_buffer  # the Bellman bound from every reward stored so far, as SB3 serves them
+        stored = buffer.rewards[: buffer.buffer_size if buffer.full else buffer.pos]
+        self._setup_crash(torch.as_tensor(buffer._normalize_reward(stored, self.model._vec_normalize_env)))
 
     def _keep_healthy(self, step: int) -> None:
         if self._directory is None:
