@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lit_qlearn.data import Transitions
-from lit_qlearn.monitoring import (ActorCriticProbe, CrashMeter, DiscreteQProbe, Monitor, NTKMeter, SEEMMeter,
-                                   write)
+from lit_qlearn.monitoring import (ActorCriticProbe, CrashMeter, DiscreteQProbe, Monitor, NTKMeter,
+                                   PlasticityMeter, SEEMMeter, write)
 from lit_qlearn.ntk import DiscreteQ, ntk_gram, seem
 from lit_qlearn.probe import ProbeProtocolError
 
@@ -165,6 +165,24 @@ def test_crash_meter_judges_without_a_trainer():
         critic.net[0].weight[0, 0] = math.nan
     healthy.measure(agent, 20)
     assert healthy.reasons == ["the critic is non-finite on the probe set"]
+
+
+@pytest.mark.parametrize("value", [math.nan, 1e30])
+def test_a_diverged_critic_is_reported_not_raised(value):
+    """Weights at NaN, or so large that the Gram overflows: the meters report NaN where there is
+    nothing to compute (SEEM's eigenvalue, the feature rank) instead of raising from an
+    eigen-solver, so that the crash verdict reaches the loop."""
+    torch.manual_seed(0)
+    critic, actor = Critic(), nn.Sequential(nn.Linear(OBS, ACT), nn.Tanh())
+    with torch.no_grad():
+        critic.net[0].weight.fill_(value)
+    monitor = Monitor([SEEMMeter(), NTKMeter(), PlasticityMeter(), CrashMeter()], transitions(16, seed=7))
+    scalars = monitor.measure(ActorCriticProbe(critic, actor, GAMMA), 5)
+    assert math.isnan(scalars["seem/max_eig"]) and math.isnan(scalars["seem/max_eig_normalized"])
+    assert "seem/participation" not in scalars
+    if math.isnan(value):
+        assert math.isnan(scalars["plasticity/feature_rank"])
+    assert monitor.reasons and monitor.meters[-1].reasons == monitor.reasons
 
 
 def test_the_monitors_state_resumes_the_measurements():
