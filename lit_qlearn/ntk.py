@@ -439,6 +439,9 @@ def seem(
         solver / tol: eigen-solver, see :func:`max_real_eigenvalue`.
         return_matrix / return_spectrum: keep A / all its eigenvalues (dense) in the result.
         return_vector: keep the top eigenvector and its participation in the result.
+
+    A critic that has diverged (a non-finite or overflowing Gram) has no eigenvalue to
+    report: ``value``, ``normalized`` and ``eigenvalue`` are then NaN, no eigenvector.
     """
     g_xx = ntk_gram(model, x_inputs, method=method, dtype=dtype)
     g_sx = ntk_gram(model, x_inputs, other=x_star_inputs, method=method, dtype=dtype)
@@ -450,6 +453,9 @@ def seem(
         a = a / p
     frob = torch.linalg.matrix_norm(a.double()).item()  # float32 accumulation is off by ~1e-4
     spectrum = vector = None
+    if not bool(torch.isfinite(a).all()):  # the eigen-solvers raise on inf / NaN entries
+        return SEEMResult(value=math.nan, normalized=math.nan, frobenius=frob, eigenvalue=complex(math.nan, math.nan),
+                          solver="none", num_params=p, matrix=a if return_matrix else None)
     if return_spectrum:
         spectrum, vectors = torch.linalg.eig(a) if return_vector else (torch.linalg.eigvals(a), None)
         i = int(torch.argmax(spectrum.real))

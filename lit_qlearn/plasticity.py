@@ -195,7 +195,7 @@ def plasticity_metrics(model: nn.Module, inputs: Inputs, tau: float = 0.025, del
 
     ``dormant_fraction`` (all hidden units pooled), ``dormant_fraction/<layer>``,
     ``feature_rank`` (:func:`effective_rank` of the penultimate features; absent when
-    the model calls no Linear), ``weight_norm``, ``preact_mean/<layer>`` and
+    the model calls no Linear, NaN when they are not finite), ``weight_norm``, ``preact_mean/<layer>`` and
     ``preact_scale/<layer>`` (mean and std of the layer's pre-activation).
     ``<layer>`` is the activation module's qualified name (``named_modules``).
     """
@@ -205,8 +205,10 @@ def plasticity_metrics(model: nn.Module, inputs: Inputs, tau: float = 0.025, del
     metrics = {"dormant_fraction": dormant / total if total else float("nan"), "weight_norm": weight_norm(model)}
     for name, s in scores.items():
         metrics[f"dormant_fraction/{name}"] = (s <= tau).double().mean().item()
-    if rec.penultimate is not None:
-        metrics["feature_rank"] = float(effective_rank(rec.penultimate.flatten(1), delta))
+    if rec.penultimate is not None:  # features of a diverged critic (inf / NaN) have no rank: NaN
+        features = rec.penultimate.flatten(1)
+        finite = bool(torch.isfinite(features).all())  # (their float64 Gram in effective_rank does not overflow)
+        metrics["feature_rank"] = float(effective_rank(features, delta)) if finite else float("nan")
     for name, pre in rec.pre.items():
         metrics[f"preact_mean/{name}"], metrics[f"preact_scale/{name}"] = _moments(pre)
     return metrics

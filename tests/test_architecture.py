@@ -3,8 +3,10 @@ down. The imports are read with ``ast`` (at module level and inside functions), 
 executed, so a cycle that only a function-level import hides is found too.
 
 Layers, bottom to top: the shared types (``data.types``); the maths (td, targets,
-networks, ntk, plasticity, forecast), then the probe protocol and the loggers; data
-(reads and serves); evaluation; algorithms; callbacks; datasets (makes data); demo, cli and toys (small problems
+networks, ntk, plasticity, forecast), then the probe protocol and the loggers; the
+measuring core (``monitoring``: meters that know nothing of a Trainer); data
+(reads and serves); evaluation; algorithms; callbacks and, beside them, integrations (the
+meters in other RL libraries); datasets (makes data); demo, cli and toys (small problems
 for tests and demos, built on the algorithms).
 
 Run as a script for the import map (modules and their lines, cycles, upward arrows),
@@ -31,21 +33,31 @@ LAYERS = [
     (0, "types", (f"{PACKAGE}.data.types",)),
     (1, "maths", tuple(f"{PACKAGE}.{m}" for m in MATHS)),
     (2, "probe", (f"{PACKAGE}.probe", f"{PACKAGE}.loggers")),
-    (3, "data", (f"{PACKAGE}.data",)),
-    (4, "evaluation", (f"{PACKAGE}.evaluation",)),
-    (5, "algorithms", (f"{PACKAGE}.algorithms",)),
-    (6, "callbacks", (f"{PACKAGE}.callbacks",)),
-    (7, "datasets", (f"{PACKAGE}.datasets",)),
+    # monitoring: the measuring core (probe set, meters, their state and the crash verdict) on the
+    # probe protocol and the maths, without Lightning, so that the callbacks and plain loops share it
+    (3, "monitoring", (f"{PACKAGE}.monitoring",)),
+    (4, "data", (f"{PACKAGE}.data",)),
+    (5, "evaluation", (f"{PACKAGE}.evaluation",)),
+    (6, "algorithms", (f"{PACKAGE}.algorithms",)),
+    (7, "callbacks", (f"{PACKAGE}.callbacks",)),
+    # integrations: the meters adapted to other libraries (Stable-Baselines3), beside the callbacks
+    # (Lightning's adapters) at their rank; what they may import is INTEGRATION_DEPS
+    (7, "integrations", (f"{PACKAGE}.integrations",)),
+    (8, "datasets", (f"{PACKAGE}.datasets",)),
     # toys: small problems built on the algorithms (a QLearningModule, a DataModule, an env) for tests and demos
-    (8, "top", (f"{PACKAGE}.demo", f"{PACKAGE}.cli", f"{PACKAGE}.toys")),
+    (9, "top", (f"{PACKAGE}.demo", f"{PACKAGE}.cli", f"{PACKAGE}.toys")),
 ]
 # (b) what data may never import: the layers that use it
 DATA_FORBIDDEN = tuple(f"{PACKAGE}.{m}" for m in ("algorithms", "datasets", "evaluation", "callbacks", "demo", "cli"))
 # (c) all that callbacks may import from lit_qlearn (besides each other); data.types is
 # the batch type a callback reads (the probe protocol's own type, see LAYERS); targets is
-# the one target-update rule, which EMATarget installs
+# the one target-update rule, which EMATarget installs; monitoring is the measuring core
+# the monitors adapt to a Trainer
 CALLBACK_DEPS = tuple(f"{PACKAGE}.{m}" for m in ("ntk", "plasticity", "probe", "forecast", "targets", "callbacks",
-                                               "data.types"))
+                                               "data.types", "monitoring"))
+# (e) all that integrations may import from lit_qlearn: the measuring core and what it is
+# made of (never an algorithm, a callback or Lightning: a user of SB3 needs none of them)
+INTEGRATION_DEPS = tuple(f"{PACKAGE}.{m}" for m in ("monitoring", "probe", "ntk", "data.types", "integrations"))
 LIGHTNING = ("lightning", "pytorch_lightning")
 
 
@@ -256,6 +268,19 @@ def test_the_maths_never_imports_lightning():
     maths = tuple(f"{PACKAGE}.{m}" for m in MATHS)
     bad = [e for e in _LIGHTNING if e.source in maths]
     assert not bad, "maths modules importing Lightning:\n" + "\n".join(map(str, bad))
+
+
+def test_the_measuring_core_never_imports_lightning():
+    bad = [e for e in _LIGHTNING if _within(e.source, (f"{PACKAGE}.monitoring",))]
+    assert not bad, "lit_qlearn.monitoring imports Lightning (plain loops must not need it):\n" + "\n".join(
+        map(str, bad))
+
+
+def test_integrations_depend_on_the_measuring_core_only_and_never_on_lightning():
+    bad = [e for e in _EDGES if _within(e.source, (f"{PACKAGE}.integrations",))
+           and not _within(e.target, INTEGRATION_DEPS)]
+    bad += [e for e in _LIGHTNING if _within(e.source, (f"{PACKAGE}.integrations",))]
+    assert not bad, "integrations import beyond monitoring / probe / ntk / data.types:\n" + "\n".join(map(str, bad))
 
 
 if __name__ == "__main__":

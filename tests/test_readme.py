@@ -54,8 +54,9 @@ def block(marker: str) -> int:
     return found[0]
 
 
-QUICK_START, CRASH, MY_ALGORITHM, ONLINE = (block(m) for m in (
-    "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\""))
+QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3 = (block(m) for m in (
+    "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\"",
+    "monitor = Monitor(", "MonitorCallback("))
 
 
 def block_id(code: str) -> str:
@@ -115,9 +116,9 @@ def run_block(index: int, namespaces: dict[int, dict]) -> dict:
 
 
 def test_the_readme_has_the_blocks_these_tests_expect():
-    assert len(BLOCKS) == 4 and CRASH == QUICK_START + 1  # the crash block continues the quick start
-    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE)] == [
-        set(), {"L", "model", "dm"}, set(), set()]
+    assert len(BLOCKS) == 6 and CRASH == QUICK_START + 1  # the crash block continues the quick start
+    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3)] == [
+        set(), {"L", "model", "dm"}, set(), set(), set(), set()]
 
 
 def test_usage_trains_on_the_default_data(trainers, readme_env):
@@ -172,6 +173,49 @@ def test_the_write_your_own_algorithm_example_trains(trainers):
     assert module.updates == trainer.global_step == 100
     # the hard copy fires after update 100 only, inside the update; in between the target stays put
     assert seen == [False] * 99 + [True]
+
+
+def test_the_plain_loop_writes_the_monitors_scalars_to_tensorboard(monkeypatch, tmp_path):
+    """The plain PyTorch loop runs as written (no Trainer, no data directory) and its event file
+    holds the meters' scalars at the steps measured, equal at the last one to lit_qlearn.ntk's
+    SEEM on the block's critic and probe."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_qlearn.ntk import seem
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_block(PLAIN_LOOP, {})
+    acc = EventAccumulator(str(tmp_path / "runs" / "my_td3"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    for tag in ("seem/max_eig_normalized", "ntk/diag_mean", "crash/td_error_norm", "params/adam_slope"):
+        assert [step for step, _ in events[tag]] == [100, 200, 300], tag
+    probe, qf1, actor = ns["probe"], ns["qf1"], ns["actor"]
+    with torch.no_grad():
+        next_act = actor(probe.next_obs)
+    ref = seem(qf1, (probe.obs, probe.act), (probe.next_obs, next_act), 0.99, scale_by_params=True, solver="dense")
+    assert events["seem/max_eig_normalized"][-1][1] == pytest.approx(ref.normalized, rel=1e-5, abs=1e-7)
+    assert ns["monitor"].reasons == []
+
+
+def test_the_stable_baselines3_example_attaches_and_draws_its_probe(monkeypatch, tmp_path):
+    """The SB3 block runs as written, ``learn`` capped at 50 updates past ``learning_starts``
+    (the README's 100,000 steps would take an hour): the callback drew its probe set from the
+    replay buffer when learning started, and nothing was unhealthy."""
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+    learn = OffPolicyAlgorithm.learn
+
+    def capped(self, total_timesteps, *args, **kwargs):
+        return learn(self, min(total_timesteps, self.learning_starts + 50), *args, **kwargs)
+
+    monkeypatch.setattr(OffPolicyAlgorithm, "learn", capped)
+    monkeypatch.chdir(tmp_path)
+    ns = run_block(SB3, {})
+    monitor, model = ns["monitor"], ns["model"]
+    assert model.num_timesteps == 1050 and monitor.monitor is not None
+    assert len(monitor.monitor.meters[0].probe.obs) == 512 and monitor.checkpoint_path is None
 
 
 def test_the_public_names_of_the_design_document_import():

@@ -2,27 +2,26 @@
 forecasts as ``crash/*``, and act before the critic diverges (Yue et al. 2023,
 Theorems 3-4; docs/design.md section 5.4).
 
-The laws and their fits are pure maths in :mod:`lit_qlearn.forecast`; keeping the last
-healthy state is :class:`~lit_qlearn.callbacks.healthy.HealthyCheckpoint`'s job.
+The measurements, the fits and the verdict (healthy or not, and why) are
+:class:`lit_qlearn.monitoring.CrashMeter`'s, the laws pure maths in :mod:`lit_qlearn.forecast`;
+this callback adapts the meter to a Trainer and acts. Keeping the last healthy state is
+:class:`~lit_qlearn.callbacks.healthy.HealthyCheckpoint`'s job.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_qlearn.callbacks.healthy import Held, HealthyCheckpoint, all_finite
-from lit_qlearn.callbacks.monitors import ProbeCallback
+from lit_qlearn.callbacks.monitors import ProbeCallback, _core_attr
 from lit_qlearn.callbacks.remedies import as_remedy, remedy_name
-from lit_qlearn.forecast import Forecast, adam_slope, bellman_bound
-from lit_qlearn.forecast import forecast as fit_laws
-from lit_qlearn.ntk import check_choice, parameter_norm
-from lit_qlearn.probe import bootstrap_target, critic_members, publish
+from lit_qlearn.monitoring import CrashMeter, _actions_moved  # noqa: F401 - _actions_moved: imported from here too
+from lit_qlearn.ntk import check_choice
+from lit_qlearn.probe import critic_members, publish
 
 if TYPE_CHECKING:
     from lit_qlearn.data.types import Transitions
@@ -31,11 +30,11 @@ __all__ = ["CrashPredictor"]
 
 
 ACTIONS = ("warn", "stop", "checkpoint_and_stop", "rollback")
-LAWS = ("auto", "sgd", "adam")
 
 
 class CrashPredictor(ProbeCallback):
-    """Forecast the step at which the critic diverges, and act before it does.
+    """Forecast the step at which the critic diverges, and act before it does (a Lightning
+    adapter over :class:`lit_qlearn.monitoring.CrashMeter`, which measures and judges).
 
     Every ``every_n_steps`` steps the TD-error vector ``u = Q(X) - (r + gamma (1 - d)
     Q(X*))`` is computed on the fixed probe set (``X* = (s', greedy_action(s'))``, the
@@ -203,22 +202,13 @@ class CrashPredictor(ProbeCallback):
                  action_rtol: float = 1e-2, dirpath: str | os.PathLike | None = None, law: str = "auto",
                  guard: bool = False, q_bound: float | None = None, remedy: Any = None,
                  max_rollbacks: int = 3, rollback_ratio: float = 0.5, keep: int = 8) -> None:
-        super().__init__(every_n_steps, probe_size, probe_seed, probe_source)
         check_choice("CrashPredictor", "action", action, ACTIONS)
-        check_choice("CrashPredictor", "law", law, LAWS)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"CrashPredictor: window must be an integer >= 2, got {window!r}")
-        if isinstance(min_points, bool) or not isinstance(min_points, int) or not 2 <= min_points <= window:
-            raise ValueError(f"CrashPredictor: min_points must be an integer in [2, window={window}], got {min_points!r}")
-        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
-                                       or num_layers < 2):
-            raise ValueError(f"CrashPredictor: num_layers must be an integer >= 2 or None, got {num_layers!r}")
-        if not threshold > 0:
-            raise ValueError(f"CrashPredictor: threshold must be > 0, got {threshold!r}")
-        if horizon is not None and horizon < 0:
-            raise ValueError(f"CrashPredictor: horizon must be >= 0 or None, got {horizon!r}")
-        if q_bound is not None and not q_bound > 0:
-            raise ValueError(f"CrashPredictor: q_bound must be > 0 (math.inf disables it) or None, got {q_bound!r}")
+        if horizon is None and isinstance(every_n_steps, int) and every_n_steps >= 1:  # else ProbeCallback says why
+            horizon = 10 * every_n_steps  # ten measurements ahead
+        core = CrashMeter(window=window, min_points=min_points, num_layers=num_layers, min_r2=min_r2,
+                          threshold=threshold, horizon=horizon, restart_on_action_change=restart_on_action_change,
+                          action_rtol=action_rtol, law=law, q_bound=q_bound, owner="CrashPredictor")
+        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, core=core)
         if isinstance(max_rollbacks, bool) or not isinstance(max_rollbacks, int) or max_rollbacks < 0:
             raise ValueError(f"CrashPredictor: max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
         if remedy is not None and action != "rollback":
@@ -236,41 +226,39 @@ class CrashPredictor(ProbeCallback):
             raise ValueError(f"CrashPredictor: keep must be an integer >= 1, got {keep!r}")
         self.rollback_ratio = float(rollback_ratio)
         self.keep = keep
-        self.window = window
-        self.min_points = min_points
-        self.num_layers = num_layers
-        self.min_r2 = float(min_r2)
-        self.threshold = float(threshold)
         self.action = action
-        self.horizon = 10 * every_n_steps if horizon is None else int(horizon)
-        self.restart_on_action_change = restart_on_action_change
-        self.action_rtol = float(action_rtol)
         self.dirpath = dirpath
-        self.law = law
         self.guard = bool(guard)
-        self.q_bound = None if q_bound is None else float(q_bound)
-        self._law = law
-        self._layers: int | None = num_layers
-        # State (checkpointed): (step, ||u||, ||theta||) of the current window, the
-        # greedy actions of the previous measurement, the last forecast, what was done.
-        self.history: list[tuple[int, float, float]] = []
-        self.previous_actions: Tensor | None = None
-        self.forecast: dict[str, float] = {}
+        # State (checkpointed, beside the meter's window, actions and forecast): what was done.
         self.fired = False
         self.checkpoint_path: str | None = None
         self.healthy_step: int | None = None
         self.stopped_step: int | None = None
         #: The rollbacks done: ``{"step", "restored_to", "remedy"}`` each (action "rollback").
         self.rollbacks: list[dict[str, Any]] = []
-        # Resolved at the first measurement (None: no bound); the keeper of the last
-        # healthy state, made at each fit's setup (not checkpointed: it is its own file).
-        self.bound: float | None = None
-        self._bound_resolved = False
+        # The keeper of the last healthy state, made at each fit's setup (not checkpointed: it is its own file).
         self.healthy: HealthyCheckpoint | None = None
-        self._outlook: Forecast | None = None  # the laws' forecast at the latest measurement
-        self._adam_slope: float | None = None
         self._guarded: list[Tensor] = []
         self._ratio: float | None = None  # max|Q| / bound at the latest measurement
+
+    # The meter's options and state, read and written there.
+    window = _core_attr("window")
+    min_points = _core_attr("min_points")
+    num_layers = _core_attr("num_layers")
+    min_r2 = _core_attr("min_r2")
+    threshold = _core_attr("threshold")
+    horizon = _core_attr("horizon")
+    restart_on_action_change = _core_attr("restart_on_action_change")
+    action_rtol = _core_attr("action_rtol")
+    law = _core_attr("law")
+    q_bound = _core_attr("q_bound")
+    #: ``(step, ||u||, ||theta||)`` of the laws' current window.
+    history = _core_attr("history")
+    previous_actions = _core_attr("previous_actions")
+    #: The latest forecast's ``crash/*`` scalars.
+    forecast = _core_attr("forecast")
+    #: The largest possible ``|Q|``, resolved at the first measurement of a fit (None: no bound).
+    bound = _core_attr("bound")
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "window": self.window, "min_points": self.min_points,
@@ -299,44 +287,22 @@ class CrashPredictor(ProbeCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        network = pl_module.q_network()
-        if self.num_layers is None:
-            self._layers = sum(isinstance(m, nn.Linear) for m in network.modules())
-            if self._layers < 2:
-                raise ValueError(
-                    f"CrashPredictor: q_network() of {type(pl_module).__name__} has {self._layers} nn.Linear "
-                    "layer(s); the crash law needs L >= 2: pass num_layers= explicitly"
-                )
-        self._adam_slope = self._adam_reference(trainer, network)
+        self.core.setup(pl_module, trainer.optimizers, rewards=_data_rewards(trainer))
         self._guarded = [p for net in critic_members(pl_module) for p in net.parameters()]
-        if self.law == "auto":
-            self._law = "sgd" if self._adam_slope is None else "adam"
         check = getattr(self.remedy, "setup", None)
         if callable(check):  # here: the module is built and the optimisers exist
             check(trainer, pl_module)
-        self._bound_resolved = False
 
     @staticmethod
     def _adam_reference(trainer: Trainer, network: nn.Module) -> float | None:
-        """eta sqrt(P) for the optimiser holding the critic's parameters, if it is Adam-like."""
-        params = [p for p in network.parameters() if p.requires_grad]
-        if not params:
-            return None
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if any(p is params[0] for p in group["params"]) and "betas" in group:
-                    return adam_slope(group["lr"], sum(p.numel() for p in params))
-        return None
+        """eta sqrt(P) for the optimiser of ``trainer`` holding the critic's parameters, if it is Adam-like."""
+        return CrashMeter.adam_reference(trainer.optimizers, network)
 
     def _resolve_bound(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> float | None:
         """``q_bound``, else ``max|r| / (1 - gamma)`` over the DataModule's rewards (else the
         probe set's); None when that is 0 or infinite (no information)."""
-        if self.q_bound is not None:
-            return self.q_bound if math.isfinite(self.q_bound) else None
-        rewards = getattr(getattr(trainer.datamodule, "data", None), "rew", None)
-        if not isinstance(rewards, Tensor) or rewards.numel() == 0:
-            rewards = probe.rew
-        return bellman_bound(float(rewards.abs().max()), float(pl_module.gamma))
+        rewards = _data_rewards(trainer)
+        return self.core.resolve_bound(pl_module.gamma, float((probe.rew if rewards is None else rewards).abs().max()))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
@@ -358,56 +324,14 @@ class CrashPredictor(ProbeCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
-        step = trainer.global_step
-        if not self._bound_resolved:
-            self.bound, self._bound_resolved = self._resolve_bound(trainer, pl_module, probe), True
-        with torch.no_grad():
-            next_act = pl_module.greedy_action(probe.next_obs)
-            q, q_next = pl_module.q_value(probe.obs, probe.act), pl_module.q_value(probe.next_obs, next_act)
-            u = q - bootstrap_target(pl_module, probe, next_act)
-            u_norm = torch.linalg.vector_norm(u.double()).item()
-            q_max = torch.maximum(q.abs().max(), q_next.abs().max()).item()
-            params = [p for p in pl_module.q_network().parameters() if p.requires_grad]
-            p_norm = parameter_norm(params, torch.float64).item()
-        metrics: dict[str, float] = {}
-        reasons: list[str] = []
-        self._ratio = None
-        if math.isfinite(u_norm) and math.isfinite(p_norm) and math.isfinite(q_max):
-            metrics = self._record(step, u_norm, p_norm, next_act.detach().cpu())
-            if self._outlook is not None and self._outlook.within(self.horizon):
-                left = self._outlook.soonest()
-                reasons.append(f"the critic is forecast to diverge at step {step + left:.0f} "
-                               f"({left:.0f} steps from now; ||u|| = {u_norm:.3g})")
-            if self.bound is not None:
-                metrics["crash/q_bound_ratio"] = self._ratio = q_max / self.bound
-                if q_max > self.bound:
-                    source = "q_bound" if self.q_bound is not None else "the Bellman bound max|r|/(1-gamma)"
-                    reasons.append(f"max |Q| on the probe set is {q_max:.4g}, beyond {source} = {self.bound:.4g}")
-        else:  # the crash has happened: nothing finite to fit
-            reasons.append("the critic is non-finite on the probe set")
-        self.decide(trainer, pl_module, step, reasons)
+        metrics = super().measure(trainer, pl_module, probe)  # the meter's scalars and verdict
+        self._ratio = metrics.get("crash/q_bound_ratio")  # kept beside a healthy checkpoint, read by a rollback
+        self.decide(trainer, pl_module, self.last_step, self.core.reasons)
         return metrics
 
     def _record(self, step: int, u_norm: float, p_norm: float, actions: Tensor) -> dict[str, float]:
-        """Append the measurement to the window and fit the laws on it; return the metrics
-        to publish. The forecast is ``_outlook`` (None: fewer than ``min_points`` measurements)."""
-        if self.restart_on_action_change and _actions_moved(actions, self.previous_actions, self.action_rtol):
-            # A new segment starts: keep the last (min_points - 1) measurements plus this one at most.
-            self.history = self.history[-(self.min_points - 1):] if self.min_points > 1 else []
-        self.previous_actions = actions
-        self.history.append((step, u_norm, p_norm))
-        self.history = self.history[-self.window:]
-        metrics = {"crash/td_error_norm": u_norm, "params/norm": p_norm}
-        if self._adam_slope is not None:
-            metrics["params/adam_slope"] = self._adam_slope
-        self._outlook = None
-        if len(self.history) >= self.min_points:
-            steps, u, p = zip(*self.history)
-            self._outlook = fit_laws(steps, u, p, law=self._law, num_layers=self._layers, min_r2=self.min_r2,
-                                     threshold=self.threshold)
-            metrics.update(_forecast_metrics(self._outlook))
-        self.forecast = {k: v for k, v in metrics.items() if k.startswith("crash/") and k != "crash/td_error_norm"}
-        return metrics
+        """:meth:`lit_qlearn.monitoring.CrashMeter.record`: one measurement into the window, the laws fitted."""
+        return self.core.record(step, u_norm, p_norm, actions)
 
     # ------------------------------------------------------------ acting
     def decide(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:
@@ -462,8 +386,7 @@ class CrashPredictor(ProbeCallback):
         the remedy, restart the window, record and publish."""
         done = "no remedy" if self.remedy is None else str(self.remedy.apply(trainer, pl_module))
         self.rollbacks.append({"step": step, "restored_to": restored, "remedy": done})
-        # The laws' window restarts: its measurements describe the trajectory undone.
-        self.history, self.previous_actions, self.forecast, self._outlook = [], None, {}, None
+        self.core.restart()  # the laws' window: its measurements describe the trajectory undone
         publish(trainer, {"crash/rollbacks": len(self.rollbacks), "crash/rollback_to": restored}, step)
         rank_zero_warn(f"{message}; rolled back to the state of step {restored} ({done}); rollback "
                        f"{len(self.rollbacks)} of at most {self.max_rollbacks}, training goes on")
@@ -479,16 +402,12 @@ class CrashPredictor(ProbeCallback):
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": list(self.history), "previous_actions": self.previous_actions,
-                "forecast": dict(self.forecast), "fired": self.fired, "checkpoint_path": self.checkpoint_path,
+        return {**super().state_dict(), "fired": self.fired, "checkpoint_path": self.checkpoint_path,
                 "healthy_step": self.healthy_step, "stopped_step": self.stopped_step,
                 "rollbacks": [dict(r) for r in self.rollbacks]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.history = [tuple(h) for h in state_dict.get("history", [])]
-        self.previous_actions = state_dict.get("previous_actions")
-        self.forecast = dict(state_dict.get("forecast", {}))
         self.fired = bool(state_dict.get("fired", False))
         self.checkpoint_path = state_dict.get("checkpoint_path")
         self.healthy_step = state_dict.get("healthy_step")
@@ -501,24 +420,7 @@ def _any_rank(trainer: Trainer, flag: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
 
 
-def _actions_moved(actions: Tensor, previous: Tensor | None, rtol: float) -> bool:
-    if previous is None:
-        return False
-    if not actions.is_floating_point():
-        return bool((actions != previous).any())
-    change = torch.linalg.vector_norm((actions - previous).double())
-    return bool(change > rtol * torch.linalg.vector_norm(previous.double()).clamp_min(1e-12))
-
-
-def _forecast_metrics(outlook: Forecast) -> dict[str, float]:
-    """The ``crash/*`` and ``params/norm_slope`` scalars of a forecast (absent: no forecast)."""
-    metrics = {"params/norm_slope": outlook.norm_slope}
-    if outlook.crash is not None:
-        metrics.update({"crash/predicted_step": outlook.crash.step, "crash/steps_left": outlook.steps_left,
-                        "crash/fit_r2": outlook.crash.r2})
-    if outlook.loglog_slope is not None:
-        metrics["crash/loglog_slope"] = outlook.loglog_slope
-    if outlook.threshold_step is not None:
-        metrics.update({"crash/threshold_step": outlook.threshold_step,
-                        "crash/threshold_steps_left": outlook.threshold_steps_left})
-    return metrics
+def _data_rewards(trainer: Trainer) -> Tensor | None:
+    """The DataModule's rewards when it exposes them (``data.rew``, as OfflineDataModule does)."""
+    rewards = getattr(getattr(trainer.datamodule, "data", None), "rew", None)
+    return rewards if isinstance(rewards, Tensor) and rewards.numel() > 0 else None

@@ -1,13 +1,14 @@
 """NTKGramCallback and SEEMMonitor: measure the critic's empirical NTK and the SEEM
 divergence indicator on a fixed probe set while training (docs/design.md sections 4, 5).
 
-Both depend on the probe protocol and :mod:`lit_qlearn.ntk` only, so they work
-with every module of the package and with a user's own module implementing
+They are Lightning adapters over the meters of :mod:`lit_qlearn.monitoring` (which hold
+the probe set, measure and keep the state): here are the probe's draw, the cadence, the
+publishing and the TensorBoard images. They ask a module for the probe protocol only, so
+they work with every module of the package and with a user's own module implementing
 ``gamma``, ``q_value``, ``greedy_action`` and ``q_network``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -16,35 +17,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.ntk import METHODS, SOLVERS, check_choice, gram_cosine, gram_stats, ntk_gram, seem
+from lit_qlearn.monitoring import Meter, NTKMeter, SEEMMeter, no_trace
+from lit_qlearn.ntk import check_choice
 from lit_qlearn.probe import Cadence, ProbeProtocolError, check_probe_datamodule, check_probe_module, publish
 
 __all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor"]
 
 
-class _measurement:
-    """No trace of a measurement in the training run: RNG states, every submodule's
-    train/eval mode and grad mode are restored (the NTK engine never writes .grad)."""
-
-    def __init__(self, module: LightningModule) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        devices = [self.module.device] if self.module.device.type == "cuda" else []
-        self.rng = torch.random.fork_rng(devices=devices)
-        self.rng.__enter__()
-        self.modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes:
-            m.training = mode
-        self.rng.__exit__(*exc)
+def _core_attr(name: str) -> property:
+    """An attribute that is the core meter's (``self.core``): read and written there."""
+    return property(lambda self: getattr(self.core, name), lambda self, value: setattr(self.core, name, value),
+                    doc=f"The core meter's ``{name}``.")
 
 
 class ProbeCallback(Callback):
-    """Shared machinery: protocol checks at setup, the fixed probe set, the cadence,
-    measurement hygiene, logging at the exact step and checkpointed state.
+    """Shared machinery over a core meter (:attr:`core`, :class:`lit_qlearn.monitoring.Meter`):
+    protocol checks at setup, the probe set's draw, the cadence, logging at the exact step
+    and the checkpointed state (the meter's, and the cadence's).
 
     Args:
         every_n_steps: measure whenever ``trainer.global_step`` (for lit_qlearn's modules
@@ -59,23 +48,26 @@ class ProbeCallback(Callback):
             rank zero's are broadcast).
         method: NTK engine, see :func:`lit_qlearn.ntk.ntk_gram`.
         dtype: dtype of the NTK computation (None: the parameters').
+        core: the meter that measures (default: a plain :class:`~lit_qlearn.monitoring.Meter`,
+            for a subclass that overrides :meth:`measure`).
     """
 
+    probe = _core_attr("probe")
+    last_step = _core_attr("last_step")  # the step of the latest measurement
+
     def __init__(self, every_n_steps: int, probe_size: int, probe_seed: int = 0, probe_source: str = "datamodule",
-                 method: str = "auto", dtype: torch.dtype | None = None) -> None:
+                 method: str = "auto", dtype: torch.dtype | None = None, core: Meter | None = None) -> None:
         for arg, value in (("every_n_steps", every_n_steps), ("probe_size", probe_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{type(self).__name__}: {arg} must be an integer >= 1, got {value!r}")
         check_choice(type(self).__name__, "probe_source", probe_source, ("datamodule", "batches"))
-        check_choice(type(self).__name__, "method", method, METHODS)
+        self.core = core if core is not None else Meter(method, dtype, owner=type(self).__name__)
         self.every_n_steps = every_n_steps
         self.probe_size = probe_size
         self.probe_seed = probe_seed
         self.probe_source = probe_source
         self.method = method
         self.dtype = dtype
-        self.probe: Transitions | None = None
-        self.last_step = -1  # the step of the latest measurement
         self.cadence = Cadence(every_n_steps)
         self._pending: list[Transitions] = []
 
@@ -100,8 +92,7 @@ class ProbeCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe is None and self.probe_source == "datamodule":
-            probe = trainer.datamodule.probe_batch(self.probe_size, seed=self.probe_seed)
-            self.probe = probe.map(lambda t: t.detach().cpu().clone())
+            self.core.set_probe(trainer.datamodule.probe_batch(self.probe_size, seed=self.probe_seed))
             if len(self.probe.obs) < self.probe_size:  # a DataModule serves min(n, what it holds)
                 rank_zero_warn(
                     f"{type(self).__name__}: probe_size={self.probe_size} transitions requested, but "
@@ -113,8 +104,7 @@ class ProbeCallback(Callback):
             self._check_on_probe(pl_module)
 
     def _check_on_probe(self, pl_module: LightningModule) -> None:
-        with _measurement(pl_module):
-            check_probe_module(pl_module, type(self).__name__, self.probe.map(lambda t: t[:4].to(pl_module.device)))
+        self.core.check(pl_module)
 
     def _collect_from_batch(self, trainer: Trainer, batch: Any) -> None:
         if not isinstance(batch, Transitions):
@@ -148,12 +138,13 @@ class ProbeCallback(Callback):
             return
         self.last_step = step
         probe = self.probe.map(lambda t: t.to(pl_module.device))
-        with _measurement(pl_module):
+        with no_trace(pl_module):
             metrics = self.measure(trainer, pl_module, probe)
         self.publish(trainer, pl_module, metrics, step)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
-        raise NotImplementedError
+        """The core meter's scalars on ``probe`` (on the module's device) at :attr:`last_step`."""
+        return self.core.compute(pl_module, probe, self.last_step)
 
     def publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], step: int) -> None:
         """Write ``metrics`` at ``step`` to every logger and ``trainer.callback_metrics``
@@ -171,20 +162,16 @@ class ProbeCallback(Callback):
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        state = {"last_step": self.last_step, "next_due": self.cadence.next_due}
-        if self.probe is not None:  # absent optional fields stay absent (Transitions' defaults)
-            state["probe"] = {k: v for k, v in self.probe._asdict().items() if v is not None}
-        return state
+        return {**self.core.state_dict(), "next_due": self.cadence.next_due}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step = int(state_dict.get("last_step", -1))
+        self.core.load_state_dict(state_dict)
         self.cadence.next_due = state_dict.get("next_due")  # None (older checkpoints): from the step at train start
-        if "probe" in state_dict:
-            self.probe = Transitions(**state_dict["probe"])
 
 
 class NTKGramCallback(ProbeCallback):
-    """The critic's empirical NTK Gram on the fixed probe set, every ``every_n_steps`` steps.
+    """The critic's empirical NTK Gram on the fixed probe set, every ``every_n_steps`` steps
+    (a Lightning adapter over :class:`lit_qlearn.monitoring.NTKMeter`).
 
     Logs ``ntk/diag_mean``, ``ntk/offdiag_abs_mean``, ``ntk/row_ratio_mean`` (PreQN's
     row ratio), ``ntk/cos_prev`` (kernel direction against the previous evaluation: 1
@@ -205,38 +192,29 @@ class NTKGramCallback(ProbeCallback):
     def __init__(self, every_n_steps: int = 1000, probe_size: int = 512, probe_seed: int = 0,
                  probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
                  log_heatmap: bool = False) -> None:
-        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
+        core = NTKMeter(method, dtype, owner=type(self).__name__)
+        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype, core=core)
         self.log_heatmap = log_heatmap
-        self.previous: Tensor | None = None
-        self.first: Tensor | None = None
+
+    previous = _core_attr("previous")  # the latest Gram, (N, N) on the CPU
+    first = _core_attr("first")
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "log_heatmap": self.log_heatmap}
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
-        gram = ntk_gram(pl_module.q_network(), (probe.obs, probe.act), method=self.method, dtype=self.dtype).cpu()
-        metrics = {f"ntk/{k}": v for k, v in gram_stats(gram).items()}
-        metrics["ntk/cos_prev"] = gram_cosine(gram, self.previous) if self.previous is not None else math.nan
-        metrics["ntk/cos_first"] = gram_cosine(gram, self.first) if self.first is not None else math.nan
-        self.previous = gram
-        if self.first is None:
-            self.first = gram
+        metrics = super().measure(trainer, pl_module, probe)
         if self.log_heatmap:
             writer = self._tensorboard(trainer)
             if writer is not None:
-                writer.add_image("ntk/gram", _heatmap(gram), global_step=trainer.global_step, dataformats="HWC")
+                writer.add_image("ntk/gram", _heatmap(self.previous), global_step=trainer.global_step,
+                                 dataformats="HWC")
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "previous": self.previous, "first": self.first}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.previous, self.first = state_dict.get("previous"), state_dict.get("first")
 
 
 class SEEMMonitor(ProbeCallback):
-    """SEEM (Yue et al. 2023) on the fixed probe set, every ``every_n_steps`` steps.
+    """SEEM (Yue et al. 2023) on the fixed probe set, every ``every_n_steps`` steps (a
+    Lightning adapter over :class:`lit_qlearn.monitoring.SEEMMeter`).
 
     With X = (s, a) and X* = (s', greedy_action(s')) from the probe set, A = gamma
     G(X*, X) - G(X, X). Logs ``seem/max_eig`` (largest real eigenvalue of A, with
@@ -285,63 +263,29 @@ class SEEMMonitor(ProbeCallback):
                  probe_source: str = "datamodule", method: str = "auto", dtype: torch.dtype | None = None,
                  scale_by_params: bool = True, solver: str = "auto", tol: float = 1e-4,
                  log_spectrum: bool = False, participation: bool = True) -> None:
-        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype)
-        check_choice("SEEMMonitor", "solver", solver, SOLVERS)
+        core = SEEMMeter(method, dtype, scale_by_params=scale_by_params, solver=solver, tol=tol,
+                         spectrum=log_spectrum, participation=participation, owner="SEEMMonitor")
+        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, method, dtype, core=core)
         self.scale_by_params = scale_by_params
         self.solver = solver
         self.tol = tol
         self.log_spectrum = log_spectrum
         self.participation = participation
-        self.previous_actions: Tensor | None = None
-        self.eigenvector: Tensor | None = None
+
+    previous_actions = _core_attr("previous_actions")
+    eigenvector = _core_attr("eigenvector")  # (N,), the latest top eigenvector
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "scale_by_params": self.scale_by_params, "solver": self.solver, "tol": self.tol,
                 "log_spectrum": self.log_spectrum, "participation": self.participation}
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
-        with torch.no_grad():
-            next_act = pl_module.greedy_action(probe.next_obs)
-            q_data = pl_module.q_value(probe.obs, probe.act).mean().item()
-            q_policy = pl_module.q_value(probe.next_obs, next_act).mean().item()
-        result = seem(pl_module.q_network(), (probe.obs, probe.act), (probe.next_obs, next_act), pl_module.gamma,
-                      scale_by_params=self.scale_by_params, method=self.method, dtype=self.dtype,
-                      solver=self.solver, tol=self.tol, return_spectrum=self.log_spectrum,
-                      return_vector=self.participation)
-        actions = next_act.detach().cpu()
-        metrics = {
-            "seem/max_eig": result.value,
-            "seem/max_eig_normalized": result.normalized,
-            "seem/q_data_mean": q_data,
-            "seem/q_policy_mean": q_policy,
-            "seem/action_cos_prev": _action_similarity(actions, self.previous_actions),
-        }
-        self.previous_actions = actions
-        if result.eigenvector is not None:
-            metrics["seem/participation"] = result.participation
-            self.eigenvector = result.eigenvector.detach().cpu()
-        if self.log_spectrum and result.eigenvalues is not None:
+        metrics = super().measure(trainer, pl_module, probe)
+        if self.log_spectrum and self.core.eigenvalues is not None:
             writer = self._tensorboard(trainer)
             if writer is not None:
-                writer.add_histogram("seem/spectrum_real", result.eigenvalues.real, global_step=trainer.global_step)
+                writer.add_histogram("seem/spectrum_real", self.core.eigenvalues.real, global_step=trainer.global_step)
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "previous_actions": self.previous_actions}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.previous_actions = state_dict.get("previous_actions")
-
-
-def _action_similarity(actions: Tensor, previous: Tensor | None) -> float:
-    if previous is None:
-        return math.nan
-    if not actions.is_floating_point():  # discrete: share of probe states whose greedy action is unchanged
-        return (actions == previous).double().mean().item()
-    a, b = actions.double().flatten(), previous.double().flatten()
-    denom = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
-    return (a @ b / denom).item() if denom > 0 else math.nan
 
 
 def _heatmap(gram: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """PlasticityMonitor: dormant units, feature rank, weight norm and pre-activation
 statistics of the critic on a fixed probe set while training.
 
-It depends on the probe protocol and :mod:`lit_qlearn.plasticity` only, so it works
+A Lightning adapter over :class:`lit_qlearn.monitoring.PlasticityMeter`, which measures
+with :mod:`lit_qlearn.plasticity`; it asks for the probe protocol only, so it works
 with every module of the package and with a user's own module implementing
 ``gamma``, ``q_value``, ``greedy_action`` and ``q_network``.
 """
@@ -9,11 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
-
 from lit_qlearn.callbacks.monitors import ProbeCallback
-from lit_qlearn.data.types import Transitions
-from lit_qlearn.plasticity import plasticity_metrics
+from lit_qlearn.monitoring import PlasticityMeter
 
 __all__ = ["PlasticityMonitor"]
 
@@ -45,17 +43,9 @@ class PlasticityMonitor(ProbeCallback):
 
     def __init__(self, every_n_steps: int = 1000, probe_size: int = 2560, probe_seed: int = 0,
                  probe_source: str = "datamodule", tau: float = 0.025, delta: float = 0.01) -> None:
-        super().__init__(every_n_steps, probe_size, probe_seed, probe_source)
-        if not tau >= 0:
-            raise ValueError(f"PlasticityMonitor: tau must be >= 0, got {tau!r}")
-        if not 0 <= delta < 1:
-            raise ValueError(f"PlasticityMonitor: delta must be in [0, 1), got {delta!r}")
-        self.tau = float(tau)
-        self.delta = float(delta)
+        core = PlasticityMeter(tau, delta, owner="PlasticityMonitor")
+        super().__init__(every_n_steps, probe_size, probe_seed, probe_source, core=core)
+        self.tau, self.delta = core.tau, core.delta
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "tau": self.tau, "delta": self.delta}  # state_key names them all
-
-    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
-        metrics = plasticity_metrics(pl_module.q_network(), (probe.obs, probe.act), tau=self.tau, delta=self.delta)
-        return {f"plasticity/{k}": v for k, v in metrics.items()}
