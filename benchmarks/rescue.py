@@ -337,8 +337,8 @@ def report(args: Any, runs: list[dict], cost: dict[str, Any] | None, started: fl
 
 
 def plot(runs: list[dict], path: Any) -> None:
-    """max|Q| / bound against updates, per setting (columns): top, the plain and from-scratch
-    arms; bottom, the rollback arms with each rollback marked (x at the step it happened)."""
+    """max|Q| / bound against updates, one column per setting: the top row the plain runs
+    and the from-scratch arms, then one row per rollback arm (x: a rollback), every seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,26 +346,32 @@ def plot(runs: list[dict], path: Any) -> None:
 
     settings = list(dict.fromkeys(r["setting"] for r in runs))
     colors = dict(zip(("plain", *FROM_SCRATCH, *ROLLED), plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(2, len(settings), figsize=(6 * len(settings), 8), squeeze=False, sharey="col")
+    groups = [("left alone, and from scratch", ("plain", *FROM_SCRATCH))]
+    groups += [(arm, (arm,)) for arm in ROLLED if runs_of(runs, arm=arm)]
+    fig, axes = plt.subplots(len(groups), len(settings), figsize=(max(8.0, 5.5 * len(settings)), 2.2 * len(groups) + 1),
+                             squeeze=False, sharex="col", sharey=True)
     for col, setting in enumerate(settings):
-        for row, arms in enumerate((("plain", *FROM_SCRATCH), ROLLED)):
+        for row, (title, arms) in enumerate(groups):
             ax = axes[row, col]
             for arm in arms:
-                for i, r in enumerate(runs_of(runs, setting, arm)):
+                group = runs_of(runs, setting, arm)
+                for i, r in enumerate(group):
                     y = [math.nan if v is None or not math.isfinite(v) else max(v, 1e-3) for v in r["q_bound_ratio"]]
-                    ax.semilogy(r["steps"], y, color=colors[arm], alpha=0.75, lw=1.2,
-                                label=arm if i == 0 else None)
+                    ax.semilogy(r["steps"], y, color=colors[arm], alpha=0.8, lw=1.2, label=arm if i == 0 else None)
                     for b in r["rollbacks"]:
-                        at = r["steps"].index(b["step"]) if b["step"] in r["steps"] else None
-                        if at is not None and y[at] == y[at]:
-                            ax.plot(b["step"], y[at], "x", color=colors[arm], ms=8, mew=2)
-            ax.axhline(1.0, color="black", ls="--", lw=1, label="Bellman bound")
-            ax.set_ylabel("max |Q| on the probe / bound")
-            ax.set_xlabel("updates")
-            ax.legend(fontsize=7, loc="upper left")
-            ax.set_title(f"{setting}: " + ("left alone, and stable settings from scratch" if row == 0
-                                           else "rolled back (x: a rollback)"), fontsize=9)
-    save_figure(fig, path, "Rescuing a diverging critic: rollback + remedy vs stable settings from scratch")
+                        if b["step"] in r["steps"]:
+                            at = r["steps"].index(b["step"])
+                            ax.plot(b["step"], y[at], "x", color="black", ms=6, mew=1.5)
+                if len(arms) == 1 and group:
+                    title = f"{arm}: {sum(r['within_bound'] for r in group)}/{len(group)} end within the bound"
+            ax.axhline(1.0, color="black", ls="--", lw=1)
+            ax.set_title(f"{setting} | {title}", fontsize=8)
+            if row == 0:
+                ax.legend(fontsize=7, loc="lower right")
+            if col == 0:
+                ax.set_ylabel("max|Q| / bound", fontsize=8)
+        axes[-1, col].set_xlabel("updates")
+    save_figure(fig, path, "Rescuing a diverging critic (dashed: the Bellman bound; x: a rollback)")
 
 
 # ------------------------------------------------------------------------------- main
@@ -380,6 +386,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--updates", type=int, default=5000, help="updates of a td3-copy run")
     parser.add_argument("--small-updates", type=int, default=20_000, help="updates of a td3bc-small run")
     parser.add_argument("--small-fraction", type=float, default=0.005,
@@ -392,6 +399,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--name", default="rescue", help="results file <out>/<name>.json / .png")
     parser.add_argument("--resume", action="store_true", help="keep the stored runs of the same sizes, run the rest")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing but the cost measurement (--cost-repeats): the claims, table and figure "
+                             "of every run stored in <out>/<name>.json (e.g. runs merged from several files)")
     args = parse_args(parser, smoke={"settings": ["td3-copy/default", "td3bc-small"], "seeds": 1, "updates": 40,
                                      "arms": ["plain", "rollback+slow-targets", "rollback-last+lr", *FROM_SCRATCH],
                                      "small_updates": 40, "small_fraction": 0.5, "every": 5, "probe": 64,
@@ -402,7 +412,8 @@ def main() -> None:
         parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)} (or td3-copy/<dataset>)")
     started = time.perf_counter()
     jobs = []
-    for setting, seed, arm in itertools.product(args.settings, range(args.seeds), args.arms):
+    for setting, seed, arm in itertools.product(args.settings, range(args.first_seed, args.first_seed + args.seeds),
+                                                 args.arms):
         small = not setting.startswith("td3-copy/")
         jobs.append({"setting": setting, "arm": arm, "seed": seed,
                      "updates": args.small_updates if small else args.updates,
@@ -411,7 +422,13 @@ def main() -> None:
     runs: list[dict] = []
     cost = None
     path = args.out / f"{args.name}.json"
-    if args.resume and path.exists():
+    if args.report_only:
+        if not path.exists():
+            parser.error(f"--report-only: {path} does not exist")
+        stored = json.loads(path.read_text())
+        runs, cost, jobs = stored["runs"], stored.get("cost"), []
+        started -= float(stored.get("wall_time_s", 0.0))
+    elif args.resume and path.exists():
         stored = json.loads(path.read_text())
         wanted = {job_key(j) for j in jobs}
         runs = [r for r in stored["runs"] if job_key(r) in wanted]

@@ -278,12 +278,14 @@ def draw(runs: dict[str, CriticRun], path: Path) -> Path:
     fig, (ax_q, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, run in runs.items():
         color = COLORS.get(name, "tab:gray")
-        ax_q.plot(run.steps, run.q_probe_mean, "o-", ms=3, color=color, label=f"{LABELS[name]}: mean Q")
+        # the rolled-back run follows the plain one up to its stop: drawn beneath it, so both show
+        z = 1 if name == "rollback" else 2
+        ax_q.plot(run.steps, run.q_probe_mean, "o-", ms=3, color=color, label=f"{LABELS[name]}: mean Q", zorder=z)
         if run.bound is not None and len(run.q_bound_ratio) == len(run.steps):
             # max |Q| is what the bound is compared with (CrashPredictor's crash/q_bound_ratio)
             ax_q.plot(run.steps, [r * run.bound for r in run.q_bound_ratio], "--", lw=1, color=color,
-                      label=f"{LABELS[name]}: max |Q|")
-        ax_s.plot(run.steps, run.seem, "o-", ms=3, color=color, label=LABELS[name])  # same steps: one monitor
+                      label=f"{LABELS[name]}: max |Q|", zorder=z)
+        ax_s.plot(run.steps, run.seem, "o-", ms=3, color=color, label=LABELS[name], zorder=z)  # same steps: one monitor
         if run.stopped_step is not None:
             for ax in (ax_q, ax_s):
                 ax.axvline(run.stopped_step, color=color, ls=":", lw=1.2)
