@@ -331,7 +331,9 @@ def report(args: Any, runs: list[dict], cost: dict[str, Any] | None, started: fl
 
     result = {"claims": claims(runs, cost), "table": table(runs), "cost": cost,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "resume", "workers", "smoke")},
-              "runs": runs, "environment": environment({"crash": Path(crash_module.__file__), "remedies": Path(remedies_module.__file__)})}
+              "runs": runs,
+              "environment": environment({"crash": Path(crash_module.__file__),
+                                          "remedies": Path(remedies_module.__file__)})}
     write_result(args.name, result, started, args.out)
     plot(runs, args.out / f"{args.name}.png")
 

@@ -77,8 +77,8 @@ def test_the_rolled_back_critic_diverges_like_the_plain_one_then_trains_on_withi
     assert rolled.rollbacks[0]["restored_to"] == expected < plain.checkpoint_step
     assert rolled.steps[:len(plain.steps)] == plain.steps
     assert rolled.q_bound_ratio[:len(plain.steps)] == pytest.approx(plain.q_bound_ratio)
-    # The remedy turned on Polyak averaging (SlowTargets' default tau), and the run trained to the end within the bound.
-    assert rolled.rollbacks[0]["remedy"] == "target rule TargetUpdate(tau=1.0, every=1) -> TargetUpdate(tau=0.005, every=1)"
+    # The remedy divided the critic's learning rate (3e-4) by ten, and the run trained to the end within the bound.
+    assert rolled.rollbacks[0]["remedy"] == "learning rate of optimiser 'critic' x 0.1 (now 3e-05)"
     assert rolled.stopped_step is None and rolled.updates == 400 and len(rolled.rollbacks) <= 3
     # Each rollback took effect (the next measurement is below the one that triggered it), and the
     # remedied critic ends within the bound, on the probe and on the whole data.
