@@ -341,8 +341,8 @@ def report(args: Any, runs: list[dict], cost: dict[str, Any] | None, started: fl
               "runs": runs,
               "environment": environment({"crash": Path(crash_module.__file__),
                                           "remedies": Path(remedies_module.__file__)})}
+    plot(runs, args.out / f"{args.name}.png")  # first: the results table links the figure when it exists
     write_result(args.name, result, started, args.out)
-    plot(runs, args.out / f"{args.name}.png")
 
 
 def plot(runs: list[dict], path: Any) -> None:
