@@ -47,7 +47,7 @@ class StateSpy(L.Callback):
         self.start[trainer.global_step] = self._state(trainer, pl_module)
 
 
-def rollback_r1(remedy=None, max_rollbacks=1, max_steps=120, tmp_path=None, extra=(), **kwargs):
+def rollback_r1(remedy=None, max_rollbacks=1, max_steps=120, *, tmp_path, extra=(), **kwargs):
     """R1 rolled back; by default to the last healthy state (``rollback_ratio=1``), whose
     mechanics these tests check; how far back the default goes: its own test."""
     kwargs.setdefault("rollback_ratio", 1.0)
@@ -183,7 +183,8 @@ def test_a_planted_nan_is_rolled_back_and_the_run_finishes(tmp_path, guard, seen
 def test_shrink_and_perturb_is_shrink_times_healthy_plus_noise_times_a_fresh_network(tmp_path):
     """theta = 0.8 theta_K + 0.01 theta_fresh, theta_fresh a new mlp(4, 1, (64,)) drawn from
     seed 7 + N (nn.Linear's own initialisation), computed here from scratch."""
-    callback, spy, *_ = rollback_r1(ShrinkAndPerturb(shrink=0.8, noise=0.01, seed=7), max_steps=100)
+    callback, spy, *_ = rollback_r1(ShrinkAndPerturb(shrink=0.8, noise=0.01, seed=7), max_steps=100,
+                                    tmp_path=tmp_path)
     n, k = callback.rollbacks[0]["step"], callback.rollbacks[0]["restored_to"]
     torch.manual_seed(7 + n)
     fresh = mlp(4, 1, hidden=(64,)).state_dict()
@@ -310,7 +311,8 @@ def test_preqn_step_takes_over_the_critic_after_the_rollback(tmp_path):
     """After the rollback at N the critic's update N + 1 is PreQN's preconditioned step from
     the restored state on the batch's TD errors, not SGD's: the change of Q on the batch
     points along the TD errors (cosine >= 0.9). The callback is gone after the fit."""
-    callback, spy, module, trainer, _ = rollback_r1(PreQNStep(lr=0.1), max_rollbacks=1, max_steps=90)
+    callback, spy, module, trainer, _ = rollback_r1(PreQNStep(lr=0.1), max_rollbacks=1, max_steps=90,
+                                                    tmp_path=tmp_path)
     n, k = callback.rollbacks[0]["step"], callback.rollbacks[0]["restored_to"]
     assert callback.rollbacks[0]["remedy"].startswith("critic steps with PreQN's line search")
     assert_same(spy.start[n][0], spy.end[k][0])
