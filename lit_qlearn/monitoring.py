@@ -395,12 +395,17 @@ class CrashMeter(Meter):
             return self.q_bound if math.isfinite(self.q_bound) else None
         return bellman_bound(max_abs_reward, float(gamma))
 
+    def bound_for(self, gamma: float, probe: Transitions) -> float | None:
+        """:meth:`resolve_bound` with ``max|r|`` of the data's rewards given to :meth:`setup`,
+        else of the probe set's."""
+        scale = self.max_abs_reward if self.max_abs_reward is not None else float(probe.rew.abs().max())
+        return self.resolve_bound(gamma, scale)
+
     def compute(self, module: Any, probe: Transitions, step: int) -> dict[str, float]:
         if not self._set_up:  # no setup(): L from the network, the law from no optimiser
             self.setup(module)
         if not self._bound_resolved:
-            scale = self.max_abs_reward if self.max_abs_reward is not None else float(probe.rew.abs().max())
-            self.bound, self._bound_resolved = self.resolve_bound(module.gamma, scale), True
+            self.bound, self._bound_resolved = self.bound_for(module.gamma, probe), True
         with torch.no_grad():
             next_act = module.greedy_action(probe.next_obs)
             q, q_next = module.q_value(probe.obs, probe.act), module.q_value(probe.next_obs, next_act)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from lit_qlearn.callbacks.healthy import Held, HealthyCheckpoint, all_finite
 from lit_qlearn.callbacks.monitors import ProbeCallback, _core_attr
@@ -293,17 +293,6 @@ class CrashPredictor(ProbeCallback):
         if callable(check):  # here: the module is built and the optimisers exist
             check(trainer, pl_module)
 
-    @staticmethod
-    def _adam_reference(trainer: Trainer, network: nn.Module) -> float | None:
-        """eta sqrt(P) for the optimiser of ``trainer`` holding the critic's parameters, if it is Adam-like."""
-        return CrashMeter.adam_reference(trainer.optimizers, network)
-
-    def _resolve_bound(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> float | None:
-        """``q_bound``, else ``max|r| / (1 - gamma)`` over the DataModule's rewards (else the
-        probe set's); None when that is 0 or infinite (no information)."""
-        rewards = _data_rewards(trainer)
-        return self.core.resolve_bound(pl_module.gamma, float((probe.rew if rewards is None else rewards).abs().max()))
-
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._guarded = []  # no references to the module's parameters outlive the run
         undo = getattr(self.remedy, "teardown", None)
@@ -328,10 +317,6 @@ class CrashPredictor(ProbeCallback):
         self._ratio = metrics.get("crash/q_bound_ratio")  # kept beside a healthy checkpoint, read by a rollback
         self.decide(trainer, pl_module, self.last_step, self.core.reasons)
         return metrics
-
-    def _record(self, step: int, u_norm: float, p_norm: float, actions: Tensor) -> dict[str, float]:
-        """:meth:`lit_qlearn.monitoring.CrashMeter.record`: one measurement into the window, the laws fitted."""
-        return self.core.record(step, u_norm, p_norm, actions)
 
     # ------------------------------------------------------------ acting
     def decide(self, trainer: Trainer, pl_module: LightningModule, step: int, reasons: list[str]) -> None:

@@ -92,16 +92,20 @@ class HealthyCheckpoint(Callback):
                               Callable[[list[Held]], int] | None] | None = None
         self._directory: Path | None = None
 
+    def _newest(self) -> Held | None:
+        """The kept checkpoint after :meth:`keep`, else the newest held; None: none."""
+        return self._kept if self.kept else (self.held[-1] if self.held else None)
+
     @property
     def step(self) -> int | None:
         """The step of the newest held checkpoint (of the kept one after :meth:`keep`); None: none."""
-        newest = self._kept if self.kept else (self.held[-1] if self.held else None)
+        newest = self._newest()
         return None if newest is None else newest.step
 
     @property
     def path(self) -> Path | None:
         """Where the newest held checkpoint is (the kept file after :meth:`keep`); None: none."""
-        newest = self._kept if self.kept else (self.held[-1] if self.held else None)
+        newest = self._newest()
         return None if newest is None else newest.path
 
     @property
@@ -222,7 +226,7 @@ class HealthyCheckpoint(Callback):
         the strategy's ``CheckpointIO`` that wrote the file, tensors and plain values only."""
         if pl_module is not trainer.lightning_module:
             raise ValueError("HealthyCheckpoint.restore: pl_module must be the module the trainer fits")
-        entries = [self._kept] if self.kept else self.held
+        entries = [self._kept] if self.kept else self.held  # restore(index) reads any held one
         if not entries:
             raise RuntimeError("HealthyCheckpoint.restore: no healthy checkpoint is held (no marked step had a "
                                "finite state yet)")

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lit_qlearn.callbacks import CrashPredictor, NTKGramCallback, PreQNLineSearch, SEEMMonitor
-from lit_qlearn.callbacks.crash import _actions_moved
+from lit_qlearn.callbacks.crash import _actions_moved, _data_rewards
+from lit_qlearn.monitoring import CrashMeter
 from lit_qlearn.data import OfflineDataModule, Transitions
 from lit_qlearn.ntk import DiscreteQ, PreconditionedStep, preconditioned_step
 from lit_qlearn.probe import Cadence, bootstrap_target, critic_members
@@ -236,7 +237,7 @@ def test_probe_from_batches_is_the_first_rows_seen(chain_file):
 
 
 # ------------------------------------------------------------ CrashPredictor
-# The laws' bookkeeping is driven through _record (which fits lit_qlearn.forecast.forecast) with hand-made ||u|| series; no
+# The laws' bookkeeping is driven through the meter's record (which fits lit_qlearn.forecast.forecast) with hand-made ||u|| series; no
 # Trainer is needed for them (law and L given, so nothing is resolved at fit start).
 
 
@@ -257,7 +258,7 @@ def test_crash_forecast_from_min_points_and_window_restart_by_hand():
     plan = [(10, big), (20, big), (30, big), (40, 2 * big), (50, 2 * big + 0.5)]  # moved at 40 only
     metrics = {}
     for step, actions in plan:
-        metrics[step] = cb._record(step, 1.0 / (1.0 - step / 1000), 1.0, actions)
+        metrics[step] = cb.core.record(step, 1.0 / (1.0 - step / 1000), 1.0, actions)
         if step == 20:
             assert "crash/predicted_step" not in metrics[step]  # 2 points < min_points = 3
         if step == 30:
@@ -280,8 +281,8 @@ def test_threshold_already_crossed_is_a_zero_steps_forecast():
     ``crash/threshold_steps_left`` 0, whatever the log-log line says. Catches a shifted threshold."""
     cb = CrashPredictor(every_n_steps=10, min_points=2, num_layers=2, law="adam", threshold=100.0)
     for step, u in ((10, 10.0), (20, 50.0)):
-        cb._record(step, u, 1.0, torch.zeros(2))
-    m = cb._record(30, 150.0, 1.0, torch.zeros(2))
+        cb.core.record(step, u, 1.0, torch.zeros(2))
+    m = cb.core.record(30, 150.0, 1.0, torch.zeros(2))
     assert m["crash/threshold_step"] == 30.0 and m["crash/threshold_steps_left"] == 0.0
     # log ||u|| against log t by hand: the slope of the least-squares line through the three points
     t, u = np.log([10.0, 20.0, 30.0]), np.log([10.0, 50.0, 150.0])
@@ -298,10 +299,10 @@ def test_adam_reference_is_the_critic_optimisers():
     critic, actor = nn.Linear(4, 3), nn.Linear(4, 1)  # P = 15 for the critic
     adam_both = SimpleNamespace(optimizers=[torch.optim.Adam(actor.parameters(), lr=1e-2),
                                             torch.optim.Adam(critic.parameters(), lr=1e-3)])
-    assert CrashPredictor._adam_reference(adam_both, critic) == pytest.approx(1e-3 * 15**0.5)
+    assert CrashMeter.adam_reference(adam_both.optimizers, critic) == pytest.approx(1e-3 * 15**0.5)
     sgd_critic = SimpleNamespace(optimizers=[torch.optim.Adam(actor.parameters(), lr=1e-2),
                                              torch.optim.SGD(critic.parameters(), lr=1e-3)])
-    assert CrashPredictor._adam_reference(sgd_critic, critic) is None
+    assert CrashMeter.adam_reference(sgd_critic.optimizers, critic) is None
 
 
 def test_bellman_bound_from_the_datamodules_absolute_rewards():
@@ -309,14 +310,19 @@ def test_bellman_bound_from_the_datamodules_absolute_rewards():
     (negative rewards count by their size), else over the probe set's. Catches ``max r`` and a
     bound always taken from the probe."""
     cb = CrashPredictor(every_n_steps=10)
-    module = SimpleNamespace(gamma=0.9)
+    module = SimpleNamespace(gamma=0.9, q_network=lambda: nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
     probe = probe_rows(n=2)._replace(rew=torch.tensor([0.5, 1.0]))
+
+    def bound(trainer, probe):  # the predictor's own path: the DataModule's rewards into the meter at fit start
+        cb.core.setup(module, rewards=_data_rewards(trainer))
+        return cb.core.bound_for(module.gamma, probe)
+
     with_data = SimpleNamespace(datamodule=SimpleNamespace(data=SimpleNamespace(rew=torch.tensor([-3.0, 1.0, 0.5]))))
-    assert cb._resolve_bound(with_data, module, probe) == pytest.approx(3.0 / 0.1)
+    assert bound(with_data, probe) == pytest.approx(3.0 / 0.1)
     without = SimpleNamespace(datamodule=None)
-    assert cb._resolve_bound(without, module, probe) == pytest.approx(1.0 / 0.1)
+    assert bound(without, probe) == pytest.approx(1.0 / 0.1)
     negative_probe = probe._replace(rew=torch.tensor([-2.0, 1.0]))
-    assert cb._resolve_bound(without, module, negative_probe) == pytest.approx(2.0 / 0.1)
+    assert bound(without, negative_probe) == pytest.approx(2.0 / 0.1)
 
 
 def test_guard_watches_every_twin_and_params_norm_is_the_critics(tiny_td3bc):
