@@ -146,13 +146,16 @@ def bootstrap_target(module: Any, batch: Transitions, next_act: Tensor | None = 
 def publish(trainer: Any, metrics: dict[str, float], step: int) -> None:
     """Write ``metrics`` at ``step`` (the update count, docs/design.md section 8) to every logger
     (loggers write on rank zero only) and expose them in ``trainer.callback_metrics``
-    (for EarlyStopping, ModelCheckpoint(monitor=...) and friends). NaNs are skipped."""
+    (for EarlyStopping, ModelCheckpoint(monitor=...) and friends). NaNs are skipped.
+    ``trainer`` may be a Lightning ``Fabric``: its loggers, as ``fabric.log_dict`` writes."""
     metrics = {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}
     if not metrics:
         return
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    callback_metrics = getattr(trainer, "callback_metrics", None)  # a Trainer's; a Fabric has none
+    if callback_metrics is not None:
+        callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
 class Cadence:

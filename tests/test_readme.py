@@ -54,9 +54,9 @@ def block(marker: str) -> int:
     return found[0]
 
 
-QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3 = (block(m) for m in (
+QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC = (block(m) for m in (
     "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\"",
-    "monitor = Monitor(", "MonitorCallback("))
+    "monitor = Monitor(", "MonitorCallback(", "fabric = Fabric("))
 
 
 def block_id(code: str) -> str:
@@ -116,9 +116,9 @@ def run_block(index: int, namespaces: dict[int, dict]) -> dict:
 
 
 def test_the_readme_has_the_blocks_these_tests_expect():
-    assert len(BLOCKS) == 6 and CRASH == QUICK_START + 1  # the crash block continues the quick start
-    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3)] == [
-        set(), {"L", "model", "dm"}, set(), set(), set(), set()]
+    assert len(BLOCKS) == 7 and CRASH == QUICK_START + 1  # the crash block continues the quick start
+    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC)] == [
+        set(), {"L", "model", "dm"}, set(), set(), set(), set(), set()]
 
 
 def test_usage_trains_on_the_default_data(trainers, readme_env):
@@ -216,6 +216,25 @@ def test_the_stable_baselines3_example_attaches_and_draws_its_probe(monkeypatch,
     monitor, model = ns["monitor"], ns["model"]
     assert model.num_timesteps == 1050 and monitor.monitor is not None
     assert len(monitor.monitor.meters[0].probe.obs) == 512 and monitor.checkpoint_path is None
+
+
+def test_the_fabric_loop_measures_at_its_cadence(monkeypatch, tmp_path):
+    """The Fabric block runs as written: both callbacks measured at updates 100, 200 and 300 on
+    256 rows of the block's data, SEEM equal at the last one to lit_qlearn.ntk's on its critic,
+    and the random data's critic never left the bound."""
+    from lit_qlearn.ntk import seem
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_block(FABRIC, {})
+    crash, monitor = ns["predictor"], ns["seem_monitor"]
+    assert crash.last_step == monitor.last_step == 300 and not crash.should_stop
+    assert len(monitor.probe.obs) == 256 and crash.bound == pytest.approx(ns["data"].rew.abs().max().item() / 0.01)
+    probe, qf1, actor = monitor.probe, ns["qf1"], ns["actor"]
+    with torch.no_grad():
+        next_act = actor(probe.next_obs)
+    ref = seem(qf1, (probe.obs, probe.act), (probe.next_obs, next_act), 0.99, scale_by_params=True, solver="dense")
+    assert monitor.core.measure(ns["agent"], 300)["seem/max_eig_normalized"] == pytest.approx(ref.normalized,
+                                                                                              rel=1e-5, abs=1e-7)
 
 
 def test_the_public_names_of_the_design_document_import():

@@ -10,14 +10,18 @@ this callback adapts the meter to a Trainer and acts. Keeping the last healthy s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning.fabric import Fabric
+from lightning.fabric.wrappers import is_wrapped
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lit_qlearn.callbacks.healthy import Held, HealthyCheckpoint, all_finite
-from lit_qlearn.callbacks.monitors import ProbeCallback, _core_attr
+from lit_qlearn.callbacks.healthy import FabricHealthyState, Held, HealthyCheckpoint, all_finite
+from lit_qlearn.callbacks.monitors import ProbeCallback, _core_attr, _unwrap
 from lit_qlearn.callbacks.remedies import as_remedy, remedy_name
 from lit_qlearn.monitoring import CrashMeter, _actions_moved  # noqa: F401 - _actions_moved: imported from here too
 from lit_qlearn.ntk import check_choice
@@ -276,7 +280,7 @@ class CrashPredictor(ProbeCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.action in ("checkpoint_and_stop", "rollback"):
-            if self.healthy is not None:  # one left attached by a fit that raised (no teardown then)
+            if isinstance(self.healthy, HealthyCheckpoint):  # one left attached by a fit that raised (no teardown)
                 self.healthy.detach(trainer)
             # Placed after every other callback and before the checkpoint callbacks, the very
             # point where a ModelCheckpoint of that step dumps its state.
@@ -298,9 +302,76 @@ class CrashPredictor(ProbeCallback):
         undo = getattr(self.remedy, "teardown", None)
         if callable(undo):  # a remedy that attached something to the Trainer (PreQNStep)
             undo(trainer)
-        if self.healthy is not None:  # no detection (else kept already): nothing left behind
+        if isinstance(self.healthy, HealthyCheckpoint):  # no detection (else kept already): nothing left behind
             self.healthy.detach(trainer)
         super().teardown(trainer, pl_module, stage)
+
+    # ------------------------------------------------------- Lightning Fabric
+    def on_fabric_setup(self, fabric: Fabric, module: Any, data: Transitions, step: int = 0,
+                        optimizers: Sequence[Any] = (), state: dict[str, Any] | None = None) -> None:
+        """Fabric's set-up point (:meth:`ProbeCallback.on_fabric_setup`), with two more keywords::
+
+            fabric.call("on_fabric_setup", fabric=fabric, module=agent, data=transitions,
+                        optimizers=[critic_optimizer], state=state)
+
+        The Bellman bound's ``max|r|`` is that of ``data.rew``; ``optimizers`` (the critic's,
+        ``fabric.setup`` wrappers or not) decide ``law="auto"`` and the Adam reference, as a
+        Trainer's optimisers do; ``state`` is the dict the loop saves with ``fabric.save``,
+        needed by ``action="checkpoint_and_stop"``: at each healthy measurement it is held
+        (:class:`~lit_qlearn.callbacks.healthy.FabricHealthyState`), and at detection the
+        last healthy one is kept as ``<dirpath>/last-healthy-step=<step>.ckpt`` (default
+        dirpath: the Fabric logger's ``log_dir``/checkpoints), for ``fabric.load(path, state)``.
+        ``"rollback"`` needs a Trainer (it restores schedulers and applies remedies through
+        it) and is refused here. After an unhealthy measurement :attr:`should_stop` is true
+        (actions other than ``"warn"``): the loop breaks on it."""
+        if self.action == "rollback":
+            raise ValueError("CrashPredictor: action='rollback' rolls a Trainer's run back (its checkpoints, "
+                             "schedulers and remedies); in a Fabric loop use 'warn', 'stop' or 'checkpoint_and_stop' "
+                             "and fabric.load the kept file")
+        if self.action == "checkpoint_and_stop" and state is None:
+            raise ValueError("CrashPredictor: action='checkpoint_and_stop' under Fabric needs state=, the dict the "
+                             "loop saves with fabric.save (modules, optimisers), to keep its last healthy state")
+        dirpath = self._fabric_dirpath(fabric) if self.action == "checkpoint_and_stop" else None
+        super().on_fabric_setup(fabric, module, data, step)
+        module = _unwrap(module)
+        self.core.setup(module, [o.optimizer if is_wrapped(o) else o for o in optimizers], rewards=data.rew)
+        self._guarded = [p for net in critic_members(module) for p in net.parameters()]
+        if dirpath is not None:
+            if isinstance(self.healthy, FabricHealthyState):
+                self.healthy.discard()
+            self.healthy = FabricHealthyState(fabric, state, self.state_key, dirpath)
+
+    def on_fabric_update(self, fabric: Fabric, module: Any, step: int) -> None:
+        """Fabric's per-update point (:meth:`ProbeCallback.on_fabric_update`); with ``guard``,
+        the critic's parameters are checked after every update, as under a Trainer."""
+        if self.guard and self.action != "warn" and not self.should_stop and self._guarded:
+            if _any_rank(fabric, not all_finite(self._guarded)):
+                self._act(fabric, module, step, ["the critic's parameters became non-finite"])
+                return
+        if not self.should_stop:
+            super().on_fabric_update(fabric, module, step)
+
+    def on_fabric_end(self, fabric: Fabric) -> None:
+        """Fabric's end point, ``fabric.call("on_fabric_end", fabric=fabric)`` after the loop:
+        the hidden files of the held healthy state are removed (a kept file stays)."""
+        if isinstance(self.healthy, FabricHealthyState):
+            self.healthy.discard()
+        self._guarded = []
+
+    def _fabric_dirpath(self, fabric: Fabric) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        log_dir = getattr(fabric.logger, "log_dir", None) if fabric.loggers else None
+        if log_dir is None:
+            raise ValueError("CrashPredictor: action='checkpoint_and_stop' under Fabric writes to dirpath=, and the "
+                             "Fabric has no logger with a log_dir to default to: pass dirpath")
+        return Path(log_dir) / "checkpoints"
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether an unhealthy measurement stopped the run (any action but ``"warn"``): a
+        Trainer stops by itself, a Fabric loop breaks on it."""
+        return self.fired and self.action != "warn"
 
     # ------------------------------------------------------------ measuring
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -351,7 +422,8 @@ class CrashPredictor(ProbeCallback):
         if self.action in ("checkpoint_and_stop", "rollback"):
             message += "; " + self._write_healthy(trainer)
         rank_zero_warn(message + "; training stops")
-        trainer.should_stop = True
+        if isinstance(trainer, Trainer):  # a Fabric loop reads self.should_stop
+            trainer.should_stop = True
 
     def rollback_point(self, held: list[Held]) -> int:
         """Which held healthy state a rollback restores (an index into ``held``, oldest

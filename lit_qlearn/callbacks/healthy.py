@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lit_qlearn.ntk import parameter_norm
 
-__all__ = ["Held", "HealthyCheckpoint", "all_finite", "last_healthy_name"]
+__all__ = ["Held", "HealthyCheckpoint", "FabricHealthyState", "all_finite", "last_healthy_name"]
 
 
 def last_healthy_name(step: int) -> str:
@@ -170,15 +170,12 @@ class HealthyCheckpoint(Callback):
             self._drop(trainer, self.held[:-self.keep_last])
             self.held = self.held[-self.keep_last:]
 
-    def _tag(self) -> str:
-        return hashlib.sha1(self.key.encode()).hexdigest()[:10]
-
     def _partial(self) -> Path:
         """The file being written."""
-        return self._directory / f".last-healthy-{self._tag()}.partial.ckpt"
+        return _hidden(self._directory, self.key, "partial")
 
     def _held_file(self, step: int) -> Path:
-        return self._directory / f".last-healthy-{self._tag()}.step={step}.ckpt"
+        return _hidden(self._directory, self.key, f"step={step}")
 
     def _drop(self, trainer: Trainer, entries: Iterable[Held]) -> None:
         """Remove held files (rank zero, which wrote them)."""
@@ -209,7 +206,7 @@ class HealthyCheckpoint(Callback):
         """Remove the temporary files (rank zero, which wrote them); a kept file stays."""
         if self._directory is not None and trainer.is_global_zero:
             _remove(self._partial())
-            for stale in self._directory.glob(f".last-healthy-{self._tag()}.step=*.ckpt"):
+            for stale in self._directory.glob(_hidden(self._directory, self.key, "step=*").name):
                 _remove(stale)
         self.held = []
         self._marked = self._rollback = None
@@ -241,6 +238,84 @@ class HealthyCheckpoint(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown hook after an exception (Ctrl-C included).
         self.discard(trainer)
+
+
+class FabricHealthyState:
+    """The last healthy state of a Lightning Fabric loop: what :class:`HealthyCheckpoint` is
+    to a Trainer, for :class:`~lit_qlearn.callbacks.CrashPredictor`'s ``"checkpoint_and_stop"``
+    under Fabric.
+
+    At each :meth:`mark`-ed step whose ``state`` is all finite on every rank, ``state`` (the
+    dict the loop itself saves: modules, optimisers, any object with ``state_dict``) is
+    written with ``fabric.save`` (rank zero writes, every rank waits) to a hidden file in
+    ``dirpath``, which replaces the previous one. :meth:`keep` renames it
+    ``last-healthy-step=<step>.ckpt``: ``fabric.load(path, state)`` puts the loop back in that
+    state. :meth:`discard` removes the hidden files. Collective: every rank calls each method.
+
+    Args:
+        fabric: the loop's Fabric.
+        state: the loop's state, as given to ``fabric.save``.
+        key: names the hidden files (the owner's ``state_key``).
+        dirpath: where the files go.
+    """
+
+    def __init__(self, fabric: Any, state: dict[str, Any], key: str, dirpath: str | os.PathLike) -> None:
+        if not isinstance(state, dict) or not state:
+            raise ValueError("FabricHealthyState: state must be the non-empty dict the loop saves with fabric.save "
+                             f"(modules, optimisers, ...), got {type(state).__name__}")
+        self.fabric, self.state, self.key, self.directory = fabric, state, key, Path(dirpath)
+        #: The newest held state; after :meth:`keep`, the kept file.
+        self.held: Held | None = None
+        self.kept = False
+
+    @property
+    def step(self) -> int | None:
+        return None if self.held is None else self.held.step
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.held is None else self.held.path
+
+    def mark(self, step: int, value: float | None = None) -> None:
+        """Hold the state as it is now, that of ``step``, unless something in it is not finite."""
+        if self.kept:
+            return
+        states = [v.state_dict() if callable(getattr(v, "state_dict", None)) else v for v in self.state.values()]
+        if not self.fabric.strategy.reduce_boolean_decision(all_finite(_tensors(states)), all=True):
+            return  # keep the previous file, whose state was finite
+        partial, held = _hidden(self.directory, self.key, "partial"), _hidden(self.directory, self.key, f"step={step}")
+        self.fabric.save(partial, self.state)  # ends with a barrier: the file is whole
+        if self.fabric.is_global_zero:
+            os.replace(partial, held)
+            if self.held is not None and self.held.path != held:
+                _remove(self.held.path)
+        self.held = Held(step, held, value)
+
+    def keep(self, fabric: Any = None) -> Path | None:
+        """Rename the held file ``last-healthy-step=<step>.ckpt`` and return its path (None:
+        nothing was held); nothing is held after it."""
+        if self.kept or self.held is None:
+            return self.path
+        path = self.directory / last_healthy_name(self.held.step)
+        if self.fabric.is_global_zero:
+            os.replace(self.held.path, path)
+        self.fabric.barrier("FabricHealthyState.keep")
+        self.held, self.kept = Held(self.held.step, path, self.held.value), True
+        return path
+
+    def discard(self, fabric: Any = None) -> None:
+        """Remove the hidden files (a kept file stays)."""
+        if self.fabric.is_global_zero:
+            _remove(_hidden(self.directory, self.key, "partial"))
+            for stale in self.directory.glob(_hidden(self.directory, self.key, "step=*").name):
+                _remove(stale)
+        if not self.kept:
+            self.held = None
+
+
+def _hidden(directory: Path, key: str, suffix: str) -> Path:
+    """A hidden file of the owner named ``key``: ``.last-healthy-<hash of key>.<suffix>.ckpt``."""
+    return directory / f".last-healthy-{hashlib.sha1(key.encode()).hexdigest()[:10]}.{suffix}.ckpt"
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric import Fabric
+from lightning.fabric.wrappers import is_wrapped
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -21,13 +23,31 @@ from lit_qlearn.monitoring import Meter, NTKMeter, SEEMMeter, no_trace
 from lit_qlearn.ntk import check_choice
 from lit_qlearn.probe import Cadence, ProbeProtocolError, check_probe_datamodule, check_probe_module, publish
 
-__all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor"]
+__all__ = ["ProbeCallback", "NTKGramCallback", "SEEMMonitor", "draw_probe"]
 
 
 def _core_attr(name: str) -> property:
     """An attribute that is the core meter's (``self.core``): read and written there."""
     return property(lambda self: getattr(self.core, name), lambda self, value: setattr(self.core, name, value),
                     doc=f"The core meter's ``{name}``.")
+
+
+def draw_probe(data: Transitions, n: int, seed: int = 0, who: str = "draw_probe") -> Transitions:
+    """``min(n, len(data))`` distinct rows of ``data``, in their order, chosen with a
+    generator of their own seeded ``seed`` (the global random streams are left alone)."""
+    if not isinstance(data, Transitions):
+        raise TypeError(f"{who}: data must be a lit_qlearn.data.Transitions batch to draw the probe set from, got "
+                        f"{type(data).__name__}")
+    if len(data.obs) == 0:
+        raise ValueError(f"{who}: data holds no transitions to draw the probe set from")
+    rows = torch.randperm(len(data.obs), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return data.map(lambda t: t.detach()[rows.to(t.device)].cpu())
+
+
+def _unwrap(module: Any) -> Any:
+    """The user's module inside a ``fabric.setup`` wrapper (its methods called on the wrapper
+    would go through the wrapper's forward tracking)."""
+    return module.module if is_wrapped(module) and isinstance(module, torch.nn.Module) else module
 
 
 class ProbeCallback(Callback):
@@ -134,31 +154,77 @@ class ProbeCallback(Callback):
             if self.probe_source == "batches":
                 self._collect_from_batch(trainer, batch)
             return
-        if not due:
-            return
-        self.last_step = step
-        probe = self.probe.map(lambda t: t.to(pl_module.device))
-        with no_trace(pl_module):
-            metrics = self.measure(trainer, pl_module, probe)
-        self.publish(trainer, pl_module, metrics, step)
+        if due:
+            self._measure_at(trainer, pl_module, step, pl_module.device)
 
-    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
-        """The core meter's scalars on ``probe`` (on the module's device) at :attr:`last_step`."""
+    def _measure_at(self, trainer: Trainer | Fabric, module: Any, step: int, device: torch.device) -> None:
+        """Measure ``module`` at ``step`` on the probe set (moved to ``device``) and publish."""
+        self.last_step = step
+        probe = self.probe.map(lambda t: t.to(device))
+        with no_trace(module):
+            metrics = self.measure(trainer, module, probe)
+        self.publish(trainer, module, metrics, step)
+
+    def measure(self, trainer: Trainer | Fabric, pl_module: Any, probe: Transitions) -> dict[str, float]:
+        """The core meter's scalars on ``probe`` (on the module's device) at :attr:`last_step`
+        (``trainer``: the Trainer, or the Fabric of a Fabric loop)."""
         return self.core.compute(pl_module, probe, self.last_step)
 
-    def publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], step: int) -> None:
-        """Write ``metrics`` at ``step`` to every logger and ``trainer.callback_metrics``
-        (:func:`lit_qlearn.probe.publish`). Every rank holds the same numbers: same probe
-        set, same parameters."""
+    def publish(self, trainer: Trainer | Fabric, pl_module: Any, metrics: dict[str, float], step: int) -> None:
+        """Write ``metrics`` at ``step`` to every logger (the Trainer's or the Fabric's) and the
+        Trainer's ``callback_metrics`` (:func:`lit_qlearn.probe.publish`). Every rank holds the
+        same numbers: same probe set, same parameters."""
         publish(trainer, metrics, step)
 
-    def _tensorboard(self, trainer: Trainer) -> Any:
-        from lightning.pytorch.loggers import TensorBoardLogger
+    def _tensorboard(self, trainer: Trainer | Fabric) -> Any:
+        """The SummaryWriter of the Trainer's (or Fabric's) TensorBoard logger, on rank zero; else None."""
+        from lightning.fabric.loggers import TensorBoardLogger  # Lightning's own derives from Fabric's
 
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 return logger.experiment
         return None
+
+    # ------------------------------------------------------- Lightning Fabric
+    def on_fabric_setup(self, fabric: Fabric, module: Any, data: Transitions, step: int = 0) -> None:
+        """Fabric's set-up point, once before the updates (and again after a resume)::
+
+            fabric.call("on_fabric_setup", fabric=fabric, module=agent, data=transitions)
+
+        ``module`` implements the probe protocol (a ``fabric.setup`` wrapper is unwrapped;
+        :class:`lit_qlearn.monitoring.ActorCriticProbe` gives it to a critic and an actor);
+        ``data`` (a :class:`~lit_qlearn.data.Transitions` batch, e.g. what the replay buffer
+        holds) is what the probe set is drawn from: ``probe_size`` distinct rows chosen with
+        a generator seeded ``probe_seed``, rank zero's draw broadcast to every rank. A probe
+        set restored from a checkpoint (``fabric.load`` of this callback's ``state_dict``) is
+        kept. ``step`` is the update count the loop starts from (the resumed step). The
+        keyword names are the hook's: ``fabric.call`` gives each callback those it takes."""
+        module = _unwrap(module)
+        who = type(self).__name__
+        check_probe_module(module, who)
+        if self.probe is None:
+            self.core.set_probe(fabric.broadcast(draw_probe(data, self.probe_size, self.probe_seed, who), src=0))
+            if len(self.probe.obs) < self.probe_size:
+                rank_zero_warn(f"{who}: probe_size={self.probe_size} transitions requested, but data holds only "
+                               f"{len(self.probe.obs)}; the probe set is cut to {len(self.probe.obs)}",
+                               category=UserWarning)
+        self._check_on_probe(module)
+        self.cadence.start(step)
+
+    def on_fabric_update(self, fabric: Fabric, module: Any, step: int) -> None:
+        """Fabric's per-update point, after each update with the update count::
+
+            fabric.call("on_fabric_update", fabric=fabric, module=agent, step=step)
+
+        Measures whenever ``step`` reaches or passes the next multiple of ``every_n_steps``
+        and writes the scalars at ``step`` to the Fabric's loggers (``fabric.log_dict``'s
+        route), the same scalars as under a Trainer."""
+        if self.probe is None:
+            raise RuntimeError(f"{type(self).__name__}: on_fabric_update before on_fabric_setup; call "
+                               "fabric.call('on_fabric_setup', fabric=fabric, module=..., data=...) once before "
+                               "the first update")
+        if self.cadence.due(step):
+            self._measure_at(fabric, _unwrap(module), step, fabric.device)
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -202,12 +268,12 @@ class NTKGramCallback(ProbeCallback):
     def options(self) -> dict[str, Any]:
         return {**super().options(), "log_heatmap": self.log_heatmap}
 
-    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
+    def measure(self, trainer: Trainer | Fabric, pl_module: Any, probe: Transitions) -> dict[str, float]:
         metrics = super().measure(trainer, pl_module, probe)
         if self.log_heatmap:
             writer = self._tensorboard(trainer)
             if writer is not None:
-                writer.add_image("ntk/gram", _heatmap(self.previous), global_step=trainer.global_step,
+                writer.add_image("ntk/gram", _heatmap(self.previous), global_step=self.last_step,
                                  dataformats="HWC")
         return metrics
 
@@ -279,12 +345,12 @@ class SEEMMonitor(ProbeCallback):
         return {**super().options(), "scale_by_params": self.scale_by_params, "solver": self.solver, "tol": self.tol,
                 "log_spectrum": self.log_spectrum, "participation": self.participation}
 
-    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: Transitions) -> dict[str, float]:
+    def measure(self, trainer: Trainer | Fabric, pl_module: Any, probe: Transitions) -> dict[str, float]:
         metrics = super().measure(trainer, pl_module, probe)
         if self.log_spectrum and self.core.eigenvalues is not None:
             writer = self._tensorboard(trainer)
             if writer is not None:
-                writer.add_histogram("seem/spectrum_real", self.core.eigenvalues.real, global_step=trainer.global_step)
+                writer.add_histogram("seem/spectrum_real", self.core.eigenvalues.real, global_step=self.last_step)
         return metrics
 
 
