@@ -1,5 +1,5 @@
 """lit_qlearn.integrations.sb3: the meters on real Stable-Baselines3 agents (SAC on Pendulum-v1,
-DQN on CartPole-v1), the logged SEEM and NTK checked against lit_qlearn.ntk on the same
+DQN on CartPole-v1, sb3-contrib's CrossQ), the logged SEEM and NTK checked against lit_qlearn.ntk on the same
 network and probe, computed here at the step measured; the actions on an unhealthy verdict."""
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ def _events(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _check(seen, events, steps):
+def _check(seen, events, steps, rel=1e-5):
+    """``rel``: SEEM's agreement with the dense solver, within the Arnoldi acceptance ``tol`` (1e-4)."""
     assert [s for s, *_ in seen] == steps
     for step, scalars, (ref, gram) in seen:
-        assert scalars["seem/max_eig"] == pytest.approx(ref.value, rel=1e-5, abs=1e-10)
+        assert scalars["seem/max_eig"] == pytest.approx(ref.value, rel=rel, abs=1e-10)
         assert scalars["seem/max_eig_normalized"] == pytest.approx(ref.normalized, rel=1e-5, abs=1e-8)
         assert scalars["ntk/diag_mean"] == pytest.approx(torch.diagonal(gram).mean().item(), rel=1e-5)
     for tag in ("seem/max_eig_normalized", "ntk/diag_mean", "crash/td_error_norm", "params/adam_slope"):
@@ -144,6 +145,43 @@ def test_td3_and_ddpg_adapters_measure_the_first_critic_with_the_deterministic_a
                solver="dense")
     assert scalars["seem/max_eig_normalized"] == pytest.approx(ref.normalized, rel=1e-5, abs=1e-8)
     assert agent.gamma == 0.95 and len(agent.q_networks()) == members
+
+
+def test_sb3_contrib_crossq_is_measured_in_eval_mode_with_its_batch_renorm_statistics(tmp_path):
+    """sb3-contrib's CrossQ (BatchRenorm in the critic, no target network): the same adapter
+    measures ``critic.q_networks[0]`` in eval mode, with the running statistics, the function
+    CrossQ's actor loss evaluates; SEEM and the NTK equal lit_qlearn.ntk's on that network in
+    eval mode at the step measured, and the measurement leaves the critic in train mode and its
+    running statistics untouched."""
+    sb3_contrib = pytest.importorskip("sb3_contrib")
+    torch.manual_seed(0)
+
+    def reference(model, probe):
+        critic, actor = model.critic, model.actor
+        modes = [(m, m.training) for m in [*critic.modules(), *actor.modules()]]
+        critic.eval(), actor.eval()
+        with torch.no_grad():
+            next_act = actor(probe.next_obs, deterministic=True)
+        ref = seem(FirstCritic(model), (probe.obs, probe.act), (probe.next_obs, next_act), model.gamma,
+                   scale_by_params=True, solver="dense")
+        gram = ntk_gram(FirstCritic(model), (probe.obs, probe.act))
+        for m, mode in modes:
+            m.train(mode)
+        return ref, gram
+
+    model = sb3_contrib.CrossQ("MlpPolicy", "Pendulum-v1", learning_starts=200, batch_size=64, seed=0, device="cpu",
+                               tensorboard_log=str(tmp_path), policy_kwargs=dict(net_arch=dict(pi=[32, 32], qf=[64, 64])))
+    norm = model.critic.q_networks[0][0]
+    assert type(norm).__name__ == "BatchRenorm1d"
+    callback = Recording(reference, every_n_steps=150, probe_size=200)
+    stats = norm.ra_mean.clone()
+    model.learn(450, callback=callback)
+    _check(callback.seen, _events(tmp_path), [300, 450], rel=1e-4)
+    assert not torch.equal(norm.ra_mean, stats)  # training moved them; the measurements did not (below)
+    model.critic.train()
+    before, mode = norm.ra_mean.clone(), model.critic.training
+    callback.monitor.measure(callback.agent, 450)
+    assert torch.equal(norm.ra_mean, before) and model.critic.training == mode
 
 
 class Planted(Meter):

@@ -1,5 +1,6 @@
 """The monitors in Stable-Baselines3: a ``BaseCallback`` over the meters of
-:mod:`lit_qlearn.monitoring`, for SB3's SAC, TD3, DDPG and DQN (``pip install lit-qlearn[sb3]``).
+:mod:`lit_qlearn.monitoring`, for SB3's SAC, TD3, DDPG and DQN and sb3-contrib's CrossQ
+(``pip install lit-qlearn[sb3]``).
 
 ::
 
@@ -64,7 +65,13 @@ class SB3ActorCriticProbe:
     """The probe protocol for SB3's SAC, TD3 and DDPG: the first critic member
     (``critic.q_networks[0]``), the actor's deterministic action (SAC: its mean action,
     squashed), the model's ``gamma``; ``q_networks()`` lists every member. Actions are in
-    SB3's scaled space [-1, 1], the space its replay buffer stores."""
+    SB3's scaled space [-1, 1], the space its replay buffer stores.
+
+    sb3-contrib's CrossQ fits as it is: its critic's members are BatchRenorm MLPs, measured
+    (as every network, under :class:`~lit_qlearn.monitoring.no_trace`) in eval mode, with
+    their running statistics: the function CrossQ's actor loss evaluates. Its TD target comes
+    from a train-mode joint pass of ``(s, a)`` and ``(s', a')`` whose batch statistics couple
+    the samples, a function of the whole batch that has no per-sample NTK."""
 
     def __init__(self, model: Any) -> None:
         self.policy = model.policy
