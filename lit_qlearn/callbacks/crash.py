@@ -165,6 +165,12 @@ class CrashPredictor(ProbeCallback):
     every rank acts at the same step and rank zero writes the checkpoint whichever rank
     saw the divergence.
 
+    **In a Lightning Fabric loop** (``Fabric(callbacks=[...])``) the loop calls
+    :meth:`on_fabric_setup`, :meth:`on_fabric_update` and :meth:`on_fabric_end` with
+    ``fabric.call``; ``"warn"``, ``"stop"`` (the loop breaks on :attr:`should_stop`) and
+    ``"checkpoint_and_stop"`` (of the loop's ``fabric.save`` dict) work there, ``"rollback"``
+    needs the Trainer.
+
     Args:
         every_n_steps: measure at each multiple of it the step reaches or passes
             (:class:`~lit_qlearn.callbacks.ProbeCallback`).

@@ -55,6 +55,11 @@ class ProbeCallback(Callback):
     protocol checks at setup, the probe set's draw, the cadence, logging at the exact step
     and the checkpointed state (the meter's, and the cadence's).
 
+    Under a Trainer the hooks are Lightning's; in a Lightning Fabric loop
+    (``Fabric(callbacks=[...])``) the loop calls :meth:`on_fabric_setup` once and
+    :meth:`on_fabric_update` after each update through ``fabric.call``, and the scalars go
+    to the Fabric's loggers.
+
     Args:
         every_n_steps: measure whenever ``trainer.global_step`` (for lit_qlearn's modules
             the update count) reaches or passes the next multiple of ``every_n_steps``,
