@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_qlearn.algorithms.base import QLearningModule
+from lit_qlearn.algorithms.base import QLearningModule, compile_mode
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import Critic
 from lit_qlearn.ntk import parameter_norm
@@ -49,7 +49,8 @@ class ActorCritic(QLearningModule):
         target_every: updates between target moves (None: the algorithm's default).
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
-        compile: ``torch.compile`` the critic and actor networks (and their targets) at fit start.
+        compile: ``torch.compile`` the critic and actor networks (and their targets) at fit start: True,
+            or a ``torch.compile`` mode ("reduce-overhead": CUDA graphs on a GPU).
     """
 
     action_kinds = ("continuous",)
@@ -78,7 +79,7 @@ class ActorCritic(QLearningModule):
         target_every: int | None = None,
         eval_every: int = 5000,
         eval_episodes: int = 10,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,7 +91,7 @@ class ActorCritic(QLearningModule):
         self.num_q = int(num_q)
         self.actor_lr, self.critic_lr, self.critic_weight_decay = actor_lr, critic_lr, critic_weight_decay
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
-        self.compile_networks = bool(compile)
+        self.compile_networks = compile_mode(type(self).__name__, compile)
         self.target_tau, self.target_every = target_tau, target_every
         self.actor: nn.Module | None = None
         self.critic: Critic | None = None

@@ -40,6 +40,23 @@ __all__ = ["QLearningModule"]
 _UNSET: Any = object()
 
 
+#: The modes of ``torch.compile`` an algorithm's ``compile`` argument may name
+#: ("reduce-overhead" captures CUDA graphs on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(who: str, value: bool | str | None) -> str | None:
+    """An algorithm's ``compile`` argument as the ``torch.compile`` mode to use: True is
+    ``"default"``, False (or None) no compilation, a string one of :data:`COMPILE_MODES`."""
+    if value is True:
+        return "default"
+    if value is False or value is None:
+        return None
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"{who}: compile must be True, False or a torch.compile mode in {COMPILE_MODES}, got {value!r}")
+
+
 def constructor_arguments(cls: type) -> set[str]:
     """The argument names ``cls(...)`` takes: its ``__init__``'s, and its parents' as far
     as each level passes ``**kwargs`` on."""
@@ -135,8 +152,9 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
       callback (:meth:`configure_callbacks`): ``eval_episodes`` episodes in the data's
       environment on rank zero every ``eval_every`` updates, shared with every rank:
       ``eval/return``, ``eval/length``, ``eval/normalized_score``.
-    * **Compilation.** With ``compile_networks`` (an algorithm's ``compile=True``), every
-      network's forward is compiled with ``torch.compile`` at fit start
+    * **Compilation.** With ``compile_networks`` (an algorithm's ``compile=True``, or a
+      ``torch.compile`` mode such as ``"reduce-overhead"``, which adds CUDA graphs on a
+      GPU), every network's forward is compiled with ``torch.compile`` at fit start
       (:meth:`compile_all`, in place, so parameters, ``state_dict`` keys, checkpoints
       and the probe protocol are unchanged). Where compilation is unavailable, a
       warning and eager execution.
@@ -174,8 +192,9 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
         self.env_id: str | None = None
         self.ref_scores: tuple[float, float] | None = None
         self._normalizes = False  # whether the data's spec carries a state normalisation
-        #: ``torch.compile`` the networks at fit start (an algorithm's ``compile`` argument).
-        self.compile_networks = False
+        #: ``torch.compile`` the networks at fit start: None, or the mode (an algorithm's
+        #: ``compile`` argument, read by :func:`compile_mode`).
+        self.compile_networks: str | None = None
         self._compiled = False
 
     # ------------------------------------------------------------ construction
@@ -422,9 +441,10 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
                           f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                           "running eagerly", stacklevel=2)
             return False
+        mode = None if self.compile_networks in (None, "default") else self.compile_networks
         for child in self.children():
             if any(True for _ in child.parameters()):
-                child.compile()
+                child.compile(mode=mode)
         self._compiled = True
         return True
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_qlearn.algorithms.base import QLearningModule
+from lit_qlearn.algorithms.base import QLearningModule, compile_mode
 from lit_qlearn.data.checkpoint import read_checkpoint
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import DiscreteQNetwork
@@ -72,7 +72,8 @@ class DQN(QLearningModule):
         epsilon_steps: environment steps over which epsilon falls linearly.
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
-        compile: ``torch.compile`` the Q-network and its target at fit start.
+        compile: ``torch.compile`` the Q-network and its target at fit start: True, or a
+            ``torch.compile`` mode ("reduce-overhead": CUDA graphs on a GPU).
         hidden, activation, norm, norm_layers, norm_affine, weight_norm, dropout, lr: the
             names of ``critic_hidden`` ... ``critic_lr`` before they took the actor-critics'
             names; accepted with a FutureWarning until the next release (:data:`RENAMED`).
@@ -106,7 +107,7 @@ class DQN(QLearningModule):
         epsilon_steps: int = 10_000,
         eval_every: int = 0,
         eval_episodes: int = 10,
-        compile: bool = False,
+        compile: bool | str = False,
         hidden: Sequence[int] | None = None,
         activation: str | None = None,
         norm: str | None = None,
@@ -141,7 +142,7 @@ class DQN(QLearningModule):
         self.critic_lr, self.adam_eps, self.max_grad_norm = critic_lr, adam_eps, max_grad_norm
         self.epsilon_start, self.epsilon_end, self.epsilon_steps = epsilon_start, epsilon_end, epsilon_steps
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
-        self.compile_networks = bool(compile)
+        self.compile_networks = compile_mode("DQN", compile)
         self.target_update = TargetUpdate(target_tau, target_every)
         self.q_net: DiscreteQNetwork | None = None
         if obs_shape is not None and num_actions is not None:

@@ -75,7 +75,7 @@ class PreQN(DeterministicActorCritic):
                  actor_activation: str = "relu", actor_lr: float = 3e-4, exploration_noise: float = 0.1,
                  preqn_lr: float = 0.1, cos_threshold: float = 0.9, shrink: float = 0.5, max_shrinks: int = 20,
                  rcond: float = 1e-6, ntk_method: str = "auto", eval_every: int = 5000,
-                 eval_episodes: int = 10, compile: bool = False) -> None:
+                 eval_episodes: int = 10, compile: bool | str = False) -> None:
         check_choice("PreQN", "ntk_method", ntk_method, METHODS)
         check_preconditioner_args("PreQN", lr=preqn_lr, cos_threshold=cos_threshold, shrink=shrink,
                                   max_shrinks=max_shrinks, rcond=rcond, lr_name="preqn_lr")

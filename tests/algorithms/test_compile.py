@@ -63,3 +63,22 @@ def test_every_algorithm_trains_compiled_under_a_monitor(name, chain_file):
     trainer = fit(module, dm, 10, callbacks=[monitor])
     assert module._compiled and module.updates == 10
     assert torch.isfinite(trainer.callback_metrics["seem/max_eig_normalized"])
+
+
+def test_a_compile_mode_reaches_torch_compile_and_a_wrong_one_is_named(chain_file, monkeypatch):
+    """``compile="reduce-overhead"`` (CUDA graphs on a GPU) compiles every network with that
+    mode; True compiles with torch's default mode; anything else is refused at construction."""
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, mode=None, **k: modes.append(mode))
+    for value, expected in (("reduce-overhead", "reduce-overhead"), (True, None), ("max-autotune", "max-autotune")):
+        modes.clear()
+        module = TD3(compile=value, obs_dim=3, act_dim=1, **SMALL)
+        assert module.compile_all() and modes == [expected] * 4  # actor, critic and their targets
+    modes.clear()
+    DQN(critic_hidden=(16,), compile="reduce-overhead", obs_shape=(3,), num_actions=2).compile_all()
+    assert modes == ["reduce-overhead"] * 2  # the Q-network and its target
+    for bad in ("fast", 1, "Default"):
+        with pytest.raises(ValueError, match=r"TD3: compile must be True, False or a torch.compile mode"):
+            TD3(compile=bad, **SMALL)
+    with pytest.raises(ValueError, match=r"DQN: compile must be"):
+        DQN(compile="fast")
