@@ -111,14 +111,6 @@ class SAC(SoftActorCritic):
     the target and shrinks above it. For the probe protocol, ``greedy_action`` is the
     deterministic action ``tanh(mean)`` (scaled to the bounds), and SEEM's bootstrap
     uses it (the authors' convention for a stochastic actor: its mode).
-
-    Args:
-        alpha_lr: Adam learning rate of log alpha.
-        init_alpha: initial temperature.
-        learn_alpha: learn alpha (False: keep init_alpha fixed).
-        target_entropy: entropy target (None: -act_dim).
-        log_std_min: lower bound of the actor's log standard deviation.
-        log_std_max: upper bound of the actor's log standard deviation.
     """
 
     def build_targets(self) -> None:
