@@ -30,7 +30,7 @@ from tests.conftest import CHAIN_STATES, fit, run_ddp_script
 
 __all__ = ["optimizer"]  # the fixture, imported for the whole-update test
 
-EPS, MOM, RMAX, DMAX, WARMUP, DELAY, BETAS, SPREAD = 1e-3, 0.3, 1.5, 0.5, 1, 2, (0.5, 0.999), 1.0
+EPS, MOM, RMAX, DMAX, WARMUP, DELAY, BETAS = 1e-3, 0.3, 1.5, 0.5, 1, 2, (0.5, 0.999)
 SMALL = dict(obs_dim=OBS_DIM, act_dim=ACT_DIM, action_low=LOW.tolist(), action_high=HIGH.tolist(), gamma=GAMMA,
              critic_hidden=(8,), actor_hidden=(8,), eval_every=0, renorm_momentum=MOM, renorm_eps=EPS,
              renorm_warmup_steps=WARMUP, renorm_r_max=RMAX, renorm_d_max=DMAX, policy_delay=DELAY)
@@ -128,13 +128,12 @@ def float64():
     torch.set_default_dtype(default)
 
 
-def test_crossq_update_equals_a_hand_written_update(optimizer, float64):
+@pytest.mark.parametrize("n_step", [True, False], ids=["batch-discount", "gamma"])
+def test_crossq_update_equals_a_hand_written_update(optimizer, float64, n_step):
     torch.manual_seed(0)
     crossq = module()
-    with torch.no_grad():
-        for m in crossq.critic.members:
-            m[-1].weight.mul_(SPREAD)  # Q of a unit or so: the soft target's terms all matter
-    batch = make_batch()
+    batch = make_batch(discount=n_step)
+    discount = DISCOUNT if n_step else GAMMA
     initial = {k: v.detach().clone() for k, v in crossq.state_dict().items()}
     q, pi = [copy.deepcopy(m) for m in crossq.critic.members], copy.deepcopy(crossq.actor.net)
     log_alpha = crossq.log_alpha.detach().clone().requires_grad_(True)
@@ -151,7 +150,7 @@ def test_crossq_update_equals_a_hand_written_update(optimizer, float64):
         # one train-mode pass of each critic over the 2B rows [(s, a); (s', a')], split
         both = q_all(q, torch.cat([torch.cat([s, a], -1), torch.cat([s2, next_act], -1)]), train=True, clips=clips)
         q_sa, q_next = both[:, :B], both[:, B:].detach()
-        y = batch.rew + DISCOUNT * (1.0 - TERMINATED) * (q_next.min(dim=0).values - alpha * next_logp)
+        y = batch.rew + discount * (1.0 - TERMINATED) * (q_next.min(dim=0).values - alpha * next_logp)
         seen.append((q_next, alpha * next_logp, y))
         ref.step("critic", params(q), weighted_td(q_sa, y, WEIGHT), BETAS)
         if k % DELAY == 0:  # the actor in train mode against the critics in eval mode, then the temperature
@@ -263,8 +262,8 @@ def test_online_crossq_under_the_monitors(tmp_path):
 
 
 def test_ddp_runs_the_single_device_update_on_the_union_batch(chain_file, tmp_path):
-    """Two ranks: identical parameters and running statistics, equal to one device's updates on
-    the concatenated batches with rank zero's random draws."""
+    """Two ranks with different random streams: identical parameters and running statistics,
+    equal to one device's updates on the concatenated batches with rank zero's random draws."""
     run_ddp_script(Path(__file__).with_name("ddp_crossq.py"), chain_file, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key, value in r0["state"].items():
@@ -272,6 +271,8 @@ def test_ddp_runs_the_single_device_update_on_the_union_batch(chain_file, tmp_pa
     crossq = CrossQ(obs_dim=CHAIN_STATES, act_dim=1, critic_hidden=(16, 16), actor_hidden=(16, 16), eval_every=0,
                     policy_delay=2, renorm_warmup_steps=1)
     crossq.load_state_dict(r0["init"])
+    td_abs, update = [], crossq.update
+    crossq.update = lambda batch: td_abs.append(update(batch)) or td_abs[-1]
     unions = [Transitions(*(torch.cat([b0[i], b1[i]]) for i in range(5))) for b0, b1 in zip(r0["batches"], r1["batches"])]
     rng = iter(r0["rng"])
 
@@ -287,3 +288,7 @@ def test_ddp_runs_the_single_device_update_on_the_union_batch(chain_file, tmp_pa
         torch.testing.assert_close(r0["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
         moved |= not torch.equal(value, r0["init"][key])
     assert moved and int(r0["state"]["actor.net.0.num_batches_tracked"]) == 1
+    # each rank hands its own rows' |TD error| to its buffer
+    for single, first, second in zip(td_abs, r0["td_abs"], r1["td_abs"]):
+        assert first.shape == second.shape == (16,)
+        torch.testing.assert_close(torch.cat([first, second]), single, rtol=1e-5, atol=1e-6)
