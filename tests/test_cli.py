@@ -67,7 +67,7 @@ def test_fit_online_dqn_config(tmp_path, monkeypatch):
 def test_fit_online_crossq_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(ROOT / "configs/crossq_pendulum.yaml"), "--trainer.max_steps", "4",
-          "--data.init_args.batch_size", "32", "--model.init_args.eval_every", "0",
+          "--model.init_args.eval_every", "0",
           "--trainer.enable_progress_bar", "false"])
     (log,) = (tmp_path / "lightning_logs" / "crossq_pendulum").glob("version_*")
     config = (log / "config.yaml").read_text()
