@@ -17,6 +17,21 @@ from stable_baselines3.common.callbacks import BaseCallback
 __all__ = ["sb3_crossq", "sb3_dqn", "sb3_sac"]
 
 
+def greedy_return(model: Any, env: gym.Env, episodes: int, seed: int) -> float:
+    """The mean return of ``episodes`` deterministic episodes of ``model`` in ``env``, episode k
+    reset with ``seed + k``."""
+    returns = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed + k)
+        total, done = 0.0, False
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns))
+
+
 def sb3_dqn(env_id: str, zoo: dict[str, Any], seed: int, max_env_steps: int, eval_every: int, eval_episodes: int,
             solved: float) -> dict[str, Any]:
     """SB3's DQN with the zoo settings ``zoo`` (the keys of online_dqn.ZOO), evaluated greedily
@@ -49,17 +64,9 @@ def sb3_dqn(env_id: str, zoo: dict[str, Any], seed: int, max_env_steps: int, eva
             if steps < self.next_eval:
                 return
             t0 = time.perf_counter()
-            returns = []
-            for k in range(eval_episodes):
-                obs, _ = eval_env.reset(seed=10_000 * (len(curve) + 1) + k)
-                total, done = 0.0, False
-                while not done:
-                    action, _ = self.model.predict(obs, deterministic=True)
-                    obs, reward, terminated, truncated, _ = eval_env.step(action)
-                    total, done = total + float(reward), terminated or truncated
-                returns.append(total)
+            mean_return = greedy_return(self.model, eval_env, eval_episodes, seed=10_000 * (len(curve) + 1))
             self.eval_seconds += time.perf_counter() - t0
-            curve.append({"env_steps": steps, "return": float(np.mean(returns)),
+            curve.append({"env_steps": steps, "return": mean_return,
                           "train_seconds": time.perf_counter() - self.start - self.eval_seconds})
             self.next_eval += eval_every
             self.solved = curve[-1]["return"] >= solved
@@ -114,17 +121,9 @@ def sb3_crossq(env_id: str, settings: dict[str, Any], seed: int, steps: int, eva
             if self.num_timesteps % eval_every:
                 return True
             t0 = time.perf_counter()
-            returns = []
-            for k in range(episodes):
-                obs, _ = eval_env.reset(seed=10_000 + k)
-                total, done = 0.0, False
-                while not done:
-                    action, _ = self.model.predict(obs, deterministic=True)
-                    obs, reward, terminated, truncated, _ = eval_env.step(action)
-                    total, done = total + float(reward), terminated or truncated
-                returns.append(total)
+            mean_return = greedy_return(self.model, eval_env, episodes, seed=10_000)
             self.eval_seconds += time.perf_counter() - t0
-            curve.append({"env_steps": self.num_timesteps, "return": float(np.mean(returns)),
+            curve.append({"env_steps": self.num_timesteps, "return": mean_return,
                           "train_seconds": time.perf_counter() - self.start - self.eval_seconds})
             return True
 
