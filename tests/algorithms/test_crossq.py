@@ -172,6 +172,37 @@ def test_crossq_update_equals_a_hand_written_update(optimizer, float64, n_step):
     assert int(states[-1]["critic.members.1.0.num_batches_tracked"]) == 4
 
 
+def test_crossq_logs_the_joint_pass_target_loss_gradient_norm_and_the_delayed_actor(monkeypatch, float64):
+    """Logged at every update: ``q/target_mean``, ``train/critic_loss``, ``q/data_mean`` and
+    ``train/critic_grad_norm`` of the joint pass; ``train/actor_loss`` and ``train/entropy`` only at
+    the actor's updates, ``q/policy_mean`` at every update (measured in eval mode otherwise)."""
+    from tests.algorithms.test_formulas import use_sgd
+    from tests.algorithms.test_logged_metrics import logged_updates, norm_and_sgd_step
+
+    use_sgd(monkeypatch)
+    torch.manual_seed(0)
+    crossq = module()
+    batch = make_batch()
+    q, pi = [copy.deepcopy(m) for m in crossq.critic.members], copy.deepcopy(crossq.actor.net)
+    rows = logged_updates(crossq, batch, 2).rows
+    clips, s, a, s2 = Clips(), batch.obs, batch.act, batch.next_obs
+    for k in (1, 2):
+        torch.manual_seed(SEED + k - 1)
+        noise = torch.randn(2, B, ACT_DIM)
+        with torch.no_grad():
+            next_act, next_logp = sample(pi, s2, noise[0], train=False, clips=clips)
+        both = q_all(q, torch.cat([torch.cat([s, a], -1), torch.cat([s2, next_act], -1)]), train=True, clips=clips)
+        y = batch.rew + DISCOUNT * (1.0 - TERMINATED) * (both[:, B:].detach().min(dim=0).values - 2.0 * next_logp)
+        loss = weighted_td(both[:, :B], y, WEIGHT)
+        row = rows[k]
+        assert row["q/target_mean"] == pytest.approx(float(y.mean()), rel=1e-6)
+        assert row["train/critic_loss"] == pytest.approx(float(loss), rel=1e-6)
+        assert row["q/data_mean"] == pytest.approx(float(both[0, :B].mean()), rel=1e-6)
+        assert row["train/critic_grad_norm"] == pytest.approx(norm_and_sgd_step(loss, params(q), LR), rel=1e-6)
+        assert ("train/actor_loss" in row) == ("train/entropy" in row) == (k == 2) and "q/policy_mean" in row
+    assert rows[1]["train/alpha"] == pytest.approx(2.0) and rows[2]["train/alpha"] != pytest.approx(2.0)
+
+
 def test_the_joint_pass_normalises_over_the_union_and_differs_from_two_passes():
     """``joint_q`` equals each member's train-mode pass over the concatenated rows and moves the
     running statistics once; two separate train-mode passes (each half normalised by its own
