@@ -92,13 +92,15 @@ class BatchRenorm1d(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01, affine: bool = True,
                  r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 100_000) -> None:
         super().__init__()
-        checks = (("num_features", num_features >= 1 if isinstance(num_features, int) else False, "an integer >= 1"),
-                  ("eps", eps > 0, "> 0"), ("momentum", 0 < momentum <= 1, "in (0, 1]"),
-                  ("r_max", r_max >= 1, ">= 1"), ("d_max", d_max >= 0, ">= 0"),
-                  ("warmup_steps", isinstance(warmup_steps, int) and warmup_steps >= 0, "an integer >= 0"))
-        for name, ok, expected in checks:
+        checks = (("num_features", num_features, isinstance(num_features, int) and num_features >= 1,
+                   "an integer >= 1"),
+                  ("eps", eps, eps > 0, "> 0"), ("momentum", momentum, 0 < momentum <= 1, "in (0, 1]"),
+                  ("r_max", r_max, r_max >= 1, ">= 1"), ("d_max", d_max, d_max >= 0, ">= 0"),
+                  ("warmup_steps", warmup_steps, isinstance(warmup_steps, int) and warmup_steps >= 0,
+                   "an integer >= 0"))
+        for name, value, ok, expected in checks:
             if not ok:
-                raise ValueError(f"BatchRenorm1d: {name} must be {expected}, got {locals()[name]!r}")
+                raise ValueError(f"BatchRenorm1d: {name} must be {expected}, got {value!r}")
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
         self.affine, self.r_max, self.d_max, self.warmup_steps = bool(affine), float(r_max), float(d_max), warmup_steps
         self.register_buffer("running_mean", torch.zeros(num_features))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lit_qlearn.algorithms.actor_critic import CriticLoss
 from lit_qlearn.algorithms.sac import SoftActorCritic
 from lit_qlearn.data.types import Transitions
-from lit_qlearn.networks import NORMS, EvalModeQ, training_mode
+from lit_qlearn.networks import NORMS, BatchRenorm1d, EvalModeQ, training_mode
 from lit_qlearn.td import td_loss, td_target
 
 __all__ = ["CrossQ"]
@@ -120,6 +120,10 @@ class CrossQ(SoftActorCritic):
                          eval_every=eval_every, eval_episodes=eval_episodes, compile=compile)
         renorm = dict(momentum=renorm_momentum, eps=renorm_eps, warmup_steps=renorm_warmup_steps,
                       r_max=renorm_r_max, d_max=renorm_d_max)
+        try:  # checked now, by the layer's own checks, rather than when the networks are built
+            BatchRenorm1d(1, **renorm)
+        except ValueError as error:
+            raise ValueError(str(error).replace("BatchRenorm1d: ", "CrossQ: renorm_", 1)) from None
         self.critic_options.update(norm_position="before_linear",
                                    norm_options=renorm if critic_norm == "batchrenorm" else None)
         self.actor_options.update(norm=actor_norm, norm_position="before_linear",

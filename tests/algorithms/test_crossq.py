@@ -269,7 +269,9 @@ def test_defaults_are_the_papers_and_arguments_are_checked():
     assert not any(isinstance(m, BatchRenorm1d) for m in plain.modules())
     for kwargs, argument in ((dict(policy_delay=0), "policy_delay"), (dict(adam_beta1=1.0), "adam_beta1"),
                              (dict(critic_norm="renorm"), "critic_norm"), (dict(actor_norm="x"), "actor_norm"),
-                             (dict(init_alpha=0.0), "init_alpha")):
+                             (dict(init_alpha=0.0), "init_alpha"), (dict(renorm_momentum=0.0), "renorm_momentum"),
+                             (dict(renorm_r_max=0.5), "renorm_r_max"), (dict(renorm_warmup_steps=-1),
+                                                                         "renorm_warmup_steps")):
         with pytest.raises(ValueError, match=argument):
             CrossQ(**kwargs)
 
