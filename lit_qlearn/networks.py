@@ -8,14 +8,17 @@ and only *evaluate* an ensemble in one batched computation.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "DiscreteQNetwork", "NatureEncoder", "SquashedGaussianActor",
-           "GaussianActor", "ACTIVATIONS", "NORMS"]
+__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "EvalModeQ", "DiscreteQNetwork", "NatureEncoder",
+           "SquashedGaussianActor", "GaussianActor", "BatchRenorm1d", "training_mode", "ACTIVATIONS", "NORMS",
+           "NORM_POSITIONS"]
 
 
 class Sin(nn.Module):
@@ -32,7 +35,105 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "mish": nn.Mish,
 }
-NORMS = (None, "layer", "batch")
+NORMS = (None, "layer", "batch", "batchrenorm")
+#: Where :func:`mlp` puts its norm layers: between each hidden ``Linear`` and its activation, or
+#: in front of every ``Linear`` (the network's input and each hidden activation's output).
+NORM_POSITIONS = ("pre_activation", "before_linear")
+
+
+@contextmanager
+def training_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Within the block ``module`` and every submodule are in train (``True``) or eval
+    (``False``) mode; afterwards each submodule has its own mode back. (BatchNorm-type
+    layers normalise with the batch's statistics and move their running ones in train
+    mode only.)"""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class BatchRenorm1d(nn.Module):
+    """Batch renormalisation (Ioffe 2017, Algorithm 1) of ``(N, C)`` inputs, the critic's
+    normaliser in CrossQ (Bhatt et al. 2024).
+
+    In train mode, with the batch's ``mu_B`` and ``sigma_B = sqrt(var_B + eps)`` (``var_B``
+    the biased variance) and the running ``mu``, ``sigma``::
+
+        r = clip(sigma_B / sigma, 1 / r_max, r_max)     d = clip((mu_B - mu) / sigma, -d_max, d_max)
+        y = ((x - mu_B) / sigma_B * r + d) * weight + bias
+
+    with ``r`` and ``d`` treated as constants (no gradient flows through them; through
+    ``mu_B`` and ``sigma_B`` it does, as in BatchNorm), then
+    ``mu += momentum (mu_B - mu)`` and ``sigma += momentum (sigma_B - sigma)``. For the
+    first ``warmup_steps`` train-mode passes ``r = 1`` and ``d = 0``: plain BatchNorm while
+    the running statistics settle (the CrossQ authors' schedule: BatchNorm for 100k steps,
+    then the clips at ``r_max = 3``, ``d_max = 5`` at once; Ioffe relaxes them gradually).
+    In eval mode ``y = (x - mu) / sigma * weight + bias``, so samples do not interact.
+
+    Differences from Stable-Baselines3-contrib's ``BatchRenorm1d`` (which CrossQ there
+    uses): it keeps a running *variance* and normalises with ``sqrt(var + eps)``, uses the
+    unbiased batch variance, and leaves warm-up after ``warmup_steps + 1`` passes; this
+    layer keeps Ioffe's running standard deviation.
+
+    Args:
+        num_features: C, the number of features.
+        eps: added to the batch variance.
+        momentum: rate of the running statistics' moving average.
+        affine: learnable per-feature ``weight`` (1) and ``bias`` (0).
+        r_max: clip of ``r`` to ``[1 / r_max, r_max]`` after warm-up (>= 1).
+        d_max: clip of ``d`` to ``[-d_max, d_max]`` after warm-up (>= 0).
+        warmup_steps: train-mode passes with ``r = 1``, ``d = 0`` (plain BatchNorm).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01, affine: bool = True,
+                 r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 100_000) -> None:
+        super().__init__()
+        checks = (("num_features", num_features, isinstance(num_features, int) and num_features >= 1,
+                   "an integer >= 1"),
+                  ("eps", eps, eps > 0, "> 0"), ("momentum", momentum, 0 < momentum <= 1, "in (0, 1]"),
+                  ("r_max", r_max, r_max >= 1, ">= 1"), ("d_max", d_max, d_max >= 0, ">= 0"),
+                  ("warmup_steps", warmup_steps, isinstance(warmup_steps, int) and warmup_steps >= 0,
+                   "an integer >= 0"))
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"BatchRenorm1d: {name} must be {expected}, got {value!r}")
+        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        self.affine, self.r_max, self.d_max, self.warmup_steps = bool(affine), float(r_max), float(d_max), warmup_steps
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchRenorm1d: expected input (N, {self.num_features}), got {tuple(x.shape)}")
+        if not self.training:
+            y = (x - self.running_mean) / self.running_std
+        else:
+            if x.shape[0] < 2:
+                raise ValueError(f"BatchRenorm1d: a train-mode batch needs N >= 2 samples, got {x.shape[0]}")
+            mean = x.mean(dim=0)
+            std = (x.var(dim=0, unbiased=False) + self.eps).sqrt()
+            with torch.no_grad():
+                warm = self.num_batches_tracked >= self.warmup_steps  # r = 1, d = 0 until then
+                r = torch.where(warm, (std / self.running_std).clamp(1.0 / self.r_max, self.r_max), 1.0)
+                d = torch.where(warm, ((mean - self.running_mean) / self.running_std).clamp(-self.d_max, self.d_max),
+                                0.0)
+                self.running_mean.add_(self.momentum * (mean - self.running_mean))
+                self.running_std.add_(self.momentum * (std - self.running_std))
+                self.num_batches_tracked.add_(1)
+            y = (x - mean) / std * r + d
+        return y * self.weight + self.bias if self.affine else y
 
 
 def mlp(
@@ -46,20 +147,32 @@ def mlp(
     weight_norm_output: bool = False,
     dropout: float = 0.0,
     output_activation: str | None = None,
+    norm_position: str = "pre_activation",
+    norm_options: Mapping[str, Any] | None = None,
 ) -> nn.Sequential:
-    """Build ``Linear -> [norm] -> activation -> [dropout]`` per hidden layer, then ``Linear``.
+    """Build ``Linear -> [norm] -> activation -> [dropout]`` per hidden layer, then ``Linear``
+    (``norm_position="before_linear"``: ``[norm] -> Linear -> activation -> [dropout]``
+    per hidden layer, then ``[norm] -> Linear``).
 
     Args:
         in_dim, out_dim: input and output widths.
         hidden: widths of the hidden layers (``()`` gives a linear model).
         activation: one of ``relu``, ``tanh``, ``sin``, ``elu``, ``mish``.
         norm: ``None``, ``"layer"`` (LayerNorm between Linear and activation, the
-            divergence remedy of docs/design.md section 5.6) or ``"batch"`` (BatchNorm1d).
-        norm_layers: indices of the hidden layers that get the norm (default: all).
+            divergence remedy of docs/design.md section 5.6), ``"batch"`` (BatchNorm1d) or
+            ``"batchrenorm"`` (:class:`BatchRenorm1d`, CrossQ's).
+        norm_layers: indices of the layers that get the norm (default: all): hidden layers
+            ``0 .. len(hidden) - 1``, or with ``"before_linear"`` the Linear layers
+            ``0 .. len(hidden)`` (0: the network's input).
         norm_affine: learnable gain and bias in the norm layers.
         weight_norm_output: weight-normalise the output ``Linear`` (the paper's WeightNorm).
         dropout: dropout rate after each hidden activation (0 disables it).
         output_activation: optional activation on the output (e.g. ``"tanh"`` for actors).
+        norm_position: ``"pre_activation"`` (after each hidden Linear) or ``"before_linear"``
+            (in front of every Linear: the input and each hidden activation's output, CrossQ's
+            layout, Bhatt et al. 2024).
+        norm_options: keyword arguments of the norm layers' constructor (e.g. BatchRenorm1d's
+            ``momentum``, ``warmup_steps``).
     """
     if in_dim < 1 or out_dim < 1:
         raise ValueError(f"mlp: in_dim and out_dim must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
@@ -74,25 +187,43 @@ def mlp(
         )
     if norm not in NORMS:
         raise ValueError(f"mlp: norm must be one of {NORMS}, got {norm!r}")
+    if norm_position not in NORM_POSITIONS:
+        raise ValueError(f"mlp: norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+    if norm_options and norm is None:
+        raise ValueError(f"mlp: norm_options {dict(norm_options)} given without a norm (norm=None)")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
-    normed = set(range(len(hidden))) if norm_layers is None else {int(i) for i in norm_layers}
-    bad = sorted(i for i in normed if not 0 <= i < len(hidden))
+    before = norm_position == "before_linear"
+    slots = len(hidden) + 1 if before else len(hidden)
+    normed = set(range(slots)) if norm_layers is None else {int(i) for i in norm_layers}
+    bad = sorted(i for i in normed if not 0 <= i < slots)
     if norm is not None and bad:
-        raise ValueError(f"mlp: norm_layers {bad} out of range for {len(hidden)} hidden layers")
+        raise ValueError(f"mlp: norm_layers {bad} out of range for {slots} {norm_position} norm slots")
+    if norm is None:
+        normed = set()
+    options = dict(norm_options or {})
+
+    def norm_layer(width: int) -> nn.Module:
+        if norm == "layer":
+            return nn.LayerNorm(width, elementwise_affine=norm_affine, **options)
+        if norm == "batch":
+            return nn.BatchNorm1d(width, affine=norm_affine, **options)
+        return BatchRenorm1d(width, affine=norm_affine, **options)
 
     layers: list[nn.Module] = []
     width = in_dim
     for i, h in enumerate(hidden):
+        if before and i in normed:
+            layers.append(norm_layer(width))
         layers.append(nn.Linear(width, h))
-        if norm == "layer" and i in normed:
-            layers.append(nn.LayerNorm(h, elementwise_affine=norm_affine))
-        elif norm == "batch" and i in normed:
-            layers.append(nn.BatchNorm1d(h, affine=norm_affine))
+        if not before and i in normed:
+            layers.append(norm_layer(h))
         layers.append(ACTIVATIONS[activation]())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = h
+    if before and len(hidden) in normed:
+        layers.append(norm_layer(width))
     out = nn.Linear(width, out_dim)
     if weight_norm_output:
         out = nn.utils.parametrizations.weight_norm(out)
@@ -117,8 +248,9 @@ def _batched_forward(members: Sequence[nn.Sequential], kinds: Sequence[str], x: 
 
     Linear layers become one ``baddbmm`` over stacked weights, LayerNorm one
     normalisation with stacked gains, parameter-free layers run once on the
-    ``(E, N, d)`` tensor. Anything else (BatchNorm keeps per-member statistics,
-    a weight-normalised Linear) runs member by member. Returns ``(E, N, out_dim)``.
+    ``(E, N, d)`` tensor. Anything else (BatchNorm and BatchRenorm1d keep per-member
+    statistics, each member's over the N rows in train mode; a weight-normalised Linear)
+    runs member by member. Returns ``(E, N, out_dim)``.
     """
     h = x.unsqueeze(0).expand(len(members), *x.shape)
     for kind, layers in zip(kinds, zip(*members)):
@@ -180,6 +312,16 @@ class StateActionQ(nn.Module):
 
     def forward(self, obs: Tensor, act: Tensor) -> Tensor:
         return self.net(torch.cat([obs, act], dim=-1)).squeeze(-1)
+
+
+class EvalModeQ(StateActionQ):
+    """A :class:`StateActionQ` whose network is evaluated in eval mode whatever the mode
+    around it: BatchNorm-type layers normalise with their running statistics (which stay
+    as they are) and each sample's Q depends on that sample alone."""
+
+    def forward(self, obs: Tensor, act: Tensor) -> Tensor:
+        with training_mode(self.net, False):
+            return super().forward(obs, act)
 
 
 def register_action_bounds(module: nn.Module, act_dim: int, low: Sequence[float] | Tensor | float,
@@ -313,18 +455,19 @@ class SquashedGaussianActor(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1.0)
         return mean, log_std
 
-    def forward(self, obs: Tensor, sample: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, obs: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """The deterministic action; with ``sample=True`` :meth:`sample`'s pair."""
         mean, log_std = self._mean_log_std(obs)
         if not sample:
             return self.action_mid + self.action_scale * torch.tanh(mean)
-        u = mean + log_std.exp() * torch.randn_like(mean)
+        u = mean + log_std.exp() * (torch.randn_like(mean) if noise is None else noise)
         return self.action_mid + self.action_scale * torch.tanh(u), self._log_prob(u, mean, log_std)
 
-    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+    def sample(self, obs: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """A reparameterised action ``(N, da)`` and its log-density ``(N,)`` (through
-        ``forward``, so a compiled actor samples compiled)."""
-        return self(obs, sample=True)
+        ``forward``, so a compiled actor samples compiled); ``noise`` ``(N, da)``: the
+        standard normal draw to use (None: a fresh one)."""
+        return self(obs, sample=True, noise=noise)
 
     def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
         """``log pi(a | s)`` ``(N,)`` of given actions strictly inside the bounds."""

@@ -9,14 +9,15 @@ Two engines, chosen by ``method``:
 * ``"structured"`` (docs/design.md section 5.2): for ``Linear`` layers ``z = W a + b`` the
   parameter gradient of sample i is ``delta_i a_i^T`` (and ``delta_i``), so the
   layer's Gram contribution is ``(D' D^T) * (A' A^T + 1)``; for ``LayerNorm``
-  ``y = gamma * xhat + beta`` it is ``(G' * Xh')(G * Xh)^T + G' G^T``. One forward
+  ``y = gamma * xhat + beta`` it is ``(G' * Xh')(G * Xh)^T + G' G^T``, and so for
+  ``BatchRenorm1d`` in eval mode, whose ``xhat = (x - mu) / sigma`` uses its running statistics. One forward
   and one backward pass of ``sum_i f(x_i)`` per input set give every per-sample
   ``delta`` at once (samples do not interact), so no ``N x P`` Jacobian is formed.
 * ``"jacobian"``: ``torch.func`` per-sample Jacobians (``vmap(jacrev)``), contracted
   chunk by chunk; for any layer (convolutions, parametrisations, user layers).
 
 ``"auto"`` uses the structured engine when every layer with trainable parameters
-is a ``Linear`` or ``LayerNorm`` applied once per forward to ``(N, d)`` inputs.
+is a ``Linear``, ``LayerNorm`` or ``BatchRenorm1d`` applied once per forward to ``(N, d)`` inputs.
 The model is evaluated in eval mode (dropout off, BatchNorm with running
 statistics: samples independent) and its modes are restored afterwards;
 parameter ``.grad`` fields are never touched.
@@ -32,6 +33,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lit_qlearn.networks import BatchRenorm1d, training_mode
 
 __all__ = [
     "DiscreteQ",
@@ -97,6 +100,11 @@ def parameter_norm(tensors: Iterable[Tensor], dtype: torch.dtype | None = None) 
     return torch.linalg.vector_norm(norms if dtype is None else norms.to(dtype))
 
 
+#: The layers the structured engine knows (an affine per-feature norm's Gram is LayerNorm's, with its
+#: own normalised input: BatchRenorm1d's in eval mode, with the running statistics).
+_STRUCTURED = (nn.Linear, nn.LayerNorm, BatchRenorm1d)
+
+
 def _layers(model: nn.Module) -> list[nn.Module] | None:
     """The layers with trainable parameters if all are structurally supported, else None."""
     layers = []
@@ -111,7 +119,7 @@ def _layers(model: nn.Module) -> list[nn.Module] | None:
         if ids & owned:  # a parameter tied across layers: its gradient is the sum over them
             return None
         owned |= ids
-        if type(module) is nn.Linear or type(module) is nn.LayerNorm:
+        if type(module) in _STRUCTURED:
             layers.append(module)
         else:
             return None
@@ -119,7 +127,8 @@ def _layers(model: nn.Module) -> list[nn.Module] | None:
 
 
 def supports_structured(model: nn.Module) -> bool:
-    """Whether ``method="structured"`` applies: only Linear / LayerNorm layers carry trainable parameters."""
+    """Whether ``method="structured"`` applies: only Linear / LayerNorm / BatchRenorm1d layers carry
+    trainable parameters."""
     return _layers(model) is not None
 
 
@@ -127,23 +136,8 @@ class _Unsupported(Exception):
     pass
 
 
-class _eval_mode:
-    """Evaluate in eval mode; restore every submodule's own mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes:
-            m.training = mode
-
-
 def _features(model: nn.Module, layers: list[nn.Module], inputs: tuple[Tensor, ...]) -> list[tuple]:
-    """Per layer, what its Gram contribution needs: (A, D) for Linear, (Xhat, G) for LayerNorm.
+    """Per layer, what its Gram contribution needs: (A, D) for Linear, (Xhat, G) for the norms.
 
     A: layer inputs ``(N, in)``; D: ``d(sum f)/dz`` ``(N, out)``, which is row i's own
     ``df_i/dz_i`` because samples do not interact.
@@ -183,9 +177,11 @@ def _features(model: nn.Module, layers: list[nn.Module], inputs: tuple[Tensor, .
         g = torch.zeros_like(y) if g is None else g
         if type(m) is nn.Linear:
             feats.append((x.detach(), g.detach()))
-        else:  # LayerNorm: gradient w.r.t. its output, and the normalised input
+        elif type(m) is nn.LayerNorm:  # gradient w.r.t. its output, and the normalised input
             xhat = F.layer_norm(x.detach(), m.normalized_shape, eps=m.eps)
             feats.append((xhat, g.detach()))
+        else:  # BatchRenorm1d, in eval mode: normalised by its running statistics
+            feats.append(((x.detach() - m.running_mean) / m.running_std, g.detach()))
     return feats
 
 
@@ -271,11 +267,12 @@ def ntk_gram(
         cast = lambda xs: tuple(x.to(dtype) if x.is_floating_point() else x for x in xs)  # noqa: E731
         inputs = cast(inputs)
         other = None if other is None else cast(other)
-    with _eval_mode(model):
+    with training_mode(model, False):
         layers = _layers(model) if method != "jacobian" else None
         if method == "structured" and layers is None:
             raise ValueError(
-                "ntk_gram: method='structured' supports Linear and LayerNorm layers (no tied parameters) only; "
+                "ntk_gram: method='structured' supports Linear, LayerNorm and BatchRenorm1d layers (no tied "
+                "parameters) only; "
                 f"{type(model).__name__} has others (use method='auto' or 'jacobian')"
             )
         if layers is not None:
@@ -598,10 +595,10 @@ def preconditioned_step(
     keep = evals > evals.abs().max() * rcond
     z = evecs[:, keep] @ ((evecs[:, keep].T @ delta) / evals[keep])
     exact_params = [p for p in exact.parameters() if p.requires_grad]
-    with _eval_mode(exact), torch.enable_grad():
+    with training_mode(exact, False), torch.enable_grad():
         direction64 = torch.autograd.grad(exact(*inputs64).reshape(-1), exact_params, grad_outputs=z)
     direction = [d.to(p.dtype) for d, p in zip(direction64, params)]
-    with _eval_mode(model):
+    with training_mode(model, False):
         with torch.no_grad():
             q = model(*inputs).reshape(-1)
         q0 = q.detach().double()

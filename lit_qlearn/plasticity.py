@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lit_qlearn.networks import ACTIVATIONS
-from lit_qlearn.ntk import Inputs, _as_tuple, _eval_mode, parameter_norm
+from lit_qlearn.networks import ACTIVATIONS, training_mode
+from lit_qlearn.ntk import Inputs, _as_tuple, parameter_norm
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -103,7 +103,7 @@ def record_activations(model: nn.Module, inputs: Inputs) -> Activations:
             handles.append(module.register_forward_pre_hook(on_linear))
     devices = [x.device for x in inputs if x.device.type == "cuda"][:1]
     try:
-        with torch.random.fork_rng(devices=devices), _eval_mode(model), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), training_mode(model, False), torch.no_grad():
             out = model(*inputs)
     finally:
         for h in handles:

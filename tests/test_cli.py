@@ -64,6 +64,16 @@ def test_fit_online_dqn_config(tmp_path, monkeypatch):
     assert "lit_qlearn.data.OnlineDataModule" in (log / "config.yaml").read_text()
 
 
+def test_fit_online_crossq_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs/crossq_pendulum.yaml"), "--trainer.max_steps", "4",
+          "--model.init_args.eval_every", "0",
+          "--trainer.enable_progress_bar", "false"])
+    (log,) = (tmp_path / "lightning_logs" / "crossq_pendulum").glob("version_*")
+    config = (log / "config.yaml").read_text()
+    assert "lit_qlearn.algorithms.CrossQ" in config and "policy_delay: 2" in config
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["fit", "--model", "lit_qlearn.algorithms.TD3", "--data", "lit_qlearn.data.OnlineDataModule",
       "--trainer.max_steps", "1", "--trainer.logger", "false"],

@@ -54,9 +54,9 @@ def block(marker: str) -> int:
     return found[0]
 
 
-QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC = (block(m) for m in (
+QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC, CROSSQ = (block(m) for m in (
     "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\"",
-    "monitor = Monitor(", "MonitorCallback(", "fabric = Fabric("))
+    "monitor = Monitor(", "MonitorCallback(", "fabric = Fabric(", "model = CrossQ("))
 
 
 def block_id(code: str) -> str:
@@ -116,9 +116,10 @@ def run_block(index: int, namespaces: dict[int, dict]) -> dict:
 
 
 def test_the_readme_has_the_blocks_these_tests_expect():
-    assert len(BLOCKS) == 7 and CRASH == QUICK_START + 1  # the crash block continues the quick start
-    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC)] == [
-        set(), {"L", "model", "dm"}, set(), set(), set(), set(), set()]
+    assert len(BLOCKS) == 8 and CRASH == QUICK_START + 1  # the crash block continues the quick start
+    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC,
+                                            CROSSQ)] == [
+        set(), {"L", "model", "dm"}, set(), set(), set(), set(), set(), set()]
 
 
 def test_usage_trains_on_the_default_data(trainers, readme_env):
@@ -152,6 +153,16 @@ def test_online_dqn_trains(trainers):
     # 1000 random steps, then one phase of 256 environment steps before the first of its 128 updates
     # (less the at most n_step - 1 = 2 steps still pending their 3-step return)
     assert 1000 + 256 - 2 <= len(dm.buffer) <= 1000 + 256 and dm.hparams.prioritized
+
+
+def test_online_crossq_trains(trainers):
+    ns = run_block(CROSSQ, {})
+    (trainer,) = trainers
+    model, dm = ns["model"], ns["dm"]
+    assert trainer.global_step == STEPS and model.updates == STEPS and model.target_pairs() == []
+    # 5000 random steps, then one environment step per update; one critic pass per update
+    assert len(dm.buffer) == 5000 + STEPS
+    assert int(model.critic.members[0][0].num_batches_tracked) == STEPS
 
 
 def test_the_write_your_own_algorithm_example_trains(trainers):

@@ -34,7 +34,7 @@ class ActorCritic(QLearningModule):
         gamma: discount factor in [0, 1).
         critic_hidden: hidden widths of each critic.
         critic_activation: critic activation, one of relu, tanh, sin, elu, mish.
-        critic_norm: None, "layer" (the LayerNorm remedy of docs/design.md 5.6) or "batch".
+        critic_norm: None, "layer" (the LayerNorm remedy of docs/design.md 5.6), "batch" or "batchrenorm".
         critic_norm_layers: indices of the hidden layers that get the norm (None: all).
         critic_norm_affine: learnable gain and bias in the critic's norm layers.
         critic_weight_norm: weight-normalise the critic's output layer.
@@ -54,6 +54,9 @@ class ActorCritic(QLearningModule):
     """
 
     action_kinds = ("continuous",)
+    #: Adam's ``(beta1, beta2)`` of the critic's and the actor's optimisers (torch's default;
+    #: CrossQ's is ``(0.5, 0.999)``).
+    adam_betas: tuple[float, float] = (0.9, 0.999)
 
     def __init__(
         self,
@@ -122,8 +125,9 @@ class ActorCritic(QLearningModule):
         after the critic and the actor; none by default (PreQN has none)."""
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"critic": self.adam(self.critic.parameters(), lr=self.critic_lr, weight_decay=self.critic_weight_decay),
-                "actor": self.adam(self.actor.parameters(), lr=self.actor_lr)}
+        return {"critic": self.adam(self.critic.parameters(), lr=self.critic_lr, weight_decay=self.critic_weight_decay,
+                                    betas=self.adam_betas),
+                "actor": self.adam(self.actor.parameters(), lr=self.actor_lr, betas=self.adam_betas)}
 
     # ------------------------------------------------------------ probe protocol
     def q_value(self, obs: Tensor, act: Tensor) -> Tensor:

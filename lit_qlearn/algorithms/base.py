@@ -386,15 +386,16 @@ class QLearningModule(LightningModule, metaclass=_BuildsAfterInit):
                                  measure_norm=measure_norm)
 
     @staticmethod
-    def adam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, eps: float = 1e-8) -> torch.optim.Adam:
+    def adam(params: Iterable[Any], lr: float, weight_decay: float = 0.0, eps: float = 1e-8,
+             betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
         """Adam with the fused kernel where the parameters' device has one: mathematically
         the same update as ``torch.optim.Adam``'s default, faster on CPU
         (benchmarks/results/throughput.json)."""
         params = list(params)
         try:
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas, fused=True)
         except (RuntimeError, ValueError):  # device or dtype without a fused kernel
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps)
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas)
 
     # ------------------------------------------------------------ fit start / end
     def configure_callbacks(self) -> list[Callback]:

@@ -5,7 +5,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, PreQN
+from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, CrossQ, PreQN
 from lit_qlearn.callbacks import SEEMMonitor
 from lit_qlearn.data import OfflineDataModule, OnlineDataModule
 
@@ -50,14 +50,15 @@ def test_compile_falls_back_to_eager_with_a_warning(chain_file, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["TD3", "TD3BC", "SAC", "PreQN", "CQL", "IQL", "DQN"])
+@pytest.mark.parametrize("name", ["TD3", "TD3BC", "SAC", "PreQN", "CQL", "IQL", "CrossQ", "DQN"])
 def test_every_algorithm_trains_compiled_under_a_monitor(name, chain_file):
     L.seed_everything(0, verbose=False)
     if name == "DQN":
         module = DQN(critic_hidden=(16,), target_every=3, epsilon_steps=20, compile=True)
         dm = OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=40, batch_size=16, capacity=200)
     else:
-        module, dm = {"TD3": TD3, "TD3BC": TD3BC, "SAC": SAC, "PreQN": PreQN, "CQL": CQL, "IQL": IQL}[name](compile=True, **SMALL), \
+        module, dm = {"TD3": TD3, "TD3BC": TD3BC, "SAC": SAC, "PreQN": PreQN, "CQL": CQL, "IQL": IQL,
+                       "CrossQ": CrossQ}[name](compile=True, **SMALL), \
             chain(chain_file)
     monitor = SEEMMonitor(every_n_steps=5, probe_size=16)
     trainer = fit(module, dm, 10, callbacks=[monitor])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, PreQN
+from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, CrossQ, PreQN
 from lit_qlearn.data import OfflineDataModule, OnlineDataModule
 from lit_qlearn.probe import check_probe_module
 
@@ -22,6 +22,8 @@ ALGORITHMS = {
     "CQL": lambda: CQL(num_samples=3, **SMALL),
     "CQL-Lagrange": lambda: CQL(num_samples=3, lagrange=True, target_action_gap=0.5, **SMALL),
     "IQL": lambda: IQL(**SMALL),
+    # renormalising from the third critic pass on: the resume crosses the warm-up boundary
+    "CrossQ": lambda: CrossQ(renorm_warmup_steps=2, **SMALL),
     "DQN": lambda: DQN(critic_hidden=(16,), target_every=3, epsilon_steps=20),
 }
 

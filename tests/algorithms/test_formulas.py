@@ -360,7 +360,7 @@ def cql_gap(critic: list[nn.Sequential], batch: Transitions, proposals: Tensor, 
 def use_sgd(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every optimiser the modules build becomes SGD at the same learning rate: its step is
     ``-lr * grad``, so every entry of every gradient shows in the parameters."""
-    def sgd(params, lr, weight_decay=0.0, eps=1e-8):
+    def sgd(params, lr, weight_decay=0.0, eps=1e-8, betas=(0.9, 0.999)):
         return torch.optim.SGD(list(params), lr=lr, weight_decay=weight_decay)
     monkeypatch.setattr(QLearningModule, "adam", staticmethod(sgd))
 

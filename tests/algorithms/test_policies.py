@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, PreQN
+from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, CrossQ, PreQN
 from lit_qlearn.data import OfflineDataModule, write_d4rl
 from tests.algorithms.test_formulas import ACT_DIM, HIGH, LOW, MID, OBS_DIM, SCALE, forward, mu, squashed_sample
 
@@ -97,6 +97,8 @@ ALGORITHMS = {
     "SAC": lambda sized: SAC(**SMALL, **(SIZES if sized else {})),
     "CQL": lambda sized: CQL(**SMALL, **(SIZES if sized else {})),
     "IQL": lambda sized: IQL(**SMALL, **(SIZES if sized else {})),
+    # the actor without its norms, so that the hand-written policies apply (test_crossq.py has them)
+    "CrossQ": lambda sized: CrossQ(**SMALL, actor_norm=None, **(SIZES if sized else {})),
     # epsilon_end = 0.5 after 100 environment steps
     "DQN": lambda sized: DQN(critic_hidden=(8,), epsilon_start=1.0, epsilon_end=0.5, epsilon_steps=100,
                              **(dict(obs_shape=(OBS_DIM,), num_actions=NUM_ACTIONS) if sized else {})),
@@ -136,7 +138,7 @@ def hand_act(module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(module, DQN):
             return forward(module.q_net.head, x).argmax(dim=1)
-        if isinstance(module, SAC):  # tanh(mean), scaled to the box
+        if isinstance(module, (SAC, CrossQ)):  # tanh(mean), scaled to the box
             return MID + SCALE * torch.tanh(forward(module.actor.net, x)[:, :ACT_DIM])
         return mu(module.actor.net, x)  # TD3 family, PreQN, IQL's Gaussian mean
 
@@ -148,7 +150,7 @@ def hand_explore(module, x: torch.Tensor, seed: int) -> torch.Tensor:
         if isinstance(module, DQN):  # epsilon-greedy at epsilon_end = 0.5: uniform draws, random actions, greedy
             explore = torch.rand(x.shape[0]) < 0.5
             return torch.where(explore, torch.randint(NUM_ACTIONS, (x.shape[0],)), hand_act(module, x))
-        if isinstance(module, SAC):
+        if isinstance(module, (SAC, CrossQ)):
             return squashed_sample(module.actor.net, x, torch.randn(x.shape[0], ACT_DIM))[0]
         if isinstance(module, IQL):
             return hand_act(module, x)

@@ -1,0 +1,144 @@
+"""CrossQ on Pendulum-v1: lit_qlearn against sb3-contrib's CrossQ with the same settings,
+evaluation return at equal environment steps and environment steps per second, the runs
+interleaved.
+
+Settings (both): rl-baselines3-zoo's hyperparams/crossq.yml for Pendulum-v1 (20k
+environment steps, actor and critics 256x256, actor every 2 updates) on sb3-contrib's
+CrossQ defaults (Adam 1e-3 with beta1 0.5, batch 256, a 1M buffer, gamma 0.99, BatchRenorm
+with momentum 0.01 and a 100k-pass warm-up), one update per environment step, 256 random
+steps first (sb3-contrib's default is 100; lit_qlearn's OnlineDataModule needs
+learning_starts >= batch_size, so both take 256). A greedy evaluation of ``--episodes`` episodes every ``--eval-every``
+environment steps (its time kept out of the training time). Each seed runs both, the order
+rotated per seed (harness.interleaved); speed ratios are per seed, from the training time
+of the whole run (random steps included, evaluations excluded). One torch thread
+(``--threads``). The JSON is rewritten after every run, so a run cut short keeps what it
+measured.
+
+Claims: lit_qlearn's mean final return is at most 50 below sb3-contrib's (Pendulum returns
+run from about -1500 to -150), and lit_qlearn's environment steps per second are >= 1.1x
+sb3-contrib's (median over seeds; issue 22's goal).
+
+    python benchmarks/crossq_sb3.py [--seeds 3] [--steps 20000]
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from harness import ROOT, EnvStepEvaluation, argument_parser, baseline_available, claim, environment, interleaved, \
+    parse_args, quiet_trainer, save_figure, write_result
+
+ENV = "Pendulum-v1"
+#: rl-baselines3-zoo's CrossQ Pendulum-v1 entry over sb3-contrib's defaults
+SETTINGS = {"lr": 1e-3, "buffer_size": 1_000_000, "learning_starts": 256, "batch_size": 256, "gamma": 0.99,
+            "policy_delay": 2, "critic_hidden": (256, 256), "actor_hidden": (256, 256)}
+RETURN_GAP = 50.0
+SPEED_GOAL = 1.1
+
+
+def lit_qlearn_crossq(settings: dict, seed: int, steps: int, eval_every: int, episodes: int) -> dict:
+    """lit_qlearn's CrossQ with ``settings``: the evaluation curve (EnvStepEvaluation)."""
+    from lit_qlearn.algorithms import CrossQ
+    from lit_qlearn.data import OnlineDataModule
+
+    s = settings
+    L.seed_everything(seed, verbose=False)
+    dm = OnlineDataModule(ENV, learning_starts=s["learning_starts"], batch_size=s["batch_size"],
+                          capacity=s["buffer_size"], seed=seed, save_buffer=False)
+    module = CrossQ(gamma=s["gamma"], critic_lr=s["lr"], actor_lr=s["lr"], alpha_lr=s["lr"],
+                    policy_delay=s["policy_delay"], critic_hidden=s["critic_hidden"], actor_hidden=s["actor_hidden"],
+                    eval_every=0)
+    evaluation = EnvStepEvaluation(dm, every=eval_every, episodes=episodes)
+    quiet_trainer(max_steps=steps - s["learning_starts"], callbacks=[evaluation]).fit(module, dm)
+    return {"curve": [{"env_steps": p["env_steps"], "return": p["return"], "train_seconds": p["train_seconds"]}
+                      for p in evaluation.curve]}
+
+
+def main() -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--eval-every", type=int, default=2000)
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers of every network")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
+    parser.add_argument("--learning-starts", type=int, default=SETTINGS["learning_starts"],
+                        help="random environment steps first (>= --batch-size)")
+    # smoke: 64 updates after 64 random steps, two evaluations of one episode, small networks and batches
+    args = parse_args(parser, smoke={"seeds": 1, "steps": 128, "eval_every": 64, "episodes": 1, "hidden": 32,
+                                     "batch_size": 32, "learning_starts": 64})
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    settings = {**SETTINGS, "critic_hidden": (args.hidden,) * 2, "actor_hidden": (args.hidden,) * 2,
+                "batch_size": args.batch_size, "learning_starts": args.learning_starts}
+    runners = {"lit_qlearn": lit_qlearn_crossq}
+    if baseline_available("sb3_contrib"):
+        from baselines.sb3 import sb3_crossq
+
+        runners["sb3_contrib"] = lambda *a, **k: sb3_crossq(ENV, *a, **k)
+    runs: dict[str, dict[int, dict]] = {name: {} for name in runners}
+    for seed, name in interleaved(list(runners), args.seeds):
+        runs[name][seed] = runners[name](settings, seed=seed, steps=args.steps, eval_every=args.eval_every,
+                                         episodes=args.episodes)
+        last = runs[name][seed]["curve"][-1]
+        print(f"seed {seed} {name}: return {last['return']:.0f} at {last['env_steps']} env steps, "
+              f"{last['env_steps'] / last['train_seconds']:.1f} env steps/s", flush=True)
+        report(runs, settings, args, started)
+
+
+def report(runs: dict[str, dict[int, dict]], settings: dict, args, started: float) -> None:
+    finals = {name: [run["curve"][-1]["return"] for run in seeds.values()] for name, seeds in runs.items()}
+    speeds = {name: {seed: run["curve"][-1]["env_steps"] / run["curve"][-1]["train_seconds"]
+                     for seed, run in seeds.items()} for name, seeds in runs.items()}
+    both = sorted(set(speeds["lit_qlearn"]) & set(speeds.get("sb3_contrib", {})))
+    ratios = [speeds["lit_qlearn"][s] / speeds["sb3_contrib"][s] for s in both]
+    ours, theirs = finals["lit_qlearn"], finals.get("sb3_contrib", [])
+    gap = float(np.mean(ours) - np.mean(theirs)) if ours and theirs else None
+    claims = [
+        claim(f"CrossQ on {ENV}: lit_qlearn's mean evaluation return at {args.steps} environment steps is at most "
+              f"{RETURN_GAP:.0f} below sb3-contrib's (same settings, {len(ours)} seeds)",
+              "issue 22: return at equal environment steps against sb3-contrib's CrossQ",
+              {"lit_qlearn": ours, "sb3_contrib": theirs, "mean_difference": gap},
+              gap is not None and gap >= -RETURN_GAP),
+        claim(f"lit_qlearn's CrossQ >= {SPEED_GOAL}x sb3-contrib's environment steps per second (median over seeds, "
+              "interleaved)", "issue 22 goal",
+              {"ratio_median": statistics.median(ratios) if ratios else None, "ratios": ratios, "speeds": speeds},
+              bool(ratios) and statistics.median(ratios) >= SPEED_GOAL),
+    ]
+    result = {"claims": claims, "settings": {**vars(args), "algorithm": settings}, "runs": runs,
+              "environment": environment({"crossq": ROOT / "lit_qlearn/algorithms/crossq.py",
+                                          "networks": ROOT / "lit_qlearn/networks.py",
+                                          "online": ROOT / "lit_qlearn/data/online.py"})}
+    if "sb3_contrib" in runs:
+        import sb3_contrib
+
+        result["environment"]["sb3_contrib"] = sb3_contrib.__version__
+    plot(runs, args)
+    write_result("crossq_sb3", result, started, args.out)
+
+
+def plot(runs: dict[str, dict[int, dict]], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, seeds), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+        for k, run in enumerate(seeds.values()):
+            curve = run["curve"]
+            ax.plot([p["env_steps"] for p in curve], [p["return"] for p in curve], color=color, alpha=0.7,
+                    marker=".", label=name if k == 0 else None)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(f"mean evaluation return ({args.episodes} episodes)")
+    ax.legend()
+    save_figure(fig, args.out / "crossq_sb3.png", f"CrossQ on {ENV}: lit_qlearn and sb3-contrib, same settings")
+
+
+if __name__ == "__main__":
+    main()
