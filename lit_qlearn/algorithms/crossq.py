@@ -91,7 +91,8 @@ class CrossQ(SoftActorCritic):
         renorm_d_max: clip of BatchRenorm's d after warm-up.
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
-        compile: ``torch.compile`` the critic and actor networks at fit start.
+        compile: ``torch.compile`` the critic and actor networks at fit start: True, or a
+            ``torch.compile`` mode ("reduce-overhead": CUDA graphs on a GPU).
     """
 
     def __init__(self, obs_dim: int | None = None, act_dim: int | None = None,
@@ -104,7 +105,7 @@ class CrossQ(SoftActorCritic):
                  log_std_min: float = -5.0, log_std_max: float = 2.0, renorm_momentum: float = 0.01,
                  renorm_eps: float = 1e-3, renorm_warmup_steps: int = 100_000, renorm_r_max: float = 3.0,
                  renorm_d_max: float = 5.0, eval_every: int = 5000, eval_episodes: int = 10,
-                 compile: bool = False) -> None:
+                 compile: bool | str = False) -> None:
         if isinstance(policy_delay, bool) or not isinstance(policy_delay, int) or policy_delay < 1:
             raise ValueError(f"CrossQ: policy_delay must be an integer >= 1, got {policy_delay!r}")
         if isinstance(adam_beta1, bool) or not isinstance(adam_beta1, (int, float)) or not 0 <= adam_beta1 < 1:
