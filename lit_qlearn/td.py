@@ -54,14 +54,16 @@ def lambda_returns(rew: Tensor, next_value: Tensor, terminated: Tensor, truncate
                          f"{tuple(rew.shape)}, {tuple(next_value.shape)}, {tuple(terminated.shape)}, "
                          f"{tuple(truncated.shape)}")
     terminated, truncated = terminated.to(rew.dtype), truncated.to(rew.dtype)
-    carry = 1.0 - torch.maximum(terminated, truncated)  # c_t: the trace goes on into step t + 1
+    trace = 1.0 - torch.maximum(terminated, truncated)  # c_t: the trace goes on into step t + 1
+    trace[-1] = 0.0  # the rollout's last step bootstraps
+    # G_t = offset_t + slope_t G_{t+1}: all but the recursion computed for every t at once
+    bootstrap = gamma * (1.0 - terminated)
+    slope = bootstrap * lam * trace
+    offset = rew + bootstrap * next_value * (1.0 - lam * trace)
     returns = torch.empty_like(rew)
-    following = next_value[-1]  # G_T := V_{T-1}: the last step bootstraps (c_{T-1} = 0 makes it moot)
-    for t in range(rew.shape[0] - 1, -1, -1):
-        trace = carry[t] if t < rew.shape[0] - 1 else torch.zeros_like(carry[t])
-        value = next_value[t] + lam * trace * (following - next_value[t])
-        returns[t] = rew[t] + gamma * (1.0 - terminated[t]) * value
-        following = returns[t]
+    returns[-1] = offset[-1]
+    for t in range(rew.shape[0] - 2, -1, -1):
+        torch.addcmul(offset[t], slope[t], returns[t + 1], out=returns[t])
     return returns
 
 
