@@ -129,7 +129,7 @@ class PQN(EpsilonGreedyQ):
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         # foreach: the multi-tensor kernels, the same update as the default's loop over
-        # parameters and faster for a network of small tensors (benchmarks/results/pqn_cartpole.json)
+        # parameters and faster for a network of small tensors (timed by benchmarks/pqn_cartpole.py)
         return {"critic": torch.optim.RAdam(self.q_net.parameters(), lr=self.critic_lr,
                                             weight_decay=self.weight_decay, foreach=True)}
 
