@@ -284,6 +284,26 @@ def test_data_rejects_bad_arguments_and_modules_without_targets():
         fit(DQN(critic_hidden=(8,)), chain_data(), 1)
 
 
+def test_an_untrusted_resume_keeps_the_rollout_and_resets_the_environments(tmp_path):
+    """Without trust_checkpoint the environments restart from a reset (one warning), but the
+    rollout in use, its targets and the epoch's permutation come back: the updates left of
+    that rollout train on the batches an uninterrupted run trains on."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0, verbose=False)
+    whole = Recording(critic_hidden=(8,), total_env_steps=64)
+    fit(whole, chain_data(), 8, enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")])
+    L.seed_everything(1, verbose=False)
+    resumed = Recording(critic_hidden=(8,), total_env_steps=64)
+    with pytest.warns(UserWarning, match="were not unpickled"):
+        fit(resumed, chain_data(), 8, ckpt_path=tmp_path / "step=4.ckpt")
+    # updates 5 and 6 finish the first rollout (6 updates each): the same minibatches
+    for a, b in zip(whole.batches[4:6], resumed.batches[:2]):
+        assert torch.equal(a.obs, b.obs) and torch.equal(a.target, b.target)
+    assert len(resumed.rollouts) == 1 and resumed.rollouts[0][2] == 8  # then a rollout of its own
+
+
 def test_ddp_two_cpu_processes_pqn(tmp_path):
     run_ddp_script(Path(__file__).with_name("ddp_pqn.py"), tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
