@@ -42,7 +42,9 @@ class PQN(EpsilonGreedyQ):
     project's conventions: a truncated episode bootstraps from its final state (CleanRL
     treats a truncation as a termination), and the lambda trace stops at an episode's
     end (CleanRL's recursion adds ``gamma lambda G_{t+1}`` of the next episode at a
-    terminal step; the authors' purejaxql does not). Environment steps are counted per rank.
+    terminal step; the authors' purejaxql does not). Epsilon is taken at the environment step
+    count before the vector step (CleanRL's after it: ``num_envs`` steps apart). Environment
+    steps are counted per rank.
 
     Args:
         obs_shape: observation shape; None reads it from the DataModule.

@@ -39,7 +39,8 @@ class OnPolicyDataModule(EnvironmentDataModule):
     current rollout, its targets, the permutation and the position in it, so a run resumed
     mid-iteration goes on with the same minibatches; its environments continue exactly with
     ``trust_checkpoint=True`` and restart from a reset otherwise (one warning), as in
-    :class:`~lit_qlearn.data.OnlineDataModule`.
+    :class:`~lit_qlearn.data.OnlineDataModule`. The defaults (4 environments, 128 steps, 4
+    minibatches, 4 epochs) are CleanRL's ``pqn.py`` for CartPole-v1.
 
     Args:
         env_id: gymnasium environment id.
