@@ -5,9 +5,8 @@ The loop is CleanRL's, step for step: ``num_envs`` gymnasium environments in a
 ``SyncVectorEnv`` (reset in the step that ends an episode, as gymnasium 0.29, which the
 script was written for, did; each wrapped in ``RecordEpisodeStatistics`` as there), an MLP
 120-84 with LayerNorm and ReLU initialised orthogonally (gain sqrt(2), zero biases), RAdam
-with the rate annealed per iteration,
-epsilon-greedy with ``linear_schedule`` at the step count after the step, the Q-value of
-the greedy action stored while acting, the Q(lambda) recursion as the script writes it
+with the rate annealed per iteration, epsilon-greedy with ``linear_schedule`` at the step
+count after the step, the Q-value of the greedy action stored while acting, the Q(lambda) recursion as the script writes it
 (a truncation is a termination; at a terminal step ``gamma lambda G_{t+1}`` of the next
 episode is added, only the one-step bootstrap is cut), then ``update_epochs`` passes of
 ``np.random.shuffle``-d minibatches, MSE loss, the global gradient norm clipped. What the
