@@ -2,7 +2,8 @@
 
 * ``lit-qlearn fit --config configs/td3bc_hopper.yaml`` — LightningCLI: any
   algorithm of :mod:`lit_qlearn.algorithms` over any DataModule
-  (:class:`~lit_qlearn.data.OfflineDataModule`, :class:`~lit_qlearn.data.OnlineDataModule`);
+  (:class:`~lit_qlearn.data.OfflineDataModule`, :class:`~lit_qlearn.data.OnlineDataModule`,
+  :class:`~lit_qlearn.data.OnPolicyDataModule`);
   ``--help`` lists every option, ``--model.help lit_qlearn.algorithms.TD3`` an algorithm's.
 * ``lit-qlearn collect ENV_ID PATH --policy random --steps N --seed S`` — roll a
   policy in a gymnasium environment and write a D4RL-format HDF5 file.

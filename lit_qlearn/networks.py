@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Sin", "mlp", "Critic", "Actor", "StateActionQ", "EvalModeQ", "DiscreteQNetwork", "NatureEncoder",
-           "SquashedGaussianActor", "GaussianActor", "BatchRenorm1d", "training_mode", "ACTIVATIONS", "NORMS",
-           "NORM_POSITIONS"]
+__all__ = ["Sin", "mlp", "orthogonal_init", "Critic", "Actor", "StateActionQ", "EvalModeQ", "DiscreteQNetwork",
+           "NatureEncoder", "SquashedGaussianActor", "GaussianActor", "BatchRenorm1d", "training_mode", "ACTIVATIONS",
+           "NORMS", "NORM_POSITIONS"]
 
 
 class Sin(nn.Module):
@@ -231,6 +231,17 @@ def mlp(
     if output_activation is not None:
         layers.append(ACTIVATIONS[output_activation]())
     return nn.Sequential(*layers)
+
+
+def orthogonal_init(module: nn.Module, gain: float = math.sqrt(2.0)) -> nn.Module:
+    """Orthogonal weights scaled by ``gain`` and zero biases in every ``Linear`` of ``module``
+    (in place; returned): the initialisation of OpenAI Baselines and CleanRL (``layer_init``)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, gain)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return module
 
 
 def _layer_kind(layer: nn.Module) -> str:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lit_qlearn.data.types import Transitions
 
-__all__ = ["td_target", "td_loss", "TDLoss", "TD_LOSSES", "check_gamma"]
+__all__ = ["td_target", "lambda_returns", "td_loss", "TDLoss", "TD_LOSSES", "check_gamma"]
 
 TD_LOSSES = ("mse", "huber")
 
@@ -31,6 +31,40 @@ def td_target(batch: Transitions, next_value: Tensor, gamma: float) -> Tensor:
     """
     discount = gamma if batch.discount is None else batch.discount
     return batch.rew + discount * (1.0 - batch.terminated) * next_value
+
+
+def lambda_returns(rew: Tensor, next_value: Tensor, terminated: Tensor, truncated: Tensor, gamma: float,
+                   lam: float) -> Tensor:
+    """Q(lambda) returns over a rollout of T steps of E environments, all ``(T, E)``, computed backwards:
+
+        G_t = r_t + gamma (1 - terminated_t) [V_t + lam c_t (G_{t+1} - V_t)],
+
+    with ``V_t = next_value[t]`` the bootstrap value of the step's own next state (PQN:
+    ``max_a Q(s'_t, a)``) and ``c_t = 0`` where the episode ended at step t (terminated or
+    truncated) or t is the rollout's last step, else 1. So ``lam = 0`` gives :func:`td_target`'s
+    one-step target, ``lam = 1`` the discounted return bootstrapped at the rollout's end; the
+    trace never crosses into the next episode; a truncated step bootstraps from its final state
+    (``V_t``) and a terminated one from nothing. PQN's target (Gallici et al. 2025, and their
+    purejaxql code), with truncations kept apart from terminations (docs/design.md section 5.7).
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda_returns: lam must be in [0, 1], got {lam!r}")
+    if not rew.shape == next_value.shape == terminated.shape == truncated.shape or rew.dim() != 2:
+        raise ValueError("lambda_returns: rew, next_value, terminated and truncated must share one (T, E) shape, got "
+                         f"{tuple(rew.shape)}, {tuple(next_value.shape)}, {tuple(terminated.shape)}, "
+                         f"{tuple(truncated.shape)}")
+    terminated, truncated = terminated.to(rew.dtype), truncated.to(rew.dtype)
+    trace = 1.0 - torch.maximum(terminated, truncated)  # c_t: the trace goes on into step t + 1
+    trace[-1] = 0.0  # the rollout's last step bootstraps
+    # G_t = offset_t + slope_t G_{t+1}: all but the recursion computed for every t at once
+    bootstrap = gamma * (1.0 - terminated)
+    slope = bootstrap * lam * trace
+    offset = rew + bootstrap * next_value * (1.0 - lam * trace)
+    returns = torch.empty_like(rew)
+    returns[-1] = offset[-1]
+    for t in range(rew.shape[0] - 2, -1, -1):
+        torch.addcmul(offset[t], slope[t], returns[t + 1], out=returns[t])
+    return returns
 
 
 class TDLoss(NamedTuple):

@@ -74,6 +74,16 @@ def test_fit_online_crossq_config(tmp_path, monkeypatch):
     assert "lit_qlearn.algorithms.CrossQ" in config and "policy_delay: 2" in config
 
 
+def test_fit_pqn_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(ROOT / "configs/pqn_cartpole.yaml"), "--trainer.max_steps", "3",
+          "--data.init_args.num_steps", "8", "--model.init_args.eval_every", "0",
+          "--trainer.enable_progress_bar", "false"])
+    (log,) = (tmp_path / "lightning_logs" / "pqn_cartpole").glob("version_*")
+    config = (log / "config.yaml").read_text()
+    assert "lit_qlearn.data.OnPolicyDataModule" in config and "lit_qlearn.algorithms.PQN" in config
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["fit", "--model", "lit_qlearn.algorithms.TD3", "--data", "lit_qlearn.data.OnlineDataModule",
       "--trainer.max_steps", "1", "--trainer.logger", "false"],

@@ -54,9 +54,10 @@ def block(marker: str) -> int:
     return found[0]
 
 
-QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC, CROSSQ = (block(m) for m in (
+QUICK_START, CRASH, MY_ALGORITHM, ONLINE, ON_POLICY, PLAIN_LOOP, SB3, FABRIC, CROSSQ = (block(m) for m in (
     "OfflineDataModule(\"default\"", "crash = CrashPredictor(", "class MyDQN", "OnlineDataModule(\"CartPole-v1\"",
-    "monitor = Monitor(", "MonitorCallback(", "fabric = Fabric(", "model = CrossQ("))
+    "OnPolicyDataModule(\"CartPole-v1\"", "monitor = Monitor(", "MonitorCallback(", "fabric = Fabric(",
+    "model = CrossQ("))
 
 
 def block_id(code: str) -> str:
@@ -116,10 +117,10 @@ def run_block(index: int, namespaces: dict[int, dict]) -> dict:
 
 
 def test_the_readme_has_the_blocks_these_tests_expect():
-    assert len(BLOCKS) == 8 and CRASH == QUICK_START + 1  # the crash block continues the quick start
-    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, PLAIN_LOOP, SB3, FABRIC,
-                                            CROSSQ)] == [
-        set(), {"L", "model", "dm"}, set(), set(), set(), set(), set(), set()]
+    assert len(BLOCKS) == 9 and CRASH == QUICK_START + 1  # the crash block continues the quick start
+    assert [free_names(BLOCKS[i]) for i in (QUICK_START, CRASH, MY_ALGORITHM, ONLINE, ON_POLICY, PLAIN_LOOP, SB3,
+                                            FABRIC, CROSSQ)] == [
+        set(), {"L", "model", "dm"}, set(), set(), set(), set(), set(), set(), set()]
 
 
 def test_usage_trains_on_the_default_data(trainers, readme_env):
@@ -163,6 +164,16 @@ def test_online_crossq_trains(trainers):
     # 5000 random steps, then one environment step per update; one critic pass per update
     assert len(dm.buffer) == 5000 + STEPS
     assert int(model.critic.members[0][0].num_batches_tracked) == STEPS
+
+
+def test_pqn_trains_on_rollouts(trainers):
+    ns = run_block(ON_POLICY, {})
+    (trainer,) = trainers
+    dm, model = ns["dm"], ns["model"]
+    assert trainer.global_step == STEPS and model.updates == STEPS
+    # one rollout of 4 x 128 steps serves the first 16 updates, in minibatches of 128
+    assert dm.rollout.env_steps == 512 and len(dm.data.obs) == 512 and dm.minibatch_size == 128
+    assert model.epsilon_steps == 250_000
 
 
 def test_the_write_your_own_algorithm_example_trains(trainers):

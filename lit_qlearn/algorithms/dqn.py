@@ -23,7 +23,7 @@ from lit_qlearn.ntk import DiscreteQ, parameter_norm
 from lit_qlearn.targets import TargetUpdate
 from lit_qlearn.td import TD_LOSSES, check_gamma, td_loss
 
-__all__ = ["DQN", "RENAMED"]
+__all__ = ["DQN", "EpsilonGreedyQ", "RENAMED"]
 
 #: DQN's arguments that took the actor-critics' names (old -> new). The old names are
 #: accepted, with a FutureWarning, until the next release; checkpoints whose
@@ -33,7 +33,65 @@ RENAMED = {"hidden": "critic_hidden", "activation": "critic_activation", "norm":
            "weight_norm": "critic_weight_norm", "dropout": "critic_dropout", "lr": "critic_lr"}
 
 
-class DQN(QLearningModule):
+class EpsilonGreedyQ(QLearningModule):
+    """A Q-network over discrete actions, ``self.q_net: obs (N, *obs_shape) -> Q (N, A)``,
+    with the probe protocol (docs/design.md section 4), the greedy policy for evaluation and
+    epsilon-greedy exploration with epsilon falling linearly from ``epsilon_start`` to
+    ``epsilon_end`` over ``epsilon_steps`` environment steps. :class:`DQN` and
+    :class:`~lit_qlearn.algorithms.PQN` are built on it; a subclass builds ``q_net`` and sets
+    the three epsilon attributes (:meth:`set_epsilon_schedule`)."""
+
+    action_kinds = ("discrete",)
+    q_net: nn.Module  # built by the subclass
+
+    def set_epsilon_schedule(self, start: float, end: float, steps: int) -> None:
+        """Check and keep the schedule (a ValueError naming the bad argument)."""
+        who = type(self).__name__
+        for name, value in (("epsilon_start", start), ("epsilon_end", end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{who}: {name} must be in [0, 1], got {value!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{who}: epsilon_steps must be an integer >= 1, got {steps!r}")
+        self.epsilon_start, self.epsilon_end, self.epsilon_steps = float(start), float(end), steps
+
+    # ------------------------------------------------------------ probe protocol
+    def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
+        """``Q(s, a)`` of the chosen actions ``(N,)`` (int64), shape ``(N,)``."""
+        return self.q_net(obs).gather(1, act.long().reshape(-1, 1)).squeeze(1)
+
+    def greedy_action(self, obs: Tensor) -> Tensor:
+        """``argmax_a Q(s, a)`` ``(N,)``: the action the bootstrap target uses."""
+        return self.q_net(obs).argmax(dim=1)
+
+    def q_network(self) -> nn.Module:
+        return DiscreteQ(self.q_net)
+
+    # ---------------------------------------------------------------- policies
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.greedy_action(self._batched(obs)).cpu().numpy().reshape(np.shape(obs)[:-len(self.spec.obs_shape)])
+
+    def _batched(self, obs: np.ndarray) -> Tensor:
+        x = self.normalize(obs)
+        return x.reshape(-1, *self.spec.obs_shape)
+
+    def epsilon(self, env_step: int) -> float:
+        """Linear schedule from ``epsilon_start`` to ``epsilon_end`` over ``epsilon_steps`` env steps."""
+        fraction = min(1.0, env_step / self.epsilon_steps)
+        return self.epsilon_start + fraction * (self.epsilon_end - self.epsilon_start)
+
+    @torch.no_grad()
+    def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
+        """Epsilon-greedy on a batch of states ``(E, *obs_shape) -> (E,)``."""
+        x = self._batched(obs)
+        explore = torch.rand(x.shape[0], device=x.device) < self.epsilon(env_step)
+        random_actions = torch.randint(self.spec.num_actions, (x.shape[0],), device=x.device)
+        if explore.all():  # no greedy action needed (every step before epsilon falls)
+            return random_actions.cpu().numpy()
+        return torch.where(explore, random_actions, self.greedy_action(x)).cpu().numpy()
+
+
+class DQN(EpsilonGreedyQ):
     """Deep Q-network for discrete actions, on vector or image observations.
 
     ``V(s') = Q'(s', argmax_a Q(s', a))`` with ``double=True``, else
@@ -78,8 +136,6 @@ class DQN(QLearningModule):
             names of ``critic_hidden`` ... ``critic_lr`` before they took the actor-critics'
             names; accepted with a FutureWarning until the next release (:data:`RENAMED`).
     """
-
-    action_kinds = ("discrete",)
 
     def __init__(
         self,
@@ -129,18 +185,13 @@ class DQN(QLearningModule):
         self.save_hyperparameters(ignore=[name for name, value in old.items() if value is None])
         if loss not in TD_LOSSES:
             raise ValueError(f"DQN: loss must be one of {TD_LOSSES}, got {loss!r}")
-        for name, value in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"DQN: {name} must be in [0, 1], got {value!r}")
-        if isinstance(epsilon_steps, bool) or not isinstance(epsilon_steps, int) or epsilon_steps < 1:
-            raise ValueError(f"DQN: epsilon_steps must be an integer >= 1, got {epsilon_steps!r}")
+        self.set_epsilon_schedule(epsilon_start, epsilon_end, epsilon_steps)
         self.gamma = check_gamma("DQN", gamma)
         self.critic_options = dict(hidden=critic_hidden, activation=critic_activation, norm=critic_norm,
                                    norm_layers=critic_norm_layers, norm_affine=critic_norm_affine,
                                    weight_norm_output=critic_weight_norm, dropout=critic_dropout)
         self.dueling, self.double, self.loss = bool(dueling), bool(double), loss
         self.critic_lr, self.adam_eps, self.max_grad_norm = critic_lr, adam_eps, max_grad_norm
-        self.epsilon_start, self.epsilon_end, self.epsilon_steps = epsilon_start, epsilon_end, epsilon_steps
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
         self.compile_networks = compile_mode("DQN", compile)
         self.target_update = TargetUpdate(target_tau, target_every)
@@ -169,42 +220,6 @@ class DQN(QLearningModule):
                 if hparams.get(old) is not None and old not in kwargs and new not in kwargs:
                     kwargs.update({new: hparams[old], old: None})
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    # ------------------------------------------------------------ probe protocol
-    def q_value(self, obs: Tensor, act: Tensor) -> Tensor:
-        """``Q(s, a)`` of the chosen actions ``(N,)`` (int64), shape ``(N,)``."""
-        return self.q_net(obs).gather(1, act.long().reshape(-1, 1)).squeeze(1)
-
-    def greedy_action(self, obs: Tensor) -> Tensor:
-        """``argmax_a Q(s, a)`` ``(N,)``: the action the bootstrap target uses."""
-        return self.q_net(obs).argmax(dim=1)
-
-    def q_network(self) -> nn.Module:
-        return DiscreteQ(self.q_net)
-
-    # ---------------------------------------------------------------- policies
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.greedy_action(self._batched(obs)).cpu().numpy().reshape(np.shape(obs)[:-len(self.spec.obs_shape)])
-
-    def _batched(self, obs: np.ndarray) -> Tensor:
-        x = self.normalize(obs)
-        return x.reshape(-1, *self.spec.obs_shape)
-
-    def epsilon(self, env_step: int) -> float:
-        """Linear schedule from ``epsilon_start`` to ``epsilon_end`` over ``epsilon_steps`` env steps."""
-        fraction = min(1.0, env_step / self.epsilon_steps)
-        return self.epsilon_start + fraction * (self.epsilon_end - self.epsilon_start)
-
-    @torch.no_grad()
-    def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
-        """Epsilon-greedy on a batch of states ``(E, *obs_shape) -> (E,)``."""
-        x = self._batched(obs)
-        explore = torch.rand(x.shape[0], device=x.device) < self.epsilon(env_step)
-        random_actions = torch.randint(self.spec.num_actions, (x.shape[0],), device=x.device)
-        if explore.all():  # no greedy action needed (every step before epsilon falls)
-            return random_actions.cpu().numpy()
-        return torch.where(explore, random_actions, self.greedy_action(x)).cpu().numpy()
 
     # --------------------------------------------------------------- the update
     def next_value(self, batch: Transitions) -> Tensor:

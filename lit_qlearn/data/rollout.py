@@ -136,13 +136,19 @@ class Rollout:
                 final[i] = final_obs[i]
         step = Step(obs, actions, np.asarray(rew, dtype=np.float32), final, terminated.astype(bool),
                     truncated.astype(bool), valid)
-        self._return += np.where(valid, rew, 0.0)
-        self._length += valid
-        for i in np.flatnonzero(done & valid):
-            self.episodes.append((float(self._return[i]), int(self._length[i])))
-            self._return[i], self._length[i] = 0.0, 0
-        self.env_steps += int(valid.sum())
-        self._resetting = done & (not self.same_step)  # NEXT_STEP: the next step of these only resets
+        if self.same_step:  # every row is a transition (the common case, kept cheap: it runs every step)
+            self._return += rew
+            self._length += 1
+            self.env_steps += self.num_envs
+        else:
+            self._return += np.where(valid, rew, 0.0)
+            self._length += valid
+            self.env_steps += int(valid.sum())
+            self._resetting = done  # NEXT_STEP: the next step of these only resets
+        if done.any():
+            for i in np.flatnonzero(done & valid):
+                self.episodes.append((float(self._return[i]), int(self._length[i])))
+                self._return[i], self._length[i] = 0.0, 0
         self.obs = next_obs
         return step
 

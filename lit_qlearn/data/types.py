@@ -25,6 +25,9 @@ class Transitions(NamedTuple):
       scale each sample's TD loss.
     * ``index`` ``(B,)`` int64: the buffer slots the samples came from, so that
       their priorities can be updated after the step.
+    * ``target`` ``(B,)``: a regression target computed over the whole rollout the samples
+      came from (PQN's Q(lambda) return, :func:`lit_qlearn.td.lambda_returns`), which no
+      single transition can give.
     """
 
     obs: Tensor  # (B, *obs_shape) float32 (uint8 for images)
@@ -35,6 +38,7 @@ class Transitions(NamedTuple):
     discount: Tensor | None = None  # (B,) float32
     weight: Tensor | None = None  # (B,) float32
     index: Tensor | None = None  # (B,) int64
+    target: Tensor | None = None  # (B,) float32
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Transitions:
         """Apply ``fn`` to every present field (``None`` fields stay ``None``)."""

@@ -8,8 +8,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, SAC, TD3, TD3BC, CrossQ, PreQN
-from lit_qlearn.data import OfflineDataModule, OnlineDataModule
+from lit_qlearn.algorithms import CQL, DDPG, DQN, IQL, PQN, SAC, TD3, TD3BC, CrossQ, PreQN
+from lit_qlearn.data import OfflineDataModule, OnlineDataModule, OnPolicyDataModule
 from lit_qlearn.probe import check_probe_module
 
 SMALL = dict(critic_hidden=(16,), actor_hidden=(16,), eval_every=0)
@@ -25,6 +25,7 @@ ALGORITHMS = {
     # renormalising from the third critic pass on: the resume crosses the warm-up boundary
     "CrossQ": lambda: CrossQ(renorm_warmup_steps=2, **SMALL),
     "DQN": lambda: DQN(critic_hidden=(16,), target_every=3, epsilon_steps=20),
+    "PQN": lambda: PQN(critic_hidden=(16,), total_env_steps=40),
 }
 
 
@@ -33,6 +34,10 @@ def data(name, chain_file):
         # trust_checkpoint: the resume unpickles the environments it saved (our own file)
         return OnlineDataModule("lit_qlearn.toys:Chain-v0", learning_starts=40, batch_size=16, capacity=200,
                                 prioritized=True, trust_checkpoint=True)
+    if name == "PQN":
+        # 6 updates per rollout: the resume at step 5 starts in the first rollout's second epoch
+        return OnPolicyDataModule("lit_qlearn.toys:Chain-v0", num_envs=2, num_steps=6, num_minibatches=3,
+                                  update_epochs=2, trust_checkpoint=True)
     return OfflineDataModule(str(chain_file), batch_size=16, normalize_states=False, steps_per_epoch=7)
 
 
