@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lit_qlearn.algorithms.base import compile_mode
 from lit_qlearn.algorithms.dqn import EpsilonGreedyQ
 from lit_qlearn.data.types import DataSpec, Transitions
 from lit_qlearn.networks import DiscreteQNetwork, orthogonal_init
@@ -67,7 +68,8 @@ class PQN(EpsilonGreedyQ):
         exploration_fraction: fraction of ``total_env_steps`` over which epsilon falls.
         eval_every: evaluation cadence in updates (0 disables).
         eval_episodes: episodes per evaluation.
-        compile: ``torch.compile`` the Q-network at fit start.
+        compile: ``torch.compile`` the Q-network at fit start: True, or a ``torch.compile`` mode
+            ("reduce-overhead": CUDA graphs on a GPU).
     """
 
     #: Minibatches of a rollout carry no importance weights (there is no replay).
@@ -95,7 +97,7 @@ class PQN(EpsilonGreedyQ):
         exploration_fraction: float = 0.5,
         eval_every: int = 0,
         eval_episodes: int = 10,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -118,7 +120,7 @@ class PQN(EpsilonGreedyQ):
         self.critic_lr, self.anneal_lr, self.weight_decay = float(critic_lr), bool(anneal_lr), float(weight_decay)
         self.max_grad_norm, self.total_env_steps = max_grad_norm, total_env_steps
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
-        self.compile_networks = bool(compile)
+        self.compile_networks = compile_mode("PQN", compile)
         self.target_update = None  # no target network: the bootstrap is the online network's
         if obs_shape is not None and num_actions is not None:
             self.given_spec = DataSpec(tuple(obs_shape), num_actions=int(num_actions), obs_dtype=obs_dtype)
