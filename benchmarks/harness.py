@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import lightning as L
 import torch
@@ -39,10 +39,10 @@ import torch
 from lit_qlearn.evaluation import EnvStepEvaluation
 from lit_qlearn.loggers import SeriesLogger
 
-__all__ = ["RESULTS", "ROOT", "SMOKE_DATA_STEPS", "EnvStepEvaluation", "SeriesLogger", "TrainClock",
+__all__ = ["RESULTS", "ROOT", "SMOKE_DATA_STEPS", "EnvStepEvaluation", "SeriesLogger", "Stored", "TrainClock",
            "argument_parser", "baseline_available", "claim", "environment", "full_dataset", "git_info", "interleaved",
-           "parse_args", "quiet", "quiet_trainer", "save_figure", "smoke_data_dir", "smoke_dataset", "timed_hook",
-           "write_result"]
+           "parse_args", "quiet", "quiet_trainer", "save_figure", "smoke_data_dir", "smoke_dataset", "stored_runs",
+           "timed_hook", "write_result"]
 
 T = TypeVar("T")
 
@@ -262,6 +262,53 @@ def interleaved(configs: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
 # ----------------------------------------------------------------------------- results
 
 
+class Stored(NamedTuple):
+    """What a resumable benchmark starts from (:func:`stored_runs`)."""
+
+    runs: list[dict[str, Any]]  # the stored run records kept
+    jobs: list[dict[str, Any]]  # the jobs still to run
+    stored: dict[str, Any]  # the whole stored results file ({} when none was read)
+
+    @property
+    def spent_s(self) -> float:
+        """The stored file's ``wall_time_s``: a caller's ``started -= spent_s`` makes the
+        results' wall time add up over the processes that made them."""
+        return float(self.stored.get("wall_time_s", 0.0))
+
+
+def stored_runs(path: Path, jobs: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], resume: bool,
+                report_only: bool, keep: Callable[[dict[str, Any]], bool] | None = None) -> Stored:
+    """The run records a resumable benchmark starts from, and its jobs still to run.
+
+    Such a benchmark keeps one record per finished run in the ``"runs"`` list of its
+    results file ``path`` (``<out>/<name>.json``), rewritten (:func:`write_result`) after
+    every run, so that a study cut short keeps what it finished; ``key(record)`` is
+    ``key(job)`` of the job that made it (e.g. algorithm, seed and sizes).
+
+    * ``report_only``: every stored record, no job (e.g. runs merged from several files);
+      no file at ``path`` is an error (``SystemExit``).
+    * ``resume`` with a file at ``path``: the stored records some job of ``jobs`` would
+      make (and those ``keep(record)`` accepts, e.g. the runs of the same sizes that another
+      part of the study made), and the jobs no stored record answers.
+    * otherwise: no record, every job (a new study; the file is overwritten).
+    """
+    if report_only:
+        if not path.exists():
+            raise SystemExit(f"--report-only: {path} does not exist")
+        stored = json.loads(path.read_text())
+        return Stored(list(stored["runs"]), [], stored)
+    if not (resume and path.exists()):
+        return Stored([], list(jobs), {})
+    stored = json.loads(path.read_text())
+    wanted = {key(j) for j in jobs}
+    runs = [r for r in stored["runs"] if key(r) in wanted or (keep is not None and keep(r))]
+    done = {key(r) for r in runs}
+    left = [j for j in jobs if key(j) not in done]
+    print(f"resuming {path}: {len(runs)} runs kept, {len(left)} to run", flush=True)
+    return Stored(runs, left, stored)
+
+
+
 def claim(text: str, published: Any, measured: Any, holds: bool) -> dict[str, Any]:
     """One claim; ``holds`` must be computed from ``measured`` by the caller, never typed in."""
     return {"claim": text, "published": published, "measured": measured, "holds": bool(holds)}
@@ -323,7 +370,10 @@ def write_result(name: str, result: dict[str, Any], started: float, out: Path) -
     result = {"benchmark": name, "claims": claims, **result, "wall_time_s": round(time.perf_counter() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2, default=_json_value) + "\n")
+    # written whole, then renamed over the old file: a study killed while writing keeps its last complete file
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(result, indent=2, default=_json_value) + "\n")
+    os.replace(partial, path)
     width = max(len(c["claim"]) for c in claims)
     print(f"\n{name}: {sum(c['holds'] for c in claims)}/{len(claims)} claims hold "
           f"({result['wall_time_s']:.0f} s) -> {path}")

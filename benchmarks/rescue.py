@@ -57,7 +57,6 @@ an hour and a half with ``--workers 2``. Every finished run is written to the JS
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import shutil
 import statistics
@@ -70,7 +69,7 @@ from typing import Any
 import lightning as L
 
 from harness import (SeriesLogger, argument_parser, claim, environment, interleaved, parse_args, quiet_trainer,
-                     save_figure, write_result)
+                     save_figure, stored_runs, write_result)
 
 SETTINGS = ("td3-copy/default", "td3-copy/hopper-medium-replay-v5", "td3bc-small")
 REMEDIES = ("lr", "lr-0.1", "slow-targets", "shrink-perturb", "preqn")
@@ -429,24 +428,12 @@ def main() -> None:
                      "updates": args.small_updates if small else args.updates,
                      "every": args.every * (10 if small and not args.smoke else 1), "probe": args.probe,
                      "episodes": args.episodes, "fraction": args.small_fraction})
-    runs: list[dict] = []
-    cost = None
     path = args.out / f"{args.name}.json"
-    if args.report_only:
-        if not path.exists():
-            parser.error(f"--report-only: {path} does not exist")
-        stored = json.loads(path.read_text())
-        runs, cost, jobs = stored["runs"], stored.get("cost"), []
-        started -= float(stored.get("wall_time_s", 0.0))
-    elif args.resume and path.exists():
-        stored = json.loads(path.read_text())
-        wanted = {job_key(j) for j in jobs}
-        runs = [r for r in stored["runs"] if job_key(r) in wanted]
-        cost = stored.get("cost")
-        done = {job_key(r) for r in runs}
-        jobs = [j for j in jobs if job_key(j) not in done]
-        started -= float(stored.get("wall_time_s", 0.0))
-        print(f"resuming {path}: {len(runs)} runs kept, {len(jobs)} to run", flush=True)
+    if args.report_only and not path.exists():
+        parser.error(f"--report-only: {path} does not exist")
+    runs, jobs, stored = resumed = stored_runs(path, jobs, job_key, args.resume, args.report_only)
+    cost = stored.get("cost")
+    started -= resumed.spent_s
     if args.cost_repeats > 0:
         cost = cost_pair(args.cost_updates, args.cost_repeats)
         print(f"cost of being ready to roll back: {cost['overhead']:+.1%} "

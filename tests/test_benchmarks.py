@@ -255,3 +255,80 @@ def test_env_step_evaluation_runs_at_phase_ends_past_each_multiple(harness):
     assert [h["step"] for h in evaluation.history] == [2, 6] and evaluation.seed == 101
     assert [p["return"] for p in evaluation.curve] == returns
     assert all(0 < p["train_seconds"] < p["seconds"] for p in evaluation.curve)
+
+
+def test_write_result_leaves_no_partial_file(harness, tmp_path):
+    claims = [harness.claim("x", None, 1, True)]
+    harness.write_result("demo", {"claims": claims}, 0.0, tmp_path)
+    harness.write_result("demo", {"claims": claims, "runs": [1]}, 0.0, tmp_path)  # over the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
+    assert json.loads((tmp_path / "demo.json").read_text())["runs"] == [1]
+
+
+def test_stored_runs_resumes_reports_and_starts_over(harness, tmp_path):
+    """A file of three runs, 12.5 s spent; jobs a = 1, 2, 4 at seed 0."""
+    path = tmp_path / "study.json"
+    stored = [{"a": 1, "seed": 0, "x": 10}, {"a": 2, "seed": 0, "x": 20}, {"a": 3, "seed": 9, "x": 30}]
+    path.write_text(json.dumps({"runs": stored, "wall_time_s": 12.5, "cost": 7}))
+    jobs = [{"a": a, "seed": 0} for a in (1, 2, 4)]
+
+    def key(job):
+        return job["a"], job["seed"]
+
+    resumed = harness.stored_runs(path, jobs, key, resume=True, report_only=False)
+    assert resumed.runs == stored[:2] and resumed.jobs == [{"a": 4, "seed": 0}]
+    assert resumed.spent_s == 12.5 and resumed.stored["cost"] == 7
+    # another part's runs (seed 9), kept when asked
+    kept = harness.stored_runs(path, jobs, key, resume=True, report_only=False, keep=lambda r: r["seed"] == 9)
+    assert kept.runs == stored and kept.jobs == [{"a": 4, "seed": 0}]
+    everything = harness.stored_runs(path, jobs, key, resume=False, report_only=True)
+    assert everything.runs == stored and everything.jobs == [] and everything.spent_s == 12.5
+    fresh = harness.stored_runs(path, jobs, key, resume=False, report_only=False)
+    assert fresh.runs == [] and fresh.jobs == jobs and fresh.spent_s == 0.0
+    absent = harness.stored_runs(tmp_path / "none.json", jobs, key, resume=True, report_only=False)
+    assert absent.runs == [] and absent.jobs == jobs
+    with pytest.raises(SystemExit, match="none.json does not exist"):
+        harness.stored_runs(tmp_path / "none.json", jobs, key, resume=False, report_only=True)
+
+
+@pytest.fixture(scope="module")
+def r10(harness):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import r10_preqn_online
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return r10_preqn_online
+
+
+def _record(algo, seed, final, max_ratio, nonfinite=False):
+    return {"algo": algo, "seed": seed, "final_return": final, "max_ratio": max_ratio, "nonfinite": nonfinite,
+            "stopped_at": None, "max_seem": 0.1, "buffer_max_abs_reward": 3.0, "seconds_per_step": 0.01}
+
+
+def test_r10_claims_are_computed_over_the_finished_runs(r10):
+    """PreQN 1200 and 1300 (mean 1250) against TD3's 1000 and 2000 (mean 1500): 1250 >= 0.8 x
+    1500 = 1200 holds, 1150 does not; one seed of three planned is missing for each."""
+    planned = {algo: [0, 1, 2] for algo in r10.ALGOS}
+    # at the bound is within it
+    runs = [_record("preqn", 0, 1200.0, 0.5), _record("preqn", 1, 1300.0, 1.0),
+            _record("td3", 0, 1000.0, 0.2), _record("td3", 1, 2000.0, 0.3),
+            # within the bound until its critic turned non-finite: not within
+            _record("td3-no-target", 0, 10.0, 0.5), _record("td3-no-target", 1, None, 0.5, nonfinite=True)]
+    stable, leaves, comparable = r10.claims(runs, planned, 50_000)
+    assert [stable["holds"], leaves["holds"], comparable["holds"]] == [True, True, True]
+    assert comparable["measured"]["ratio"] == pytest.approx(1250 / 1500)
+    for c in (stable, leaves, comparable):
+        assert "data incomplete" in c["claim"]
+    assert stable["measured"]["finished_seeds"] == 2 and stable["measured"]["planned_seeds"] == 3
+    # a PreQN seed just beyond the bound, a no-target TD3 within it on every seed, a lower PreQN return
+    runs[1] = _record("preqn", 1, 1100.0, 1.005)
+    runs[5] = _record("td3-no-target", 1, 10.0, 0.99)
+    stable, leaves, comparable = r10.claims(runs, planned, 50_000)
+    assert [stable["holds"], leaves["holds"], comparable["holds"]] == [False, False, False]
+    # every planned seed finished: no note
+    complete = r10.claims(runs, {"preqn": [0, 1], "td3": [0, 1], "td3-no-target": [0, 1]}, 50_000)
+    assert not any("incomplete" in c["claim"] for c in complete)
+    # no run of an algorithm: its claims do not hold, and say so
+    stable, _, comparable = r10.claims([r for r in runs if r["algo"] != "preqn"], planned, 50_000)
+    assert not stable["holds"] and not comparable["holds"] and "no finished runs" in stable["claim"]
