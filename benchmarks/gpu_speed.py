@@ -1,4 +1,4 @@
-"""Updates per second of SAC, TD3 and DQN, eager, compiled (compile=True) and compiled with
+"""Updates per second of SAC, TD3, DQN and PQN, eager, compiled (compile=True) and compiled with
 CUDA graphs (compile="reduce-overhead", on a GPU only), beside LeanRL's published speed-ups.
 
 LeanRL (the compiled CleanRL) reports, on an H100, SAC 5.7x and TD3 3.4x CleanRL's speed with
@@ -9,14 +9,16 @@ Trainer at its defaults, so the ratio is that of the same code eager and compile
 * SAC and TD3: updates on ``OfflineDataModule("default")`` (batch 256, 256x256 networks), the
   updates alone (no environment);
 * DQN: online on CartPole-v1 (one update per environment step after ``learning_starts``),
-  the environment steps included, as LeanRL's loops include them.
+  the environment steps included, as LeanRL's loops include them;
+* PQN: on-policy on CartPole-v1 at CleanRL's settings (4 x 128 environment steps and their
+  Q(lambda) returns per 16 updates), the rollouts included.
 
 Each repeat runs every (algorithm, mode) once, the order rotated; the clock starts after
 ``--warmup`` updates (compilation, CUDA-graph capture, first-call costs). Ratios are medians
 over repeats. On a CPU the CUDA-graph mode is skipped; the claims on LeanRL's ratios are made
 only where a CUDA device ran them. ``--smoke`` runs the eager mode only, for seconds.
 
-    python benchmarks/gpu_speed.py [--updates 3000] [--repeats 3] [--device cuda] [--algos SAC TD3 DQN] [--smoke]
+    python benchmarks/gpu_speed.py [--updates 3000] [--repeats 3] [--device cuda] [--algos SAC TD3 DQN PQN] [--smoke]
 """
 from __future__ import annotations
 
@@ -55,7 +57,15 @@ def dqn(mode: Any, seed: int) -> tuple[Any, Any]:
     return DQN(compile=mode), OnlineDataModule("CartPole-v1", learning_starts=1000, batch_size=256, seed=seed)
 
 
-ALGOS: dict[str, Callable[[Any, int], tuple[Any, Any]]] = {"SAC": offline("SAC"), "TD3": offline("TD3"), "DQN": dqn}
+def pqn(mode: Any, seed: int) -> tuple[Any, Any]:
+    from lit_qlearn.algorithms import PQN
+    from lit_qlearn.data import OnPolicyDataModule
+
+    return PQN(compile=mode, eval_every=0), OnPolicyDataModule("CartPole-v1", seed=seed)
+
+
+ALGOS: dict[str, Callable[[Any, int], tuple[Any, Any]]] = {"SAC": offline("SAC"), "TD3": offline("TD3"), "DQN": dqn,
+                                                            "PQN": pqn}
 
 
 def rate(algo: str, mode: str, updates: int, warmup: int, device: str, seed: int) -> float:
@@ -114,7 +124,8 @@ def main() -> None:
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
         "setting": f"{args.updates} timed updates after {args.warmup}, {args.repeats} interleaved repeats; SAC/TD3 on "
-                   "OfflineDataModule('default') (updates only), DQN online on CartPole-v1 (environment included)",
+                   "OfflineDataModule('default') (updates only), DQN online and PQN on-policy on CartPole-v1 "
+                   "(environment included)",
         "updates_per_s": speeds,
         "medians": medians,
         "ratios_over_eager": ratios,
