@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
-from lit_qlearn.callbacks import CrashPredictor, NTKGramCallback, SEEMMonitor
+from lit_qlearn.callbacks import CrashPredictor, NTKGramCallback, PlasticityMonitor, SEEMMonitor
 from lit_qlearn.loggers import SeriesLogger
 from lit_qlearn.ntk import ntk_gram, seem
 from tests.conftest import run_ddp_script
@@ -30,13 +30,15 @@ def run(steps, cbs=None, data=None, **loop_kwargs):
 
 
 def test_the_scalars_are_those_of_the_first_critic_on_the_probe_drawn_from_the_data():
-    """At each multiple of every_n_steps the three callbacks write their scalars through the
-    Fabric's loggers; the probe set is the seeded draw of 64 distinct rows; at the last step
+    """At each multiple of every_n_steps the callbacks (PlasticityMonitor on its own cadence)
+    write their scalars through the Fabric's loggers; the probe set is the seeded draw of 64 distinct rows; at the last step
     SEEM and the NTK are lit_qlearn.ntk's on the first critic (dense solver), and the Bellman
     ratio and the TD-error norm are computed by hand."""
     data = make_data()
-    loop, log, (seem_cb, ntk_cb, crash) = run(30, data=data)
-    assert sorted(log.rows) == [10, 20, 30]
+    plasticity = PlasticityMonitor(every_n_steps=15, probe_size=64)
+    loop, log, (seem_cb, ntk_cb, crash, _) = run(30, cbs=[*callbacks(), plasticity], data=data)
+    assert sorted(log.rows) == [10, 15, 20, 30]
+    assert [s for s in log.rows if "plasticity/feature_rank" in log.rows[s]] == [15, 30]
     rows = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:64].sort().values
     for cb in (seem_cb, ntk_cb, crash):
         assert torch.equal(cb.probe.obs, data.obs[rows]) and torch.equal(cb.probe.rew, data.rew[rows])
