@@ -56,7 +56,7 @@ def test_fraction_in_the_datamodule(toy):
     np.testing.assert_array_equal(dm.data.rew.numpy(), d["rewards"][idx])
     np.testing.assert_array_equal(dm.data.next_obs.numpy(), d["next_observations"][idx])
     np.testing.assert_array_equal(dm.data.terminated.numpy(), d["terminals"][idx].astype(np.float32))
-    assert all(t.dtype == torch.float32 for t in dm.data[:5]) and dm.data[5:] == (None, None, None)
+    assert all(t.dtype == torch.float32 for t in dm.data[:5]) and dm.data[5:] == (None, None, None, None)  # no discount, weight, index, target
     other = _dm(path, fraction=0.25, seed=5, normalize_states=False)
     assert not np.array_equal(other.subset_indices, idx)
     assert _dm(path, fraction=1.0).num_transitions == n
@@ -128,7 +128,7 @@ def test_train_dataloader_batches(toy):
     b = first[0]
     assert isinstance(b, Transitions)
     assert [tuple(t.shape) for t in b[:5]] == [(32, 3), (32, 2), (32,), (32, 3), (32,)]
-    assert all(t.dtype == torch.float32 for t in b[:5]) and b[5:] == (None, None, None)
+    assert all(t.dtype == torch.float32 for t in b[:5]) and b[5:] == (None, None, None, None)
     # every batch row is a stored transition
     rows = torch.cat([dm.data.obs, dm.data.act, dm.data.rew[:, None]], 1)
     batch_rows = torch.cat([b.obs, b.act, b.rew[:, None]], 1)
