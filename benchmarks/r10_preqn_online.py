@@ -225,6 +225,7 @@ def summary(runs: list[dict]) -> dict[str, dict[str, Any]]:
                      "within_bound": [within(r) for r in group],
                      "stopped_at": [r["stopped_at"] for r in group],
                      "max_seem": [r["max_seem"] for r in group],
+                     "max_seem_normalized": [max(r["seem_normalized"]["values"], default=None) for r in group],
                      "buffer_max_abs_reward": [r["buffer_max_abs_reward"] for r in group],
                      "seconds_per_step": statistics.median(r["seconds_per_step"] for r in group)}
     return out
@@ -322,7 +323,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     panels = (("eval", "return", "evaluation return"), ("q_bound_ratio", "values", "max|Q| / Bellman bound"),
-              ("seem", "values", "SEEM (largest real eigenvalue, 1/P scaled)"))
+              ("seem_normalized", "values", "normalised SEEM (largest real eigenvalue / ||A||_F)"))
     for ax, (key, field, label) in zip(axes, panels):
         for algo in ALGOS:
             group = of(runs, algo)
@@ -335,7 +336,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
     axes[1].set_yscale("log")
     axes[1].axhline(1.0, color="black", ls="--", lw=1)
-    axes[2].set_yscale("symlog", linthresh=1e-6)
+    axes[2].set_yscale("symlog", linthresh=1e-4)
     axes[2].axhline(0.0, color="black", ls="--", lw=1)
     axes[0].legend(fontsize=8)
     save_figure(fig, path, f"{ENV}: PreQN without targets against TD3 and SAC (mean and range over seeds; "
