@@ -307,6 +307,7 @@ def _record(algo, seed, final, max_ratio, nonfinite=False):
     return {"algo": algo, "seed": seed, "steps": 50, "completed": final is not None,
             "eval": {"env_steps": [20, 40, 50], "return": [-999.0, final - 1.0, final + 1.0] if final else []},
             "max_ratio": max_ratio, "nonfinite": nonfinite, "stopped_at": None, "max_seem": 0.1,
+            "seem_normalized": {"env_steps": [20], "values": [0.01]},
             "buffer_max_abs_reward": 3.0, "seconds_per_step": 0.01}
 
 
