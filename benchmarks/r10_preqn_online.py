@@ -41,7 +41,9 @@ Claims (``holds`` computed over the finished runs; when fewer seeds finished tha
 planned the claim's text says so and ``measured`` gives ``finished_seeds`` and
 ``planned_seeds``): PreQN's max|Q| stays within the bound at every measurement on every
 seed; TD3 without target networks leaves it on at least one seed; PreQN's mean final
-return (the last evaluation, at ``--steps``) is at least ``RETURN_RATIO`` = 0.8 times
+return (:func:`final_return`: the mean of its evaluations over the last fifth of its
+environment steps, 40k to 50k at the default sizes, since one evaluation of a few episodes
+swings by hundreds on Hopper) is at least ``RETURN_RATIO`` = 0.8 times
 TD3's (the paper: "comparable or better" on most tasks; 0.8 is this benchmark's reading of
 "comparable").
 
@@ -173,13 +175,21 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     nonfinite = not finite or (stop.stopped_at is not None and stop.ratio is None)
     finite_ratios = [v for v in ratio["values"] if math.isfinite(v)]
     record.update(nonfinite=nonfinite, max_ratio=max(finite_ratios) if finite_ratios else None)
-    record["final_return"] = record["eval"]["return"][-1] if record["completed"] and evaluation.curve else None
+    record["final_return"] = final_return(record)
     seem_values = record["seem"]["values"]
     record["max_seem"] = max(seem_values) if seem_values else None
     return record
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def final_return(record: dict) -> float | None:
+    """The mean evaluation return at environment steps >= 4/5 of the run's ``steps``, of a
+    run that completed them (None: it stopped early, or no evaluation fell there)."""
+    last = [v for x, v in zip(record["eval"]["env_steps"], record["eval"]["return"])
+            if x >= record["steps"] - record["steps"] // 5]
+    return statistics.fmean(last) if record["completed"] and last else None
 
 
 def of(runs: list[dict], algo: str) -> list[dict]:
@@ -207,13 +217,15 @@ def summary(runs: list[dict]) -> dict[str, dict[str, Any]]:
         group = of(runs, algo)
         if not group:
             continue
-        finals = [r["final_return"] for r in group if r["final_return"] is not None]
-        out[algo] = {"seeds": [r["seed"] for r in group], "final_return": [r["final_return"] for r in group],
+        returns = [final_return(r) for r in group]
+        finals = [v for v in returns if v is not None]
+        out[algo] = {"seeds": [r["seed"] for r in group], "final_return": returns,
                      "mean_final_return": statistics.fmean(finals) if finals else None,
                      "max_q_bound_ratio": [r["max_ratio"] for r in group],
                      "within_bound": [within(r) for r in group],
                      "stopped_at": [r["stopped_at"] for r in group],
                      "max_seem": [r["max_seem"] for r in group],
+                     "max_seem_normalized": [max(r["seem_normalized"]["values"], default=None) for r in group],
                      "buffer_max_abs_reward": [r["buffer_max_abs_reward"] for r in group],
                      "seconds_per_step": statistics.median(r["seconds_per_step"] for r in group)}
     return out
@@ -245,11 +257,12 @@ def claims(runs: list[dict], planned: dict[str, list[int]], steps: int) -> list[
     incomplete = " [data incomplete: " + ", ".join(
         f"{a} {c['finished_seeds']} of {c['planned_seeds']}" for a, c in (("PreQN", count_p), ("TD3", count_t))
         if c["finished_seeds"] < max(c["planned_seeds"], 1)) + " planned seeds finished]" if note_p or note_t else ""
-    out.append(claim(f"PreQN's mean final evaluation return at {steps} environment steps is >= {RETURN_RATIO} x TD3's "
+    out.append(claim(f"PreQN's mean final return (evaluations over the last fifth of {steps} environment steps) is "
+                     f">= {RETURN_RATIO} x TD3's "
                      f"(with Polyak targets): 'comparable'{incomplete}",
                      "Achiam et al. 2019: PreQN's performance is comparable or better than TD3's on most tasks",
-                     {"preqn": {**count_p, "mean": mine, "per_seed": {r["seed"]: r["final_return"] for r in preqn}},
-                      "td3": {**count_t, "mean": theirs, "per_seed": {r["seed"]: r["final_return"] for r in td3}},
+                     {"preqn": {**count_p, "mean": mine, "per_seed": {r["seed"]: final_return(r) for r in preqn}},
+                      "td3": {**count_t, "mean": theirs, "per_seed": {r["seed"]: final_return(r) for r in td3}},
                       "ratio": None if mine is None or not theirs else mine / theirs},
                      holds))
     return out
@@ -310,7 +323,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     panels = (("eval", "return", "evaluation return"), ("q_bound_ratio", "values", "max|Q| / Bellman bound"),
-              ("seem", "values", "SEEM (largest real eigenvalue, 1/P scaled)"))
+              ("seem_normalized", "values", "normalised SEEM (largest real eigenvalue / ||A||_F)"))
     for ax, (key, field, label) in zip(axes, panels):
         for algo in ALGOS:
             group = of(runs, algo)
@@ -323,7 +336,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
     axes[1].set_yscale("log")
     axes[1].axhline(1.0, color="black", ls="--", lw=1)
-    axes[2].set_yscale("symlog", linthresh=1e-6)
+    axes[2].set_yscale("symlog", linthresh=1e-4)
     axes[2].axhline(0.0, color="black", ls="--", lw=1)
     axes[0].legend(fontsize=8)
     save_figure(fig, path, f"{ENV}: PreQN without targets against TD3 and SAC (mean and range over seeds; "

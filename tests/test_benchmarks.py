@@ -302,8 +302,13 @@ def r10(harness):
 
 
 def _record(algo, seed, final, max_ratio, nonfinite=False):
-    return {"algo": algo, "seed": seed, "final_return": final, "max_ratio": max_ratio, "nonfinite": nonfinite,
-            "stopped_at": None, "max_seem": 0.1, "buffer_max_abs_reward": 3.0, "seconds_per_step": 0.01}
+    """A run of 50 steps evaluated at 20, 40 and 50: its final return (the last fifth, 40 and
+    50) is ``final``; the evaluation at 20 is far off, so that a wrong window shows."""
+    return {"algo": algo, "seed": seed, "steps": 50, "completed": final is not None,
+            "eval": {"env_steps": [20, 40, 50], "return": [-999.0, final - 1.0, final + 1.0] if final else []},
+            "max_ratio": max_ratio, "nonfinite": nonfinite, "stopped_at": None, "max_seem": 0.1,
+            "seem_normalized": {"env_steps": [20], "values": [0.01]},
+            "buffer_max_abs_reward": 3.0, "seconds_per_step": 0.01}
 
 
 def test_r10_claims_are_computed_over_the_finished_runs(r10):
