@@ -168,6 +168,19 @@ def test_the_batched_critic_renormalises_each_member_over_its_own_rows():
         torch.testing.assert_close(a, b)
     # the members' hidden statistics are their own
     assert not torch.allclose(critic.members[0][3].running_mean, critic.members[1][3].running_mean)
+    # eval mode: each member with its own running statistics, which stay
+    with training_mode(critic, False):
+        q = critic(obs, act)
+    with training_mode(members[0], False), training_mode(members[1], False):
+        expected = torch.stack([m(torch.cat([obs, act], -1)).squeeze(-1) for m in members])
+    torch.testing.assert_close(q, expected)
+    for a, b in zip(critic.state_dict().values(), (v for m in members for v in m.state_dict().values())):
+        torch.testing.assert_close(a, b)
+    # gradients through the batched pass equal the members' own
+    critic(obs, act).sum().backward()
+    torch.stack([m(torch.cat([obs, act], -1)).squeeze(-1) for m in members]).sum().backward()
+    for a, b in zip(critic.parameters(), (p for m in members for p in m.parameters())):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_training_mode_sets_and_restores_every_submodules_mode():
