@@ -9,8 +9,8 @@ measuring on a fixed probe set of the run's own data:
   is the online one (``target_tau=1, target_every=1``), 120x84 ReLU network (PQN's),
   with or without LayerNorm; double Q-learning off (with no target network it is the
   online network twice);
-* ``pqn`` / ``pqn-no-layernorm``: PQN at CleanRL's CartPole settings (LayerNorm), and the
-  same without LayerNorm;
+* ``pqn`` / ``pqn-no-layernorm``: PQN at CleanRL's CartPole settings (LayerNorm, 500k
+  environment steps: 15,616 updates), and the same without LayerNorm;
 * ``crossq`` / ``crossq-no-batchrenorm``: CrossQ on Pendulum-v1 at rl-baselines3-zoo's
   settings (256x256, actor every 2 updates), with and without BatchRenorm (critic and actor);
 * ``sac-no-target``: SAC on Pendulum-v1 whose targets are copied every update
@@ -189,17 +189,21 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--cartpole-steps", type=int, default=30_000, help="environment steps of a CartPole run")
+    parser.add_argument("--cartpole-steps", type=int, default=20_000,
+                        help="environment steps of a CartPole DQN run")
+    parser.add_argument("--pqn-steps", type=int, default=500_000,
+                        help="environment steps of a PQN run (CleanRL's CartPole budget)")
     parser.add_argument("--pendulum-steps", type=int, default=10_000, help="environment steps of a Pendulum run")
     parser.add_argument("--every", type=int, default=250, help="updates between measurements")
     parser.add_argument("--probe", type=int, default=512, help="probe transitions")
     parser.add_argument("--resume", action="store_true", help="keep the stored runs and run the others")
     parser.add_argument("--report-only", action="store_true", help="claims and figure from the stored runs")
-    args = parse_args(parser, smoke={"seeds": 1, "cartpole_steps": 1024, "pendulum_steps": 400, "every": 16,
-                                     "probe": 32})
+    args = parse_args(parser, smoke={"seeds": 1, "cartpole_steps": 1024, "pqn_steps": 2048, "pendulum_steps": 400,
+                                     "every": 16, "probe": 32})
     started = time.perf_counter()
     jobs = [{"config": c, "seed": s, "every": args.every, "probe": args.probe,
-             "env_steps": args.cartpole_steps if family(c) == "cartpole" else args.pendulum_steps,
+             "env_steps": args.pqn_steps if c.startswith("pqn") else
+             args.cartpole_steps if family(c) == "cartpole" else args.pendulum_steps,
              "learning_starts": 1000 if not args.smoke else 256}
             for s in range(args.first_seed, args.first_seed + args.seeds) for c in args.configs]
     path = args.out / f"{NAME}.json"
@@ -215,7 +219,7 @@ def main() -> None:
         result = {"claims": claims_of(runs, len(jobs) if not args.report_only else len(runs)),
                   "benchmark": "SEEM across target-free Q-learning", "smoke": args.smoke,
                   "settings": {"seem_zero": SEEM_ZERO, "stable": STABLE, "gamma": GAMMA, "every": args.every,
-                               "probe": args.probe, "cartpole_steps": args.cartpole_steps,
+                               "probe": args.probe, "cartpole_steps": args.cartpole_steps, "pqn_steps": args.pqn_steps,
                                "pendulum_steps": args.pendulum_steps},
                   "summary": [summary(r) for r in runs], "runs": runs,
                   **environment({})}
