@@ -199,7 +199,8 @@ def plot(runs: dict[str, dict[int, dict]], args) -> None:
                     marker=".", label=name if k == 0 else None)
     ax.set_xlabel("environment steps")
     ax.set_ylabel(f"mean evaluation return ({args.episodes} episodes)")
-    ax.legend()
+    if any(runs.values()):
+        ax.legend()
     save_figure(fig, args.out / f"{ENVS[args.env]['name']}.png",
                 f"CrossQ on {args.env}: lit_qlearn and sb3-contrib, same settings")
 
