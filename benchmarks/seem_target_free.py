@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=512, help="probe transitions")
     parser.add_argument("--resume", action="store_true", help="keep the stored runs and run the others")
     parser.add_argument("--report-only", action="store_true", help="claims and figure from the stored runs")
-    args = parse_args(parser, smoke={"seeds": 1, "cartpole_steps": 1024, "pqn_steps": 2048, "pendulum_steps": 400,
+    args = parse_args(parser, smoke={"seeds": 1, "cartpole_steps": 512, "pqn_steps": 1024, "pendulum_steps": 320,
                                      "every": 16, "probe": 32})
     started = time.perf_counter()
     jobs = [{"config": c, "seed": s, "every": args.every, "probe": args.probe,
