@@ -22,7 +22,9 @@ gamma)``: 100 on CartPole (reward 1), 1627 on Pendulum (``|r| <= 16.27``).
 
 Claims (``holds`` computed over the finished runs):
 * the stable configurations of the papers (``pqn``, ``crossq``, ``dqn-no-target-layernorm``)
-  keep max|Q| within the bound at every measurement of every seed;
+  keep max|Q| within the bound at every measurement of every seed ("within": at most
+  ``BOUND_MARGIN`` = 1.05 times it; on CartPole a time-limit step bootstraps, so the optimal
+  Q is ``1 / (1 - gamma)``, the bound itself, and a converged critic sits at it);
 * they keep SEEM at or below ~0: the median normalised SEEM over each run's measurements
   is <= ``SEEM_ZERO``;
 * every run that leaves the bound shows a positive SEEM (> ``SEEM_ZERO``) at or before the
@@ -48,6 +50,10 @@ from harness import SeriesLogger, argument_parser, claim, environment, parse_arg
 NAME = "seem_target_free"
 #: "SEEM at or below ~0": normalised SEEM (by ||A||_F) at most this
 SEEM_ZERO = 0.02
+#: "within the bound": max|Q| at most this times the bound. On CartPole a time-limit step bootstraps, so
+#: the optimal policy's Q is sum_t gamma^t = 1 / (1 - gamma): the bound itself, and a converged critic
+#: sits at it, a little above or below; leaving it means more than estimation error.
+BOUND_MARGIN = 1.05
 STABLE = ("pqn", "crossq", "dqn-no-target-layernorm")
 CONFIGS = ("dqn-no-target", "dqn-no-target-layernorm", "pqn", "pqn-no-layernorm", "crossq", "crossq-no-batchrenorm",
            "sac-no-target")
@@ -125,7 +131,7 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     seem_s, ratio_s = record["series"]["seem/max_eig_normalized"], record["series"]["crash/q_bound_ratio"]
     seem = [v for v in seem_s["values"] if math.isfinite(v)]
     ratios = ratio_s["values"]
-    beyond = next((s for s, r in zip(ratio_s["steps"], ratios) if not math.isfinite(r) or r > 1), None)
+    beyond = next((s for s, r in zip(ratio_s["steps"], ratios) if not math.isfinite(r) or r > BOUND_MARGIN), None)
     positive = next((s for s, v in zip(seem_s["steps"], seem_s["values"]) if v > SEEM_ZERO), None)
     return {"config": record["config"], "seed": record["seed"],
             "max_ratio": max(ratios) if ratios else math.nan,
@@ -145,14 +151,16 @@ def claims_of(runs: list[dict[str, Any]], planned: int) -> list[dict[str, Any]]:
     first = [r for r in diverged if r["first_positive_seem_at"] is not None
              and r["first_positive_seem_at"] <= r["left_bound_at"]]
     return [
-        claim(f"the stable configurations ({', '.join(STABLE)}) keep max|Q| within the Bellman bound at every "
-              f"measurement of every seed ({note})", "PQN, CrossQ papers; Gallici et al.'s LayerNorm argument",
+        claim(f"the stable configurations ({', '.join(STABLE)}) keep max|Q| within the Bellman bound (x "
+              f"{BOUND_MARGIN}: on CartPole the optimal Q is the bound) at every measurement of every seed ({note})",
+              "PQN, CrossQ papers; Gallici et al.'s LayerNorm argument",
               {f"{r['config']}/{r['seed']}": r["max_ratio"] for r in stable}, bool(stable) and within),
         claim(f"they keep SEEM at or below ~0: each run's median normalised SEEM <= {SEEM_ZERO} ({note})",
               "SEEM's reading (Yue et al. 2023): SEEM <= 0, no self-excitation",
               {f"{r['config']}/{r['seed']}": r["seem_median"] for r in stable}, bool(stable) and calm),
-        claim(f"every run that leaves the bound shows SEEM > {SEEM_ZERO} at or before its first measurement "
-              f"beyond it ({len(diverged)} runs left it; {note})", "Yue et al. 2023: SEEM rises before the crash",
+        claim(f"every run that leaves the bound (x {BOUND_MARGIN}) shows SEEM > {SEEM_ZERO} at or before its "
+              f"first measurement beyond it ({len(diverged)} runs left it; {note})",
+              "Yue et al. 2023: SEEM rises before the crash",
               {f"{r['config']}/{r['seed']}": [r["first_positive_seem_at"], r["left_bound_at"]] for r in diverged},
               bool(diverged) and len(first) == len(diverged)),
     ]
@@ -218,9 +226,9 @@ def main() -> None:
     def save() -> None:
         result = {"claims": claims_of(runs, len(jobs) if not args.report_only else len(runs)),
                   "benchmark": "SEEM across target-free Q-learning", "smoke": args.smoke,
-                  "settings": {"seem_zero": SEEM_ZERO, "stable": STABLE, "gamma": GAMMA, "every": args.every,
-                               "probe": args.probe, "cartpole_steps": args.cartpole_steps, "pqn_steps": args.pqn_steps,
-                               "pendulum_steps": args.pendulum_steps},
+                  "settings": {"seem_zero": SEEM_ZERO, "bound_margin": BOUND_MARGIN, "stable": STABLE, "gamma": GAMMA,
+                               "every": args.every, "probe": args.probe, "cartpole_steps": args.cartpole_steps,
+                               "pqn_steps": args.pqn_steps, "pendulum_steps": args.pendulum_steps},
                   "summary": [summary(r) for r in runs], "runs": runs,
                   **environment({})}
         figure(runs, args.out / f"{NAME}.png")
