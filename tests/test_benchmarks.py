@@ -151,6 +151,28 @@ def test_benchmark_runs_in_smoke_mode(script, bench, tmp_path):
             assert type(c["holds"]) is bool, f"{path.name}: holds {c['holds']!r} of {c['claim']!r} is not a bool"
 
 
+def test_crossq_sb3_on_hopper_writes_its_own_file_and_resumes_its_runs(bench, tmp_path):
+    """``crossq_sb3.py --env Hopper-v5`` writes crossq_sb3_hopper.json; ``--resume`` keeps the
+    stored timing rounds and long runs, and runs only the missing seeds."""
+    run, _ = bench
+    out = tmp_path / "out"
+    args = ["--smoke", "--env", "Hopper-v5", "--out", str(out), "--speed-rounds", "1"]
+    assert run("crossq_sb3", [*args, "--seeds", "1"], tmp_path / "a.txt") == 0
+    first = json.loads((out / "crossq_sb3_hopper.json").read_text())
+    assert not (out / "crossq_sb3.json").exists() and (out / "crossq_sb3_hopper.png").exists()
+    assert first["settings"]["env"] == "Hopper-v5" and first["settings"]["algorithm"]["policy_delay"] == 3
+    assert len(first["timing"]) == 1 and "Hopper-v5" in first["claims"][1]["claim"]
+    assert run("crossq_sb3", [*args, "--seeds", "2", "--resume"], tmp_path / "b.txt") == 0
+    second = json.loads((out / "crossq_sb3_hopper.json").read_text())
+    assert "resuming" in (tmp_path / "b.txt").read_text()
+    assert second["timing"] == first["timing"]  # not timed again
+    for name in ("lit_qlearn", "sb3_contrib"):
+        assert second["runs"][name]["0"] == first["runs"][name]["0"] and set(second["runs"][name]) == {"0", "1"}
+    # other sizes are refused rather than mixed in
+    assert run("crossq_sb3", [*args, "--resume", "--steps", "192"], tmp_path / "c.txt") == 2
+    assert "other settings" in (tmp_path / "c.txt").read_text()
+
+
 def test_smoke_refuses_to_write_into_the_committed_results(bench, tmp_path):
     run, _ = bench
     committed = _snapshot(RESULTS)
