@@ -15,9 +15,9 @@ per environment step):
   actor and critics 256x256: the paper's 2048x2048 critics (sb3-contrib's 1024x1024) cost
   ~40x (~10x) the compute per update, beyond a CPU-only machine at 100k steps.
 
- A greedy evaluation of ``--episodes`` episodes every ``--eval-every``
-environment steps (its time kept out of the training time). Each seed runs both, the order
-rotated per seed (harness.interleaved).
+A greedy evaluation of ``--episodes`` episodes every ``--eval-every`` environment steps (its
+time kept out of the training time). Each seed runs both, the order rotated per seed
+(harness.interleaved).
 
 Speed is timed apart from the long runs, whose hour-long stretches meet whatever else the
 machine does at the time: ``--speed-rounds`` rounds of short runs (``--speed-steps``
