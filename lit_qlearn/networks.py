@@ -304,8 +304,8 @@ def _batched_forward(members: Sequence[nn.Sequential], kinds: Sequence[str], x: 
             if first.elementwise_affine:
                 h = h * torch.stack([m.weight for m in layers]).unsqueeze(1)
                 h = h + torch.stack([m.bias for m in layers]).unsqueeze(1)
-        elif kind == "batchrenorm" and len({(m.training, m.extra_repr()) for m in layers}) == 1 and h.shape[1] >= 2:
-            h = _batched_renorm(layers, h)
+        elif kind == "batchrenorm" and len({m.training for m in layers}) == 1 and h.shape[1] >= 2:
+            h = _batched_renorm(layers, h)  # the members share their options (one mlp builder, one set of kwargs)
         elif kind == "elementwise":
             h = layers[0](h)
         else:
