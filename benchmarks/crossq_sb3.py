@@ -24,7 +24,9 @@ machine does at the time: ``--speed-rounds`` rounds of short runs (``--speed-ste
 environment steps, 256 random ones first, evaluation excluded) of both libraries, the
 order rotated per round; the ratio is the median of the per-round ratios (the long runs'
 speeds are reported beside it). One torch thread (``--threads``). The JSON is rewritten
-after every run and ``--resume`` keeps what it holds, so a long study runs in parts.
+after every run and ``--resume`` keeps what it holds, so a long study runs in parts: in
+turn, or at once in several processes (``--first-seed`` / ``--seeds``, each its own
+``--out``), whose files ``--merge`` joins (``--report-only`` redraws claims and figure).
 
 Claims: lit_qlearn's mean final return is at most the environment's gap below
 sb3-contrib's (Pendulum returns run from about -1500 to -150: 50; Hopper's from 0 to ~3500:
@@ -33,12 +35,15 @@ over the timing rounds; issue 22's goal).
 
     python benchmarks/crossq_sb3.py [--seeds 3] [--steps 20000]
     python benchmarks/crossq_sb3.py --env Hopper-v5 --seeds 1
+    python benchmarks/crossq_sb3.py --env Hopper-v5 --resume --first-seed 1 --seeds 1 --out part1
+    python benchmarks/crossq_sb3.py --env Hopper-v5 --merge part1/crossq_sb3_hopper.json --report-only
 """
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -82,6 +87,8 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--env", default="Pendulum-v1", choices=sorted(ENVS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (a "
+                        "study split over processes, each with its own --out; --merge joins them)")
     parser.add_argument("--steps", type=int, help="environment steps of a run (default: the environment's)")
     parser.add_argument("--eval-every", type=int, help="environment steps between evaluations (default: the "
                                                          "environment's)")
@@ -93,6 +100,11 @@ def main() -> None:
                         help="environment steps of a timing run (256 random ones first)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs and timing rounds of <out>/<name>.json (same settings), run the rest")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="results files of other parts of this study (same settings): their runs join "
+                             "<out>/<name>.json's (implies --resume)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: redraw claims and figure from <out>/<name>.json (and --merge files)")
     parser.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
     parser.add_argument("--learning-starts", type=int,
                         help="random environment steps first (>= --batch-size; default: the environment's)")
@@ -119,16 +131,37 @@ def main() -> None:
     runs: dict[str, dict[int, dict]] = {name: {} for name in runners}
     timing: list[dict[str, float]] = []
     stored = args.out / f"{ENVS[args.env]['name']}.json"
-    if args.resume and stored.exists():
-        previous = json.loads(stored.read_text())
+
+    def read(path: Path) -> dict:
+        """A results file of this study, refused when its settings differ from these."""
+        previous = json.loads(path.read_text())
         same = {k: previous["settings"].get(k) for k in ("env", "steps", "eval_every", "episodes", "speed_steps")}
         if same != {k: getattr(args, k) for k in same} or previous["settings"]["algorithm"] != json.loads(
                 json.dumps(settings)):
-            parser.error(f"--resume: {stored} holds runs of other settings ({same}); give another --out")
+            parser.error(f"{path} holds runs of other settings ({same}); give another --out")
+        return previous
+
+    if args.report_only and not stored.exists():
+        parser.error(f"--report-only: {stored} does not exist")
+    for path in args.merge:
+        if not path.is_file():
+            parser.error(f"--merge: {path} is not a results file")
+    if (args.resume or args.merge or args.report_only) and stored.exists():
+        previous = read(stored)
         runs = {name: {int(seed): run for seed, run in previous["runs"].get(name, {}).items()} for name in runners}
         timing = previous.get("timing", [])
         started -= previous.get("wall_time_s", 0.0)
         print(f"resuming {stored}: {sum(map(len, runs.values()))} runs, {len(timing)} timing rounds kept", flush=True)
+    for path in args.merge:  # another part's runs of seeds not stored here; its timing rounds stay its own
+        joined = 0
+        for name, seeds in read(path)["runs"].items():
+            for seed, run in seeds.items():
+                if name in runs and int(seed) not in runs[name]:
+                    runs[name][int(seed)], joined = run, joined + 1
+        print(f"merged {joined} runs of {path}", flush=True)
+    if args.report_only:
+        report(runs, timing, settings, args, started)
+        return
     # speed: short runs (256 random steps, then updates), alternating, the order rotated per round
     speed_settings = {**settings, "learning_starts": max(args.batch_size, SETTINGS["learning_starts"])}
     for r, name in interleaved(list(runners), args.speed_rounds):
@@ -141,7 +174,8 @@ def main() -> None:
         timing[r][name] = point["env_steps"] / point["train_seconds"]
         print(f"timing round {r} {name}: {timing[r][name]:.1f} env steps/s", flush=True)
         report(runs, timing, settings, args, started)
-    for seed, name in interleaved(list(runners), args.seeds):
+    for r, name in interleaved(list(runners), args.seeds):
+        seed = args.first_seed + r
         if seed in runs[name]:
             continue
         runs[name][seed] = runners[name](args.env, settings, seed=seed, steps=args.steps, eval_every=args.eval_every,

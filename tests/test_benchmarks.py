@@ -153,7 +153,8 @@ def test_benchmark_runs_in_smoke_mode(script, bench, tmp_path):
 
 def test_crossq_sb3_on_hopper_writes_its_own_file_and_resumes_its_runs(bench, tmp_path):
     """``crossq_sb3.py --env Hopper-v5`` writes crossq_sb3_hopper.json; ``--resume`` keeps the
-    stored timing rounds and long runs, and runs only the missing seeds."""
+    stored timing rounds and long runs, and runs only the missing seeds; ``--merge`` joins a
+    part run elsewhere, ``--report-only`` redraws without running."""
     run, _ = bench
     out = tmp_path / "out"
     args = ["--smoke", "--env", "Hopper-v5", "--out", str(out), "--speed-rounds", "1"]
@@ -171,6 +172,28 @@ def test_crossq_sb3_on_hopper_writes_its_own_file_and_resumes_its_runs(bench, tm
     # other sizes are refused rather than mixed in
     assert run("crossq_sb3", [*args, "--resume", "--steps", "192"], tmp_path / "c.txt") == 2
     assert "other settings" in (tmp_path / "c.txt").read_text()
+    # a part run at once elsewhere (its own --out) joins with --merge; --report-only runs nothing
+    part = tmp_path / "part"
+    part_args = ["--smoke", "--env", "Hopper-v5", "--out", str(part), "--speed-rounds", "1"]
+    assert run("crossq_sb3", [*part_args, "--first-seed", "2", "--seeds", "1"], tmp_path / "d.txt") == 0
+    other = json.loads((part / "crossq_sb3_hopper.json").read_text())
+    assert {name: set(seeds) for name, seeds in other["runs"].items()} == {"lit_qlearn": {"2"}, "sb3_contrib": {"2"}}
+    merge = ["--merge", str(part / "crossq_sb3_hopper.json"), "--report-only"]
+    assert run("crossq_sb3", [*args, *merge], tmp_path / "e.txt") == 0
+    merged = json.loads((out / "crossq_sb3_hopper.json").read_text())
+    assert "merged 2 runs" in (tmp_path / "e.txt").read_text()
+    assert merged["timing"] == first["timing"]  # the part's own timing round stays its own
+    for name in ("lit_qlearn", "sb3_contrib"):
+        assert merged["runs"][name] == {**second["runs"][name], "2": other["runs"][name]["2"]}
+    finals = [merged["runs"]["lit_qlearn"][seed]["curve"][-1]["return"] for seed in ("0", "1", "2")]
+    assert merged["claims"][0]["measured"]["lit_qlearn"] == finals and "3 seeds" in merged["claims"][0]["claim"]
+    # a part of other settings is refused, naming the file
+    assert run("crossq_sb3", [*part_args, "--steps", "192", "--seeds", "1", "--out", str(tmp_path / "odd")],
+               tmp_path / "f.txt") == 0
+    odd = tmp_path / "odd" / "crossq_sb3_hopper.json"
+    assert run("crossq_sb3", [*args, "--merge", str(odd), "--report-only"], tmp_path / "g.txt") == 2
+    assert f"{odd} holds runs of other settings" in (tmp_path / "g.txt").read_text()
+    assert json.loads((out / "crossq_sb3_hopper.json").read_text())["runs"] == merged["runs"]  # left as it was
 
 
 def test_smoke_refuses_to_write_into_the_committed_results(bench, tmp_path):
