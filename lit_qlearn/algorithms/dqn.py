@@ -84,9 +84,10 @@ class EpsilonGreedyQ(QLearningModule):
     def explore(self, obs: np.ndarray, env_step: int) -> np.ndarray:
         """Epsilon-greedy on a batch of states ``(E, *obs_shape) -> (E,)``."""
         x = self._batched(obs)
-        explore = torch.rand(x.shape[0], device=x.device) < self.epsilon(env_step)
+        epsilon = self.epsilon(env_step)
+        explore = torch.rand(x.shape[0], device=x.device) < epsilon
         random_actions = torch.randint(self.spec.num_actions, (x.shape[0],), device=x.device)
-        if explore.all():  # no greedy action needed (every step before epsilon falls)
+        if epsilon >= 1.0:  # no greedy action needed (every step before epsilon falls; no device sync to know it)
             return random_actions.cpu().numpy()
         return torch.where(explore, random_actions, self.greedy_action(x)).cpu().numpy()
 

@@ -241,6 +241,17 @@ def test_epsilon_schedule_and_exploration():
     assert greedy.shape == (4000,) and module.act(obs[0]).shape == ()
 
 
+def test_exploration_at_epsilon_one_is_uniform_and_never_runs_the_network():
+    """While epsilon is 1 the greedy action is not needed: no forward pass (and, on a GPU,
+    no device sync to find that out); the actions are uniform over the action set."""
+    module = DQN(obs_shape=(3,), num_actions=4, epsilon_start=1.0, epsilon_end=0.1, epsilon_steps=100)
+    obs = np.random.default_rng(0).normal(size=(8000, 3)).astype(np.float32)
+    module.q_net.register_forward_hook(lambda *_: pytest.fail("the Q-network ran at epsilon 1"))
+    torch.manual_seed(0)
+    counts = np.bincount(module.explore(obs, 0), minlength=4)
+    assert counts.sum() == 8000 and np.all(np.abs(counts / 8000 - 0.25) < 0.02)
+
+
 def test_action_kind_is_checked_at_setup():
     with pytest.raises(ValueError, match=r"TD3 needs continuous actions, the data has Discrete\(2\)"):
         fit(TD3(eval_every=0), chain_data(), 1)
