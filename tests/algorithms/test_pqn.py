@@ -273,6 +273,48 @@ def test_truncations_reach_the_module_apart_from_terminations():
     assert (truncated * rollout.terminated).sum() == 0
 
 
+def test_rollout_metrics_count_the_episodes_the_rollouts_finished():
+    """What the module logs as rollout/episode_return and /episode_length: the episodes that
+    ended (terminated or truncated) in the rollouts served, counted from the rollouts' rows."""
+    L.seed_everything(0, verbose=False)
+    dm = chain_data(num_envs=3, num_steps=20, num_minibatches=4, update_epochs=1)
+    m = Recording(critic_hidden=(8,), epsilon_start=0.5, epsilon_end=0.5)
+    fit(m, dm, 8)  # two rollouts of 20 steps of 3 environments, from a reset
+    assert len(m.rollouts) == 2
+    rew = torch.cat([r[0].rew for r in m.rollouts]).double()  # (40, 3)
+    done = torch.cat([r[0].terminated + r[1] for r in m.rollouts]) > 0
+    episodes = return_sum = length_sum = 0.0
+    for e in range(3):  # every step up to an environment's last episode end belongs to a finished episode
+        ends = torch.nonzero(done[:, e]).flatten()
+        if len(ends):
+            episodes += len(ends)
+            return_sum += float(rew[:ends[-1] + 1, e].sum())
+            length_sum += float(ends[-1] + 1)
+    assert episodes >= 3
+    counts = dm.rollout_metrics()
+    assert counts["env_steps"] == 120 and counts["episodes"] == episodes
+    assert counts["return_sum"] == pytest.approx(return_sum) and counts["length_sum"] == length_sum
+
+
+def test_probe_is_a_seeded_draw_of_distinct_rollout_transitions():
+    L.seed_everything(0, verbose=False)
+    # CartPole: continuous states, so a state names its transition
+    dm = OnPolicyDataModule("CartPole-v1", num_envs=3, num_steps=20, num_minibatches=4, update_epochs=1, seed=5)
+    fit(PQN(critic_hidden=(8,)), dm, 2)
+    flat = dm.data.obs
+    probes = {seed: dm.probe_batch(n=10, seed=seed) for seed in (0, 1, 2)}
+    rows = {}
+    for seed, probe in probes.items():
+        assert probe.obs.shape == (10, 4) and probe.target is None
+        rows[seed] = [next(k for k in range(len(flat)) if torch.equal(flat[k], o)) for o in probe.obs]
+        for k, i in enumerate(rows[seed]):  # the whole transition is that row's
+            assert dm.data.act[i] == probe.act[k] and torch.equal(dm.data.next_obs[i], probe.next_obs[k])
+        assert len(set(rows[seed])) == 10  # distinct transitions of the current rollout
+        torch.testing.assert_close(dm.probe_batch(n=10, seed=seed).obs, probe.obs)  # the same seed, the same set
+    assert len({tuple(sorted(r)) for r in rows.values()}) == 3  # a draw, not the rollout's first rows
+    assert len(dm.probe_batch(n=10_000).obs) == 60  # at most the rollout's transitions
+
+
 def test_data_rejects_bad_arguments_and_modules_without_targets():
     with pytest.raises(DatasetError, match="num_minibatches"):
         chain_data(num_minibatches=3)
