@@ -8,8 +8,7 @@ per environment step):
 
 - Pendulum-v1 (results ``crossq_sb3``): rl-baselines3-zoo's hyperparams/crossq.yml entry
   (20k environment steps, actor and critics 256x256, actor every 2 updates), 256 random
-  steps first (sb3-contrib's default is 100; lit_qlearn's OnlineDataModule needs
-  learning_starts >= batch_size, so both take 256).
+  steps first for both (sb3-contrib's default is 100).
 - Hopper-v5 (results ``crossq_sb3_hopper``): 100k environment steps, the actor every 3
   updates (sb3-contrib's default and the paper's), 5000 random steps first (the paper's),
   actor and critics 256x256: the paper's 2048x2048 critics (sb3-contrib's 1024x1024) cost
@@ -107,7 +106,7 @@ def main() -> None:
                         help="run nothing: redraw claims and figure from <out>/<name>.json (and --merge files)")
     parser.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
     parser.add_argument("--learning-starts", type=int,
-                        help="random environment steps first (>= --batch-size; default: the environment's)")
+                        help="random environment steps first (default: the environment's)")
     # smoke: 64 updates after 64 random steps, two evaluations of one episode, small networks and batches
     args = parse_args(parser, smoke={"seeds": 1, "steps": 128, "eval_every": 64, "episodes": 1, "hidden": 32,
                                      "batch_size": 32, "learning_starts": 64, "speed_rounds": 2,

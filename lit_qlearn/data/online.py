@@ -278,7 +278,10 @@ class OnlineDataModule(EnvironmentDataModule):
         env_id: gymnasium environment id.
         num_envs: sub-environments stepped together (per rank).
         capacity: replay buffer size in transitions (per rank).
-        learning_starts: random-action environment steps before the first update.
+        learning_starts: random-action environment steps before the first update (and at least
+            until the buffer holds a transition: n-step ones need n steps). Batches are drawn with
+            replacement, so fewer than ``batch_size`` is allowed, as in Stable-Baselines3 (whose
+            off-policy defaults are 100 random steps and batches of 256).
         batch_size: transitions per batch.
         n_step: n of the n-step returns (1: one-step TD).
         prioritized: proportional prioritised replay (Schaul et al. 2016).
@@ -326,9 +329,6 @@ class OnlineDataModule(EnvironmentDataModule):
                              ("n_step", n_step, 1), ("train_freq", train_freq, 1),
                              ("gradient_steps", gradient_steps, 1), ("steps_per_epoch", steps_per_epoch, 1),
                              ("probe_size", probe_size, 1), ("seed", seed, 0)))
-        if learning_starts < batch_size:
-            raise DatasetError(f"OnlineDataModule: learning_starts ({learning_starts}) must be at least "
-                               f"batch_size ({batch_size}), so that the first batch can be drawn")
         if capacity < batch_size:  # a full buffer smaller than a batch: every batch repeats rows
             raise DatasetError(f"OnlineDataModule: capacity ({capacity}) must be at least batch_size ({batch_size}), "
                                "the transitions one batch draws from the replay buffer")
@@ -377,7 +377,7 @@ class OnlineDataModule(EnvironmentDataModule):
         """Uniformly random actions until ``learning_starts`` environment steps are taken.
         Runs on first use (a batch or the probe), so that a fit resumed from a checkpoint,
         which Lightning restores after ``setup``, refills nothing."""
-        while self.rollout.env_steps < self.hparams.learning_starts:
+        while self.rollout.env_steps < self.hparams.learning_starts or len(self.buffer) == 0:
             self._add(self.rollout.step())
         self._ready = True
 

@@ -143,7 +143,7 @@ def test_prioritized_replay_gets_each_updates_td_errors():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"num_envs": 0}, "num_envs"), ({"learning_starts": 10, "batch_size": 64}, "learning_starts"),
+    ({"num_envs": 0}, "num_envs"), ({"learning_starts": 0}, "learning_starts"),
     ({"beta": 2.0}, "beta"), ({"buffer_device": "gpu"}, "buffer_device"), ({"env_id": "NoSuch-v0"}, "NoSuch-v0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
@@ -208,6 +208,33 @@ def test_prioritised_batches_are_weighted_with_the_annealed_beta(beta_steps):
     # from 1, so a batch weighted with the initial beta would fail above
     assert checked[-1][1] == pytest.approx(1.0 if beta_steps else beta + (1 - beta) * 11 / 12)
     assert all(w < 0.2 for _, _, w in checked[1:])
+
+
+def test_fewer_random_steps_than_a_batch_are_drawn_with_replacement():
+    """Stable-Baselines3's off-policy defaults (100 random steps, batches of 256) port as
+    they are: the first batch draws its rows with replacement from the few stored ones."""
+    from lit_qlearn.algorithms import DQN
+
+    class Seen(DQN):
+        def update(self, batch):
+            self.seen.append(batch.index.clone())
+            return super().update(batch)
+
+    dm = OnlineDataModule(CHAIN, learning_starts=10, batch_size=64, capacity=500, seed=0)
+    module = Seen(gamma=0.9, critic_hidden=(8,))
+    module.seen = []
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, dm)
+    # 10 random steps, then the phase's one environment step, then the batch
+    assert dm.rollout.env_steps == 11 and len(dm.buffer) == 11
+    assert len(module.seen[0]) == 64 and int(module.seen[0].max()) < 11 and len(module.seen[0].unique()) <= 11
+
+
+def test_n_step_prefill_goes_on_until_the_buffer_holds_a_transition():
+    # one random step makes no 3-step transition yet (unless its episode ended): the
+    # prefill goes on, so the first batch has something to draw from
+    dm, _ = _fitted(steps=1, learning_starts=1, batch_size=8, n_step=3, seed=3)
+    assert len(dm.buffer) >= 1 and dm.rollout.env_steps >= 2
 
 
 def test_a_capacity_below_the_batch_size_is_an_error_at_construction():
