@@ -131,13 +131,13 @@ def main() -> None:
     timing: list[dict[str, float]] = []
     stored = args.out / f"{ENVS[args.env]['name']}.json"
 
-    def read(path: Path) -> dict:
+    def read(path: Path, remedy: str) -> dict:
         """A results file of this study, refused when its settings differ from these."""
         previous = json.loads(path.read_text())
         same = {k: previous["settings"].get(k) for k in ("env", "steps", "eval_every", "episodes", "speed_steps")}
         if same != {k: getattr(args, k) for k in same} or previous["settings"]["algorithm"] != json.loads(
                 json.dumps(settings)):
-            parser.error(f"{path} holds runs of other settings ({same}); give another --out")
+            parser.error(f"{path} holds runs of other settings ({same}); {remedy}")
         return previous
 
     if args.report_only and not stored.exists():
@@ -146,14 +146,14 @@ def main() -> None:
         if not path.is_file():
             parser.error(f"--merge: {path} is not a results file")
     if (args.resume or args.merge or args.report_only) and stored.exists():
-        previous = read(stored)
+        previous = read(stored, "give another --out")
         runs = {name: {int(seed): run for seed, run in previous["runs"].get(name, {}).items()} for name in runners}
         timing = previous.get("timing", [])
         started -= previous.get("wall_time_s", 0.0)
         print(f"resuming {stored}: {sum(map(len, runs.values()))} runs, {len(timing)} timing rounds kept", flush=True)
     for path in args.merge:  # another part's runs of seeds not stored here; its timing rounds stay its own
         joined = 0
-        for name, seeds in read(path)["runs"].items():
+        for name, seeds in read(path, "merge only parts of one study")["runs"].items():
             for seed, run in seeds.items():
                 if name in runs and int(seed) not in runs[name]:
                     runs[name][int(seed)], joined = run, joined + 1
