@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from harness import ROOT, EnvStepEvaluation, argument_parser, baseline_available, claim, environment, interleaved, \
-    parse_args, quiet_trainer, save_figure, write_result
+    late_mean, parse_args, quiet_trainer, save_figure, write_result
 
 #: rl-baselines3-zoo's CrossQ Pendulum-v1 entry over sb3-contrib's defaults
 SETTINGS = {"lr": 1e-3, "buffer_size": 1_000_000, "learning_starts": 256, "batch_size": 256, "gamma": 0.99,
@@ -190,9 +190,9 @@ def report(runs: dict[str, dict[int, dict]], timing: list[dict[str, float]], set
     finals = {name: [run["curve"][-1]["return"] for run in seeds.values()] for name, seeds in runs.items()}
     # beside the claim's final evaluation: the mean over the last fifth of the steps (one evaluation of a
     # few episodes swings by ~1,500 on Hopper), per seed, as r10_preqn_online reads its runs
-    last_fifth = {name: [statistics.fmean(late) for run in seeds.values()
-                         if (late := [p["return"] for p in run["curve"] if p["env_steps"] >= args.steps * 4 / 5])]
-                  for name, seeds in runs.items()}
+    last_fifth = {name: [v for run in seeds.values() if (v := late_mean(
+        [p["env_steps"] for p in run["curve"]], [p["return"] for p in run["curve"]], args.steps)) is not None]
+        for name, seeds in runs.items()}
     long_run_speeds = {name: {seed: run["curve"][-1]["env_steps"] / run["curve"][-1]["train_seconds"]
                               for seed, run in seeds.items()} for name, seeds in runs.items()}
     ratios = [t["lit_qlearn"] / t["sb3_contrib"] for t in timing if {"lit_qlearn", "sb3_contrib"} <= set(t)]

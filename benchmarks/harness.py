@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -307,6 +308,14 @@ def stored_runs(path: Path, jobs: list[dict[str, Any]], key: Callable[[dict[str,
     print(f"resuming {path}: {len(runs)} runs kept, {len(left)} to run", flush=True)
     return Stored(runs, left, stored)
 
+
+
+def late_mean(env_steps: Sequence[float], returns: Sequence[float], steps: int) -> float | None:
+    """The mean of a run's evaluation ``returns`` taken at ``env_steps`` in the last fifth of
+    its ``steps`` (``>= steps - steps // 5``): its final score, read over several evaluations
+    since one of a few episodes swings by hundreds on a MuJoCo task; None when none fell there."""
+    late = [v for x, v in zip(env_steps, returns) if x >= steps - steps // 5]
+    return statistics.fmean(late) if late else None
 
 
 def claim(text: str, published: Any, measured: Any, holds: bool) -> dict[str, Any]:

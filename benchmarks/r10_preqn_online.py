@@ -73,8 +73,8 @@ from typing import Any
 
 import lightning as L
 
-from harness import (ROOT, EnvStepEvaluation, SeriesLogger, argument_parser, claim, environment, parse_args,
-                     quiet_trainer, save_figure, stored_runs, timed_hook, write_result)
+from harness import (ROOT, EnvStepEvaluation, SeriesLogger, argument_parser, claim, environment, late_mean,
+                     parse_args, quiet_trainer, save_figure, stored_runs, timed_hook, write_result)
 
 ENV = "Hopper-v5"
 ALGOS = ("preqn", "td3", "sac", "td3-no-target")
@@ -187,9 +187,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 def final_return(record: dict) -> float | None:
     """The mean evaluation return at environment steps >= 4/5 of the run's ``steps``, of a
     run that completed them (None: it stopped early, or no evaluation fell there)."""
-    last = [v for x, v in zip(record["eval"]["env_steps"], record["eval"]["return"])
-            if x >= record["steps"] - record["steps"] // 5]
-    return statistics.fmean(last) if record["completed"] and last else None
+    return late_mean(record["eval"]["env_steps"], record["eval"]["return"], record["steps"]) if record["completed"] \
+        else None
 
 
 def of(runs: list[dict], algo: str) -> list[dict]:
